@@ -1,0 +1,52 @@
+# The README's two commands: `make run` and `make test`. Both install what they need into
+# .venv (once: stamps skip the work when nothing changed) and are safe to re-run.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export PYO3_PYTHON := $(abspath $(PY))
+# Torch uses both cores; Rust's rayon does too.
+export OMP_NUM_THREADS ?= 2
+
+RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml rust/*/src/*.rs)
+
+.PHONY: run test bench lint pytest cargo-test build clean
+
+run: $(VENV)/.built
+	$(VENV)/bin/nlrw run --preset demo --run-dir runs/demo
+
+test: $(VENV)/.built lint cargo-test pytest
+
+# Runtime + dev requirements; pip keeps its cache in ~/.cache/pip and skips what is installed.
+$(VENV)/.deps: pyproject.toml tools/requirements.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) tools/requirements.py dev > $(VENV)/requirements.txt
+	$(PIP) install --upgrade-strategy only-if-needed -r $(VENV)/requirements.txt
+	touch $@
+
+# The Rust extension, built in release mode into python/nlrw/ and installed editable.
+$(VENV)/.built: $(VENV)/.deps $(RUST_SOURCES)
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release
+	touch $@
+
+build: $(VENV)/.built
+
+pytest: $(VENV)/.built
+	$(VENV)/bin/pytest -q
+
+cargo-test:
+	cargo test --quiet
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check python tests benches tools
+	$(VENV)/bin/ruff format --check python tests benches tools
+	$(VENV)/bin/basedpyright
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+bench: $(VENV)/.built
+	$(PY) benches/run.py
+
+clean:
+	rm -rf $(VENV) target python/nlrw/*.so
