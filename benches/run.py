@@ -17,11 +17,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+_COLUMNS = {"name", "ours_median_s", "baseline", "baseline_median_s", "ratio", "target"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("names", nargs="*", help="only run benches whose name contains one of these")
+    parser.add_argument(
+        "names", nargs="*", help="only run benches whose name contains one of these"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
@@ -34,7 +37,10 @@ def main() -> int:
         print(f"== {name}", flush=True)
         rows += importlib.import_module(name).run(quick=args.quick)
 
-    header = f"{'name':<24} {'ours (s)':>10} {'baseline':<34} {'base (s)':>10} {'ratio':>7} {'target':>7}"
+    header = (
+        f"{'name':<24} {'ours (s)':>10} {'baseline':<34} {'base (s)':>10} "
+        f"{'ratio':>7} {'target':>7}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         target = f"{r['target']:.1f}x" if r.get("target") is not None else ""
@@ -43,9 +49,20 @@ def main() -> int:
             f"{r['baseline_median_s']:>10.4f} {r['ratio']:>6.2f}x {target:>7}"
         )
         for key, value in r.items():
-            if key not in {"name", "ours_median_s", "baseline", "baseline_median_s", "ratio", "target"}:
+            if key not in {
+                "name",
+                "ours_median_s",
+                "baseline",
+                "baseline_median_s",
+                "ratio",
+                "target",
+            }:
                 print(f"    {key}: {value}")
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nwrote {args.out} ({meta})")
     return 0

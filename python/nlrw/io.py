@@ -48,9 +48,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def atomic_write(
-    path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]
-) -> None:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
     """Write ``path`` atomically by calling ``write`` on a binary file object."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         write(f)
