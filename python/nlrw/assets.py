@@ -63,11 +63,13 @@ if TYPE_CHECKING:
 __all__ = [
     "AUSTEN_BOOKS",
     "AUSTEN_HELD_OUT_BOOK",
+    "GENERATED_MODELS",
     "MODEL_ALIASES",
     "SIMULATOR_ALIAS",
     "SIMULATOR_SHA256",
     "SIMULATOR_SIZE",
     "SUBJECT_ALIAS",
+    "TINY_MODEL_ALIAS",
     "AssetError",
     "MissingPackageError",
     "austen_corpus",
@@ -78,6 +80,7 @@ __all__ = [
     "simulator_gguf",
     "split_held_out",
     "subject_gguf",
+    "tiny_random_llama",
 ]
 
 log = logging.getLogger(__name__)
@@ -569,6 +572,68 @@ def convert_gguf(
     return dest
 
 
+TINY_MODEL_ALIAS = "tiny-random-llama"
+
+
+def tiny_random_llama() -> Path:
+    """A tiny randomly initialised Llama with a byte-level tokenizer, for smoke runs.
+
+    4 layers, d_model 64, MLP width 128, vocabulary = the 256 bytes + ``<|endoftext|>``
+    (BOS/EOS/pad), weights drawn with ``torch.manual_seed(0)``: the same model on every
+    machine with the same torch, built in about a second into the cache (atomically) and
+    reused after. Its outputs mean nothing; it exercises every code path in seconds.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    dest = cache_dir() / "models" / f"{TINY_MODEL_ALIAS}-v1"
+    if (dest / "config.json").exists():
+        return dest
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    eos = "<|endoftext|>"
+    vocab[eos] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=eos, eos_token=eos, pad_token=eos
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=vocab[eos],
+        eos_token_id=vocab[eos],
+        pad_token_id=vocab[eos],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "config.json").exists():  # another process may have won the race
+            raise
+    return dest
+
+
+GENERATED_MODELS: dict[str, Callable[[], Path]] = {TINY_MODEL_ALIAS: tiny_random_llama}
+"""Model aliases built locally rather than converted from a packaged GGUF."""
+
+
 MODEL_ALIASES: dict[str, Callable[[], Path]] = {
     SUBJECT_ALIAS: subject_gguf,
     SIMULATOR_ALIAS: simulator_gguf,
@@ -581,6 +646,7 @@ def resolve_model(name_or_path: str) -> str:
 
     * ``"smollm2-135m"`` / ``"qwen2.5-coder-0.5b"`` (any case): the converted local folder of the
       embedded default (converted on first use, see :func:`convert_gguf`);
+    * ``"tiny-random-llama"``: :func:`tiny_random_llama`, for smoke runs;
     * a path to a ``.gguf`` file: its converted folder;
     * anything else (a hub name, a local Hugging Face folder): returned unchanged.
 
@@ -588,7 +654,10 @@ def resolve_model(name_or_path: str) -> str:
         FileNotFoundError: a name ending in ``.gguf`` that is not an existing file.
         MissingPackageError: an alias whose asset package is not installed.
     """
-    getter = MODEL_ALIASES.get(name_or_path.strip().lower())
+    alias = name_or_path.strip().lower()
+    if alias in GENERATED_MODELS:
+        return str(GENERATED_MODELS[alias]())
+    getter = MODEL_ALIASES.get(alias)
     if getter is not None:
         return str(convert_gguf(getter()))
     if name_or_path.lower().endswith(".gguf"):

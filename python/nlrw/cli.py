@@ -1,8 +1,10 @@
 """The ``nlrw`` command line: one subcommand per stage, generated from typed functions.
 
-Each subcommand is a plain function whose signature and docstring become its options and
-help text (tyro). Errors a user can fix (a bad path, a corrupt shard, an invalid option)
-are printed as one ``nlrw: error: ...`` line with exit status 2, not as a traceback.
+Each subcommand is a plain function whose signature, config dataclass and docstrings become
+its options and help text (tyro). ``nlrw run`` starts from a preset (``--preset``, default
+``demo``) and takes any config value as an override, e.g. ``--collect.n-tokens 50000``.
+Errors a user can fix (a bad path, a corrupt shard, an invalid option) are printed as one
+``nlrw: error: ...`` line with exit status 2, not as a traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import tyro
 
 from nlrw import ShardError
+from nlrw.collect import CollectConfig
+from nlrw.pipeline import RunConfig, load_preset, preset_names
+from nlrw.train import TrainConfig
+
+# Config dataclasses appear without a prefix: `nlrw collect --n-tokens 1000`.
+_Flat = tyro.conf.arg(name="")
 
 
 def info() -> None:
@@ -23,14 +33,12 @@ def info() -> None:
     import torch
 
     from nlrw import _core
+    from nlrw.provenance import versions
 
     print(f"nlrw {metadata.version('nlrw')} (Rust core {_core.__version__})")
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
-    for package in ("torch", "transformers", "datasets", "numpy", "polars", "safetensors"):
-        try:
-            print(f"  {package:<13} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            print(f"  {package:<13} not installed")
+    for package, version in versions().items():
+        print(f"  {package:<13} {version}")
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     print(f"torch threads {torch.get_num_threads()}, CUDA devices {cuda}")
 
@@ -44,24 +52,105 @@ def shards_verify(path: Path, /) -> None:
     print(f"{path}: {reader.num_rows} rows of width {reader.width} ({reader.dtype}), all shards ok")
 
 
-COMMANDS: dict[str, Callable[..., Any]] = {
-    "info": info,
-    "shards-verify": shards_verify,
-}
+def collect(cfg: Annotated[CollectConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
+    """Collect activations at a hookpoint into RUN_DIR/activations (resumes a killed run)."""
+    from nlrw import collect as stage
+
+    result = stage.run(cfg, run_dir, overwrite=overwrite)
+    print(
+        f"{result.n_train_tokens} train + {result.n_eval_tokens} eval tokens in {result.train_dir}"
+    )
+
+
+def train(
+    cfg: Annotated[TrainConfig, _Flat],
+    run_dir: Path,
+    hookpoint: str = "model.layers.15.mlp",
+    overwrite: bool = False,
+) -> None:
+    """Train a transcoder (or SAE) on RUN_DIR/activations into RUN_DIR/transcoder."""
+    from nlrw.pipeline import transcoder_dir
+    from nlrw.train import train_from_shards
+
+    eval_dir = run_dir / "activations" / "eval"
+    result = train_from_shards(
+        cfg,
+        run_dir / "activations" / "train",
+        eval_dir if (eval_dir / "manifest.json").exists() else None,
+        transcoder_dir(run_dir),
+        hookpoint=hookpoint,
+        overwrite=overwrite,
+    )
+    print(result)
+
+
+def status(run_dir: Path, /) -> None:
+    """Print each stage's state in a run directory: done, partial, stale or not started."""
+    from nlrw.pipeline import status as pipeline_status
+
+    for s in pipeline_status(run_dir):
+        took = f"{s.seconds:8.1f} s" if s.seconds is not None else " " * 10
+        print(f"{s.name:<10} {s.state:<12} {took}  {s.detail}")
+
+
+def _run_command(preset: str) -> Callable[..., None]:
+    default = load_preset(preset)
+
+    def run(
+        cfg: Annotated[RunConfig, _Flat] = default,
+        preset: str = preset,
+        run_dir: Path | None = None,
+        until: str | None = None,
+    ) -> None:
+        """Run the whole pipeline from a preset, skipping finished stages and resuming the
+        rest. Override any preset value, e.g. --collect.n-tokens 50000.
+
+        Args:
+            preset: a shipped preset name or a TOML file (it sets the defaults shown here).
+            run_dir: the run directory (default: runs/<preset>).
+            until: stop after this stage.
+        """
+        from nlrw.pipeline import run as run_pipeline
+
+        run_pipeline(cfg, run_dir or Path("runs") / Path(preset).stem, until=until)
+
+    run.__doc__ = (run.__doc__ or "") + f"\n        Shipped presets: {', '.join(preset_names())}."
+    return run
+
+
+def _preset_from_argv(argv: Sequence[str]) -> str:
+    """The value of --preset (the run command's defaults depend on it)."""
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return "demo"
+
+
+def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
+    """The subcommands, with ``run``'s defaults taken from the preset named in ``argv``."""
+    return {
+        "run": _run_command(_preset_from_argv(argv)),
+        "status": status,
+        "collect": collect,
+        "train": train,
+        "info": info,
+        "shards-verify": shards_verify,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nlrw`` console script and ``python -m nlrw``."""
-    import tyro
-
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         tyro.extras.subcommand_cli_from_dict(
-            COMMANDS,
+            commands(args),
             prog="nlrw",
             description="Partially rewrite a transformer in natural language.",
-            args=argv,
+            args=args,
         )
-    except (ShardError, FileNotFoundError, ValueError) as e:
+    except (ShardError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"nlrw: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,354 @@
+"""The stage graph behind ``nlrw run``: run directory, presets, resume and status.
+
+Stages run in order (collect → train → … as they land); each is a plain function of the
+whole :class:`RunConfig` and the run directory. A stage's **chained hash** covers its own
+config and the chained hash of the stage before it, so a changed option re-runs that stage
+and everything downstream of it, never anything upstream:
+
+* record ``stages/<name>.json`` says ``done`` with the same chained hash → skipped;
+* no record, or a ``running`` record with the same hash (the run was killed) → the stage
+  runs and resumes from its own checkpoints;
+* a record with another hash → the stage's old outputs are replaced (``overwrite``).
+
+``config.json`` holds the resolved config of every stage with its hash, package versions,
+the git revision and the seeds; it is rewritten (atomically) at the start of each run.
+Presets are TOML files shipped in ``nlrw/presets`` (one table per stage); any value can be
+overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import tomllib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from nlrw.collect import CollectConfig
+from nlrw.io import atomic_write_json
+from nlrw.provenance import config_hash, git_revision, to_jsonable, versions
+from nlrw.recovery import RecoveryConfig
+from nlrw.train import TrainConfig
+
+__all__ = [
+    "STAGES",
+    "RunConfig",
+    "Stage",
+    "StageStatus",
+    "load_preset",
+    "preset_names",
+    "run",
+    "status",
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole experiment: one config per stage."""
+
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    """Activation collection from the subject model at the hookpoint."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training of the transcoder (or SAE) on the collected activations."""
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    """Loss recovered by the transcoder's splice on held-out windows."""
+
+    def __post_init__(self) -> None:
+        if self.collect.kind != self.train.kind:
+            raise ValueError(
+                f"collect.kind = {self.collect.kind!r} but train.kind = {self.train.kind!r}: "
+                "the sparse model must be trained on the activations it was collected for"
+            )
+
+
+class Stage(NamedTuple):
+    """One node of the stage graph."""
+
+    name: str
+    run: Callable[[RunConfig, Path, bool], Any]
+    """``run(cfg, run_dir, overwrite)``; returns a summary (JSON-able) or None."""
+    config: Callable[[RunConfig], Any]
+    """The part of the config this stage depends on directly."""
+
+
+def _collect(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import collect
+
+    result = collect.run(cfg.collect, run_dir, overwrite=overwrite)
+    return {"n_train_tokens": result.n_train_tokens, "n_eval_tokens": result.n_eval_tokens}
+
+
+def transcoder_dir(run_dir: Path) -> Path:
+    """Where the train stage puts its output (sparsify layout below it)."""
+    return run_dir / "transcoder"
+
+
+def _train(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw.train import train_from_shards
+
+    activations = run_dir / "activations"
+    eval_dir = activations / "eval"
+    result = train_from_shards(
+        cfg.train,
+        activations / "train",
+        eval_dir if (eval_dir / "manifest.json").exists() else None,
+        transcoder_dir(run_dir),
+        hookpoint=cfg.collect.hookpoint,
+        overwrite=overwrite,
+    )
+    return to_jsonable(result)
+
+
+def _recovery(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import sparse
+    from nlrw.io import atomic_write_json
+    from nlrw.provenance import stage_record
+    from nlrw.recovery import loss_recovered
+    from nlrw.subject import load_subject
+
+    windows = np.load(run_dir / "activations" / "eval" / "tokens.npy", mmap_mode="r")
+    device = None if cfg.collect.device == "auto" else cfg.collect.device
+    subject = load_subject(cfg.collect.model, dtype=cfg.collect.dtype, device=device)
+    coder = sparse.load(transcoder_dir(run_dir) / cfg.collect.hookpoint, device=subject.device)
+    result = loss_recovered(
+        subject,
+        coder,
+        cfg.collect.hookpoint,
+        np.asarray(windows[: cfg.recovery.n_windows]),
+        batch_size=cfg.recovery.batch_size,
+    )
+    summary = result._asdict()
+    atomic_write_json(
+        transcoder_dir(run_dir) / "recovery.json",
+        stage_record("recovery", cfg.recovery, result=summary),
+    )
+    return summary
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("collect", _collect, lambda c: c.collect),
+    Stage("train", _train, lambda c: c.train),
+    # Depends on the subject (collect) and the coder (train), both upstream in the chain.
+    Stage("recovery", _recovery, lambda c: c.recovery),
+)
+
+
+def chained_hashes(cfg: RunConfig) -> dict[str, str]:
+    """Each stage's hash of its own config and the chained hash of the stage before it."""
+    out: dict[str, str] = {}
+    previous = ""
+    for stage in STAGES:
+        previous = config_hash({"upstream": previous, "config": stage.config(cfg)})
+        out[stage.name] = previous
+    return out
+
+
+# --- presets -------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with nlrw."""
+    return sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files("nlrw.presets").iterdir()
+        if p.name.endswith(".toml")
+    )
+
+
+def load_preset(name_or_path: str) -> RunConfig:
+    """A shipped preset by name, or a TOML file by path, as a :class:`RunConfig`.
+
+    The file has one table per stage (``[collect]``, ``[train]``, …) whose keys are that
+    stage's config fields; fields left out keep their defaults. Unknown tables or keys are
+    errors naming the file.
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise FileNotFoundError(f"preset file {path}: {e.strerror}") from e
+    else:
+        resource = resources.files("nlrw.presets") / f"{name_or_path}.toml"
+        if not resource.is_file():
+            raise ValueError(
+                f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}"
+            )
+        source = f"preset {name_or_path!r}"
+        text = resource.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{source}: invalid TOML: {e}") from e
+    return _from_dict(RunConfig, data, source)
+
+
+def _from_dict(cls: type[Any], data: dict[str, Any], source: str, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a TOML table, recursing into nested dataclasses."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(
+                f"{source}: unknown option '{where}{key}'; {cls.__name__} has: {', '.join(fields)}"
+            )
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: {where}{key} must be a table")
+            kwargs[name] = _from_dict(hint, value, source, f"{where}{key}.")
+        elif isinstance(value, list) and _is_tuple(hint):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def _is_tuple(hint: Any) -> bool:
+    # `tuple[str, ...]`, or a union holding one.
+    return tuple in {typing.get_origin(h) for h in (hint, *typing.get_args(hint))}
+
+
+# --- running and status --------------------------------------------------------------------
+
+
+def _record_path(run_dir: Path, name: str) -> Path:
+    return run_dir / "stages" / f"{name}.json"
+
+
+def _read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
+    path = _record_path(run_dir, name)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        # A damaged record only costs a re-run of its stage (with its outputs replaced).
+        return {"status": "damaged", "hash": None}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
+    """``config.json``: every stage's resolved config and hash, versions, git, seeds."""
+    hashes = chained_hashes(cfg)
+    atomic_write_json(
+        run_dir / "config.json",
+        {
+            "config": to_jsonable(cfg),
+            "stage_hashes": hashes,
+            "seeds": {s.name: getattr(s.config(cfg), "seed", None) for s in STAGES},
+            "versions": versions(),
+            "git_revision": git_revision(),
+            "written_at": _now(),
+        },
+    )
+
+
+def run(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    until: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every stage (up to and including ``until``) that is not already done.
+
+    Returns each stage's summary. Safe to kill at any moment and call again.
+    """
+    run_dir = Path(run_dir)
+    names = [s.name for s in STAGES]
+    if until is not None and until not in names:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(names)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, run_dir)
+    hashes = chained_hashes(cfg)
+    summaries: dict[str, Any] = {}
+    for stage in STAGES:
+        record = _read_record(run_dir, stage.name)
+        h = hashes[stage.name]
+        if record is not None and record.get("status") == "done" and record.get("hash") == h:
+            log(f"[{stage.name}] done already ({record.get('seconds', 0):.0f} s), skipped")
+            summaries[stage.name] = record.get("summary")
+        else:
+            overwrite = record is not None and record.get("hash") != h
+            action = "re-running (config changed)" if overwrite else "running"
+            if record is not None and not overwrite:
+                action = "resuming"
+            log(f"[{stage.name}] {action}")
+            started = time.perf_counter()
+            atomic_write_json(
+                _record_path(run_dir, stage.name),
+                {"status": "running", "hash": h, "started_at": _now()},
+            )
+            summary = stage.run(cfg, run_dir, overwrite)
+            seconds = time.perf_counter() - started
+            atomic_write_json(
+                _record_path(run_dir, stage.name),
+                {
+                    "status": "done",
+                    "hash": h,
+                    "finished_at": _now(),
+                    "seconds": seconds,
+                    "summary": to_jsonable(summary),
+                },
+            )
+            log(f"[{stage.name}] done in {seconds:.0f} s")
+            summaries[stage.name] = summary
+        if stage.name == until:
+            break
+    return summaries
+
+
+class StageStatus(NamedTuple):
+    """What ``nlrw status`` shows for one stage."""
+
+    name: str
+    state: str
+    """``done``, ``partial`` (started, not finished), ``stale`` (done for another config)
+    or ``not started``."""
+    seconds: float | None
+    detail: str
+
+
+def status(run_dir: str | Path) -> list[StageStatus]:
+    """Each stage's state in ``run_dir``, judged against the config in its config.json."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a run directory?")
+    try:
+        hashes = json.loads(config_path.read_text())["stage_hashes"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{config_path} is damaged: {e}") from e
+    out = []
+    for stage in STAGES:
+        record = _read_record(run_dir, stage.name)
+        if record is None:
+            out.append(StageStatus(stage.name, "not started", None, ""))
+        elif record.get("hash") != hashes.get(stage.name):
+            out.append(StageStatus(stage.name, "stale", record.get("seconds"), "other config"))
+        elif record.get("status") == "done":
+            summary = record.get("summary")
+            detail = json.dumps(summary)[:80] if summary else ""
+            out.append(StageStatus(stage.name, "done", record.get("seconds"), detail))
+        else:
+            started = record.get("started_at", "?")
+            out.append(StageStatus(stage.name, "partial", None, f"started {started}"))
+    return out

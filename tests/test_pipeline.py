@@ -1,0 +1,104 @@
+"""The stage graph: presets, skip-when-done, downstream re-runs, status, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nlrw.cli import main
+from nlrw.pipeline import (
+    STAGES,
+    RunConfig,
+    chained_hashes,
+    load_preset,
+    preset_names,
+    run,
+    status,
+)
+
+
+def test_shipped_presets_load_and_differ() -> None:
+    assert {"demo", "smoke"} <= set(preset_names())
+    demo, smoke = load_preset("demo"), load_preset("smoke")
+    assert demo.collect.model == "smollm2-135m"
+    assert demo.collect.hookpoint == "model.layers.15.mlp"
+    assert smoke.collect.n_tokens < demo.collect.n_tokens
+
+
+def test_changing_a_stage_changes_its_hash_and_downstream_only() -> None:
+    base = load_preset("smoke")
+    changed_train = RunConfig(base.collect, base.train.__class__(**{**base.train.__dict__, "k": 4}))
+    a, b = chained_hashes(base), chained_hashes(changed_train)
+    assert a["collect"] == b["collect"]
+    assert a["train"] != b["train"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[collect]\nn_tokens = 5\n[bogus]\nx = 1\n", "unknown option 'bogus'"),
+        ("[collect]\nnot_a_field = 1\n", r"unknown option 'collect\.not_a_field'"),
+        ("[collect\n", "invalid TOML"),
+        ('[collect]\nkind = "sae"\n', "collect.kind = 'sae' but train.kind = 'transcoder'"),
+    ],
+)
+def test_bad_preset_files_name_the_file_and_the_problem(tmp_path: Path, text: str, match: str):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as err:
+        load_preset(str(path))
+    assert "bad.toml" in str(err.value)
+
+
+def test_smoke_run_skips_finished_stages_and_reruns_only_downstream(tmp_path: Path) -> None:
+    cfg = load_preset("smoke")
+    lines: list[str] = []
+    run(cfg, tmp_path, log=lines.append)
+    assert [line.split()[0] for line in lines if " done in " in line] == [
+        f"[{stage.name}]" for stage in STAGES
+    ]
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["stage_hashes"] == chained_hashes(cfg)
+    assert record["versions"]["torch"]
+    assert record["config"]["collect"]["model"] == "tiny-random-llama"
+    assert [s.state for s in status(tmp_path)] == ["done"] * len(STAGES)
+
+    lines.clear()
+    run(cfg, tmp_path, log=lines.append)
+    assert all("skipped" in line for line in lines)
+
+    lines.clear()
+    train = cfg.train.__class__(**{**cfg.train.__dict__, "k": 4})
+    run(RunConfig(cfg.collect, train), tmp_path, log=lines.append)
+    assert lines[0] == "[collect] done already" + lines[0].split("done already")[1]
+    assert "[train] re-running (config changed)" in lines
+    assert "[recovery] re-running (config changed)" in lines
+    cfg_json = json.loads((tmp_path / "transcoder" / "model.layers.1.mlp" / "cfg.json").read_text())
+    assert cfg_json["k"] == 4
+    recovery = json.loads((tmp_path / "transcoder" / "recovery.json").read_text())["result"]
+    assert recovery["n_tokens"] > 0 and recovery["ce_clean"] > 0
+
+
+def test_a_killed_stage_shows_as_partial_and_resumes(tmp_path: Path) -> None:
+    cfg = load_preset("smoke")
+    run(cfg, tmp_path, until="collect", log=lambda _: None)
+    # As if the run had been killed during train: a running record with the current hash.
+    hashes = chained_hashes(cfg)
+    stages = tmp_path / "stages"
+    (stages / "train.json").write_text(json.dumps({"status": "running", "hash": hashes["train"]}))
+    states = {s.name: s.state for s in status(tmp_path)}
+    assert states == {"collect": "done", "train": "partial", "recovery": "not started"}
+    lines: list[str] = []
+    run(cfg, tmp_path, log=lines.append)
+    assert "[train] resuming" in lines
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path: Path, capsys) -> None:
+    assert main(["run", "--preset", "no-such-preset"]) == 2
+    assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+    assert main(["status", str(tmp_path)]) == 2
+    assert "is " + str(tmp_path) + " a run directory" in capsys.readouterr().err
+    assert main(["shards-verify", str(tmp_path)]) == 2
+    assert "manifest" in capsys.readouterr().err
