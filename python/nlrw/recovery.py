@@ -77,7 +77,11 @@ def loss_recovered(
     batch_size: int = 8,
 ) -> RecoveryResult:
     """Measure the three conditions on ``windows`` (int token ids ``[n, ctx_len]``)."""
-    ids = torch.from_numpy(np.array(windows, dtype=np.int64))
+    ids = (
+        windows.long()
+        if isinstance(windows, Tensor)
+        else torch.from_numpy(np.array(windows, dtype=np.int64))
+    )
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"windows must be a non-empty [n, ctx_len >= 2] array, got {ids.shape}")
     reconstruct = _rows(coder, coder)
