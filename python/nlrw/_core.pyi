@@ -126,3 +126,46 @@ class _ShardBatches(Iterator[npt.NDArray[np.uint8]]):
 
 class _ShardBatchMemory:
     """Keeps the memory-mapped shard behind a zero-copy batch alive (the array's base)."""
+
+# --- quantile (rust/python/src/quantile.rs); wrappers with conversions: nlrw.quantiles ---
+
+def quantile_normalize(
+    latent_ids: npt.NDArray[np.uint32],
+    scores: npt.NDArray[np.float32],
+    sim_table: npt.NDArray[np.float32],
+    real_table: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    """F_real⁻¹(F_sim(score)) per (latent_id, score); C-contiguous arrays of these dtypes."""
+
+def quantile_tables(
+    latent_ids: npt.NDArray[np.uint32],
+    values: npt.NDArray[np.float32],
+    num_latents: int,
+    num_quantiles: int,
+    total: int | npt.NDArray[np.uint64] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Exact [L, Q] tables (numpy's linear method); unsampled observations are zeros."""
+
+class QuantileSketch:
+    """Mergeable per-latent DDSketch with relative accuracy alpha."""
+
+    def __init__(self, num_latents: int, alpha: float = 0.01) -> None: ...
+    @property
+    def num_latents(self) -> int: ...
+    @property
+    def alpha(self) -> float: ...
+    def update(
+        self,
+        latent_ids: npt.NDArray[np.uint32],
+        values: npt.NDArray[np.float32],
+        total: int | npt.NDArray[np.uint64] | None = None,
+    ) -> None: ...
+    def add_zeros(self, counts: int | npt.NDArray[np.uint64]) -> None: ...
+    def merge(self, other: QuantileSketch) -> None: ...
+    def tables(self, num_quantiles: int) -> npt.NDArray[np.float32]: ...
+    def counts(self) -> npt.NDArray[np.uint64]: ...
+    def copy(self) -> QuantileSketch: ...
+    def state(self) -> dict[str, np.ndarray]: ...
+    @staticmethod
+    def from_state(state: dict[str, np.ndarray]) -> QuantileSketch: ...
+    def __eq__(self, other: object) -> bool: ...
