@@ -89,7 +89,12 @@ def test_a_killed_stage_shows_as_partial_and_resumes(tmp_path: Path) -> None:
     stages = tmp_path / "stages"
     (stages / "train.json").write_text(json.dumps({"status": "running", "hash": hashes["train"]}))
     states = {s.name: s.state for s in status(tmp_path)}
-    assert states == {"collect": "done", "train": "partial", "recovery": "not started"}
+    assert states == {
+        "collect": "done",
+        "train": "partial",
+        "recovery": "not started",
+        "cache": "not started",
+    }
     lines: list[str] = []
     run(cfg, tmp_path, log=lines.append)
     assert "[train] resuming" in lines

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from nlrw.cache import CacheConfig
 from nlrw.collect import CollectConfig
 from nlrw.io import atomic_write_json
 from nlrw.provenance import config_hash, git_revision, to_jsonable, versions
@@ -60,6 +61,9 @@ class RunConfig:
     """Training of the transcoder (or SAE) on the collected activations."""
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     """Loss recovered by the transcoder's splice on held-out windows."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Latent cache: the coder's sparse latents over held-out activations, per-latent
+    statistics and quantile tables, top activating windows."""
 
     def __post_init__(self) -> None:
         if self.collect.kind != self.train.kind:
@@ -133,11 +137,21 @@ def _recovery(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     return summary
 
 
+def _cache(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import cache
+
+    result = cache.run(cfg.cache, run_dir, hookpoint=cfg.collect.hookpoint, overwrite=overwrite)
+    return result._asdict()
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("collect", _collect, lambda c: c.collect),
     Stage("train", _train, lambda c: c.train),
     # Depends on the subject (collect) and the coder (train), both upstream in the chain.
     Stage("recovery", _recovery, lambda c: c.recovery),
+    # After recovery (a cheap diagnostic whose options rarely change) so that tuning the
+    # cache's options does not re-run the subject model for recovery.
+    Stage("cache", _cache, lambda c: c.cache),
 )
 
 
