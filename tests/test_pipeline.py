@@ -94,6 +94,8 @@ def test_a_killed_stage_shows_as_partial_and_resumes(tmp_path: Path) -> None:
         "train": "partial",
         "recovery": "not started",
         "cache": "not started",
+        "explain": "not started",
+        "score": "not started",
     }
     lines: list[str] = []
     run(cfg, tmp_path, log=lines.append)

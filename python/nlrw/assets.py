@@ -578,23 +578,31 @@ TINY_MODEL_ALIAS = "tiny-random-llama"
 def tiny_random_llama() -> Path:
     """A tiny randomly initialised Llama with a byte-level tokenizer, for smoke runs.
 
-    4 layers, d_model 64, MLP width 128, vocabulary = the 256 bytes + ``<|endoftext|>``
-    (BOS/EOS/pad), weights drawn with ``torch.manual_seed(0)``: the same model on every
-    machine with the same torch, built in about a second into the cache (atomically) and
-    reused after. Its outputs mean nothing; it exercises every code path in seconds.
+    4 layers, d_model 64, MLP width 128; vocabulary: the 256 bytes, 8 merges that make
+    "Yes"/"No" single tokens, and ``<|endoftext|>`` (BOS/EOS/pad); weights drawn with
+    ``torch.manual_seed(0)``. The same model on every machine with the same torch, built in
+    about a second into the cache (atomically) and reused after. Its outputs mean nothing;
+    it exercises every code path in seconds.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    dest = cache_dir() / "models" / f"{TINY_MODEL_ALIAS}-v1"
+    dest = cache_dir() / "models" / f"{TINY_MODEL_ALIAS}-v2"
     if (dest / "config.json").exists():
         return dest
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
+    # A few merges so that the scorer's answers "Yes"/"No" (with or without a leading
+    # space, "Ġ" in byte-level form) are single tokens, as the LLM stages require.
+    # Merges apply in order: the spaced forms first, or "Ye" would swallow the "Y".
+    merges = [("Ġ", "Y"), ("ĠY", "e"), ("ĠYe", "s"), ("Ġ", "N"), ("ĠN", "o")]
+    merges += [("Y", "e"), ("Ye", "s"), ("N", "o")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
     eos = "<|endoftext|>"
     vocab[eos] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
@@ -607,7 +615,7 @@ def tiny_random_llama() -> Path:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=4096,
         bos_token_id=vocab[eos],
         eos_token_id=vocab[eos],
         pad_token_id=vocab[eos],

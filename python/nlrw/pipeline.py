@@ -34,9 +34,11 @@ import numpy as np
 
 from nlrw.cache import CacheConfig
 from nlrw.collect import CollectConfig
+from nlrw.explain import ExplainConfig
 from nlrw.io import atomic_write_json
 from nlrw.provenance import config_hash, git_revision, to_jsonable, versions
 from nlrw.recovery import RecoveryConfig
+from nlrw.score import ScoreConfig
 from nlrw.train import TrainConfig
 
 __all__ = [
@@ -64,6 +66,10 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Latent cache: the coder's sparse latents over held-out activations, per-latent
     statistics and quantile tables, top activating windows."""
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    """Explanations of the cached latents by an LLM, one sentence each."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """Detection scoring of the explanations, with a shuffled-explanation baseline."""
 
     def __post_init__(self) -> None:
         if self.collect.kind != self.train.kind:
@@ -144,6 +150,24 @@ def _cache(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     return result._asdict()
 
 
+def _explain(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import explain
+
+    table = explain.run(cfg.explain, run_dir, overwrite=overwrite)
+    return {str(k): int(v) for k, v in table["status"].value_counts().iter_rows()}
+
+
+def _score(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import score
+
+    table = score.run(cfg.score, run_dir, overwrite=overwrite)
+    return {
+        "latents": table.height,
+        "mean_balanced_accuracy": table["balanced_accuracy"].mean(),
+        "mean_shuffled_balanced_accuracy": table["shuffled_balanced_accuracy"].mean(),
+    }
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("collect", _collect, lambda c: c.collect),
     Stage("train", _train, lambda c: c.train),
@@ -152,6 +176,8 @@ STAGES: tuple[Stage, ...] = (
     # After recovery (a cheap diagnostic whose options rarely change) so that tuning the
     # cache's options does not re-run the subject model for recovery.
     Stage("cache", _cache, lambda c: c.cache),
+    Stage("explain", _explain, lambda c: c.explain),
+    Stage("score", _score, lambda c: c.score),
 )
 
 

@@ -1,0 +1,251 @@
+"""The one interface every LLM backend implements, and the prompt helpers they share.
+
+A backend does two things for the explain, score and simulate stages:
+
+* :meth:`Backend.generate`: a reply to each chat of a batch (explanations);
+* :meth:`Backend.answer_distribution`: for each chat, the assistant's answer is *prefilled* with
+  ``answer_prefix`` and the backend returns the next-token probability of each answer token
+  (scoring's "1"/"0", simulation's digits 0-9). One forward per prompt, no sampling, no parsing:
+  ``p_i = softmax(logits[last])[id(answer_i)]``, **not** renormalized over the answers, so
+  ``mass = Σ_i p_i`` says how much the model followed the format.
+
+:func:`render` turns a chat into the prompt text (the tokenizer's chat template, or a plain
+``System:/User:/Assistant:`` fallback), :func:`answer_token_ids` maps answers to single token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "AnswerDistribution",
+    "Backend",
+    "BackendError",
+    "Generation",
+    "Message",
+    "answer_token_ids",
+    "load_backend",
+    "render",
+    "uses_chat_template",
+]
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant", "content": ...}``."""
+
+_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+class BackendError(RuntimeError):
+    """A backend could not answer (server down, timed out, refused the request)."""
+
+
+class Generation(NamedTuple):
+    """One generated reply.
+
+    ``finish_reason`` is ``"stop"`` (end of sequence), ``"length"`` (``max_new_tokens`` hit), or
+    whatever the server said; ``"malformed"`` when a server's answer had no text where one was
+    expected. Empty or malformed replies are returned as they are; :attr:`ok` is the flag a
+    caller checks before parsing, and retries (e.g. with another seed) when it is false.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+    @property
+    def ok(self) -> bool:
+        """False for an empty (whitespace-only) or malformed reply: the caller should retry."""
+        return bool(self.text.strip()) and self.finish_reason != "malformed"
+
+
+class AnswerDistribution(NamedTuple):
+    """Next-token probabilities of the answer tokens after the prefilled answer prefix."""
+
+    probs: np.ndarray
+    """float64 ``[n_prompts, n_answers]``: probability of each answer token (not renormalized)."""
+    mass: np.ndarray
+    """float64 ``[n_prompts]``: ``probs.sum(1)``, the answer tokens' total probability mass."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the explain, score and simulate stages call; see the module docstring."""
+
+    name: str
+    model: str
+
+    def generate(
+        self,
+        chats: Sequence[Sequence[Message]],
+        *,
+        max_new_tokens: int = 200,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[Generation]:
+        """A reply to each chat (greedy at temperature 0, seeded sampling otherwise)."""
+        ...
+
+    def answer_distribution(
+        self, chats: Sequence[Sequence[Message]], answer_prefix: str, answers: Sequence[str]
+    ) -> AnswerDistribution:
+        """Next-token probabilities of ``answers`` after each chat + prefilled ``answer_prefix``."""
+        ...
+
+    def close(self) -> None:
+        """Release the model or connections."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt text
+# --------------------------------------------------------------------------------------------
+
+_warned_plain: set[str] = set()
+
+
+def uses_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` has a chat template (else :func:`render` uses the plain format)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _check_chat(chat: Sequence[Message]) -> None:
+    if not chat:
+        raise ValueError("empty chat: a prompt needs at least one message")
+    for m in chat:
+        if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(
+                f"malformed message {m!r}: expected {{'role': one of {sorted(_ROLES)}, "
+                "'content': str}"
+            )
+
+
+def render(tokenizer: Any, chat: Sequence[Message], *, answer_prefix: str | None) -> str:
+    """The prompt text of ``chat``, ending where the assistant's reply starts.
+
+    With a chat template: ``apply_chat_template(chat, add_generation_prompt=True)`` followed by
+    ``answer_prefix`` (the assistant's answer starts with it). Without one, the plain fallback
+    (logged once per tokenizer)::
+
+        System: {content}
+
+        User: {content}
+
+        Assistant: {answer_prefix}
+
+    where the last line is ``Assistant:`` alone when there is no prefix (the model writes the
+    space itself, as a BPE tokenizer prefers).
+    """
+    _check_chat(chat)
+    prefix = answer_prefix or ""
+    if uses_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in chat], tokenize=False, add_generation_prompt=True
+        )
+        return str(text) + prefix
+    key = str(getattr(tokenizer, "name_or_path", "")) or repr(type(tokenizer))
+    if key not in _warned_plain:
+        _warned_plain.add(key)
+        log.warning(
+            "tokenizer %s has no chat template: prompts use the plain 'System:/User:/Assistant:' "
+            "format",
+            key,
+        )
+    turns = [f"{_ROLES[m['role']]}: {m['content']}" for m in chat]
+    turns.append(f"Assistant: {prefix}" if prefix else "Assistant:")
+    return "\n\n".join(turns)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a :func:`render` ed prompt: a chat template writes its own special tokens
+    (BOS included where the model wants one), the plain format gets the tokenizer's usual ones."""
+    ids = tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"]
+    return [int(i) for i in ids]
+
+
+def _pieces(tokenizer: Any, text: str) -> list[int]:
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def answer_token_ids(
+    tokenizer: Any, answers: Sequence[str], *, prefix: str | None = None
+) -> list[int]:
+    """The single token id of each answer.
+
+    Candidates, in order: the bare answer (``"7"``), then with a leading space (``" 7"``, the
+    form SentencePiece and GPT-style tokenizers give a word after a space). The first that
+    encodes to exactly one token is used. When ``prefix`` (the answer prefix) is given, a
+    candidate must also be the token the tokenizer produces right after the prefix
+    (``prefix + candidate`` encodes to the prefix's tokens plus that one), so the model is
+    asked in the tokens it saw in training; the space form is then tried first when the
+    prefix does not end in whitespace, and not at all when it does. Qwen2.5 gives every digit
+    its own token and a space its own: ``prefix="Rating: "`` with the bare digits. Llama-3
+    merges a space into the digit after it (``" 7"``): there ``prefix="Rating:"`` works and
+    ``"Rating: "`` is refused (the prefix's last space would merge into the answer).
+
+    Raises:
+        ValueError: answers that are empty, duplicated, or split into several pieces (named,
+            with their pieces).
+    """
+    if not answers:
+        raise ValueError("no answers given")
+    ids: list[int] = []
+    bad: list[str] = []
+    for answer in answers:
+        if not answer:
+            raise ValueError("an answer is the empty string")
+        forms = [answer]
+        if not answer[0].isspace() and not (prefix and prefix[-1].isspace()):
+            forms.append(" " + answer)  # after a space in the prefix, no second space
+            if prefix:
+                forms.reverse()
+        head = _pieces(tokenizer, prefix) if prefix else []
+        found = None
+        tried = []
+        for form in forms:
+            pieces = _pieces(tokenizer, form)
+            tried.append(f"{form!r} -> {tokenizer.convert_ids_to_tokens(pieces)}")
+            if len(pieces) != 1:
+                continue
+            if prefix and _pieces(tokenizer, prefix + form) != [*head, pieces[0]]:
+                tried[-1] += f" (merges with the prefix {prefix!r})"
+                continue
+            found = pieces[0]
+            break
+        if found is None:
+            bad.append(f"{answer!r} ({'; '.join(tried)})")
+        else:
+            ids.append(found)
+    if bad:
+        raise ValueError(
+            "answers must each be exactly one token; these split into several pieces: "
+            + ", ".join(bad)
+        )
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answers {list(answers)!r} map to repeated token ids {ids}")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------
+
+
+def load_backend(name: Literal["transformers", "openai"], model: str, **options: Any) -> Backend:
+    """A backend by name: ``"transformers"`` (:class:`TransformersBackend`) or ``"openai"``
+    (:class:`OpenAIBackend`); ``options`` go to its constructor."""
+    if name == "transformers":
+        from nlrw.backends.transformers import TransformersBackend
+
+        return TransformersBackend(model, **options)
+    if name == "openai":
+        from nlrw.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(model, **options)
+    raise ValueError(f"unknown backend {name!r}: expected 'transformers' or 'openai'")

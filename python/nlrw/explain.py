@@ -1,0 +1,642 @@
+"""The ``explain`` stage: an LLM writes a one-sentence explanation of each latent from its top
+activating examples (Paulo & Belrose 2025, following EleutherAI delphi).
+
+**Examples.** A latent's top non-overlapping 32-token windows, ranked by their max activation
+(from the cache), are split into ``n_bins`` equal-count bins by rank (``np.array_split``: bin 0
+holds the strongest windows, sizes differ by at most one; these are the quantile bins of the
+windows' max activations), and ``examples_per_bin`` windows are drawn from each without
+replacement, seeded by ``(seed, latent)`` so that a latent's examples do not depend on which
+other latents run. Paper: 10 bins x 4 = 40 examples. The windows shown are recorded in
+``explanations.parquet`` so that scoring can keep its examples disjoint from them.
+
+**Highlighting.** In each example a token is wrapped ``<<…>>`` when its activation **exceeds**
+``highlight_threshold x`` that example's own max (paper: 0.2); consecutive highlighted tokens are
+merged into one span. An ``Activations:`` line lists every highlighted token with the digit
+``floor(10 a / max)`` of the same per-example max, **clipped to 0..9** (``clip_digits``, nlrw's
+default; the paper's code does not clip, so the top token of each example gets 10). Newlines and
+other control characters in the text are escaped (``\\n``) so each example stays on its lines.
+
+**Skipped latents.** A latent with fewer than ``min_count`` active positions (paper: 200) gets a
+row with ``status = "skipped"`` and the reason, and no LLM call.
+
+**Answers.** The reply is cleaned into one sentence (:func:`clean_explanation`: chat debris,
+"Sure, here is…", ``Explanation:`` prefixes, quotes and markdown stripped, first sentence, no
+final period: the simulator's template adds it, as the paper's does). An empty or malformed
+reply is asked again with seed ``seed + attempt`` up to ``retries`` times; then the latent is
+recorded with ``status = "failed"`` and the last reply in ``reason``, and the stage goes on.
+
+**Resume.** Latents are explained in parts of ``part_size`` (one batched ``generate`` call per
+attempt); each part is written atomically to ``explanations.parts/part-NNNNNN.parquet`` and a
+rerun skips the parts on disk, so a kill loses at most one part. The parts are merged into
+``explanations.parquet`` (one row per latent) and ``explain.json`` (provenance) at the end.
+
+The core functions take arrays (tokens ``[n, w]``, activations ``[n, w]``); the run directory is
+read through a :class:`LatentSource` (:class:`CacheSource` for a run's cache; tests use arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import polars as pl
+
+from nlrw.backends.base import Backend, Generation
+from nlrw.io import atomic_path, atomic_write_json
+from nlrw.prompts import explain as prompt
+from nlrw.prompts.explain import escape
+from nlrw.provenance import config_hash, stage_record
+
+__all__ = [
+    "CacheSource",
+    "ExplainConfig",
+    "LatentSource",
+    "PartStore",
+    "activation_digits",
+    "bin_ranks",
+    "clean_explanation",
+    "draw_from_bins",
+    "escape",
+    "explainer_examples",
+    "highlight",
+    "render_examples",
+    "run",
+    "select_latents",
+]
+
+log = logging.getLogger(__name__)
+
+Selection = Literal["frequent", "random"]
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Options of the ``explain`` stage (defaults: the paper's protocol, our explainer)."""
+
+    backend: Literal["transformers", "openai"] = "transformers"
+    """LLM backend of the explainer (see nlrw.backends)."""
+
+    model: str = "qwen2.5-coder-0.5b"
+    """Explainer model: an alias of the embedded default, a hub name, a local folder, or the
+    served model's name for the openai backend."""
+
+    n_bins: int = 10
+    """Equal-count bins over the latent's top windows ranked by max activation."""
+
+    examples_per_bin: int = 4
+    """Examples drawn from each bin and shown to the explainer (paper: 4, 40 in all)."""
+
+    min_count: int = 200
+    """Latents with fewer active positions are skipped (the reason is recorded)."""
+
+    max_latents: int | None = None
+    """Explain at most this many eligible latents (None: all of them)."""
+
+    selection: Selection = "frequent"
+    """Which latents come first: "frequent" (most active positions first, ties by id) or
+    "random" (a permutation drawn from seed)."""
+
+    highlight_threshold: float = 0.2
+    """A token is highlighted when its activation exceeds this fraction of its example's max."""
+
+    clip_digits: bool = True
+    """Clip the activation digits floor(10 a / max) to 0..9 (False: the paper's code, where the
+    top token gets 10)."""
+
+    temperature: float = 0.7
+    """Sampling temperature of the explainer (paper: 0.7; 0: greedy)."""
+
+    max_new_tokens: int = 200
+    """Most tokens the explainer may write per reply."""
+
+    seed: int = 0
+    """Seed of example sampling, latent order ("random") and generation (retry r uses seed + r)."""
+
+    retries: int = 3
+    """Extra attempts for an empty or malformed reply before the latent is recorded as failed."""
+
+    part_size: int = 8
+    """Latents per part (one batched generate call; a kill loses at most one part)."""
+
+    backend_options: tuple[tuple[str, str], ...] = ()
+    """Extra keyword options for the backend's constructor, as (name, value) pairs."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_bins", "examples_per_bin", "part_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.min_count < 0 or self.retries < 0:
+            raise ValueError("min_count and retries must be non-negative")
+        if self.max_latents is not None and self.max_latents < 0:
+            raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
+        if not 0.0 <= self.highlight_threshold < 1.0:
+            raise ValueError(
+                f"highlight_threshold must be in [0, 1), got {self.highlight_threshold}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Where examples come from
+# --------------------------------------------------------------------------------------------
+
+
+class LatentSource(Protocol):
+    """What the explain and score stages read from a run's latent cache."""
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(latents, counts)``: every latent id and its number of active positions."""
+        ...
+
+    def top_windows(self, latent: int) -> np.ndarray:
+        """The latent's top non-overlapping windows, strongest first (int64 window ids)."""
+        ...
+
+    def activations(self, latent: int, windows: np.ndarray) -> np.ndarray:
+        """float ``[n, window_len]``: the latent's activation at each token of ``windows``."""
+        ...
+
+    def tokens(self, windows: np.ndarray) -> np.ndarray:
+        """int ``[n, window_len]``: token ids of ``windows``."""
+        ...
+
+    def inactive_windows(self, latent: int, n: int, seed: int) -> np.ndarray:
+        """``n`` window ids (seeded) where the latent never fires."""
+        ...
+
+    def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """The text of each token id, decoded on its own."""
+        ...
+
+
+class CacheSource:
+    """A :class:`LatentSource` over a run directory's cache (:mod:`nlrw.cache`), with the
+    subject's tokenizer (the model named in ``activations/collect.json``)."""
+
+    def __init__(self, run_dir: str | Path, tokenizer: Any | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self._tokenizer = tokenizer
+        self._top: pl.DataFrame | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from nlrw.assets import resolve_model
+
+            record = json.loads((self.run_dir / "activations" / "collect.json").read_text())
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model(record["config"]["model"])
+            )
+        return self._tokenizer
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        stats = pl.read_parquet(
+            self.run_dir / "latents" / "stats.parquet", columns=["latent", "count"]
+        )
+        return stats["latent"].to_numpy().astype(np.int64), stats["count"].to_numpy().astype(
+            np.int64
+        )
+
+    def top_windows(self, latent: int) -> np.ndarray:
+        if self._top is None:
+            self._top = pl.read_parquet(
+                self.run_dir / "latents" / "top_windows.parquet",
+                columns=["latent", "window", "rank"],
+            ).sort("latent", "rank")
+        rows = self._top.filter(pl.col("latent") == latent)
+        return rows["window"].to_numpy().astype(np.int64)
+
+    def activations(self, latent: int, windows: np.ndarray) -> np.ndarray:
+        from nlrw.cache import window_activations
+
+        return np.asarray(window_activations(self.run_dir, latent, windows), dtype=np.float64)
+
+    def tokens(self, windows: np.ndarray) -> np.ndarray:
+        from nlrw.cache import window_tokens
+
+        return np.asarray(window_tokens(self.run_dir, windows))
+
+    def inactive_windows(self, latent: int, n: int, seed: int) -> np.ndarray:
+        from nlrw.cache import random_inactive_windows
+
+        return np.asarray(random_inactive_windows(self.run_dir, latent, n, seed), dtype=np.int64)
+
+    def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+
+# --------------------------------------------------------------------------------------------
+# Examples: bins, sampling, highlighting
+# --------------------------------------------------------------------------------------------
+
+
+def bin_ranks(n: int, n_bins: int) -> list[np.ndarray]:
+    """Split ranks ``0..n-1`` (strongest first) into ``n_bins`` equal-count bins (sizes differ
+    by at most one; bins are empty when ``n < n_bins``)."""
+    return [np.asarray(b, dtype=np.int64) for b in np.array_split(np.arange(n), n_bins)]
+
+
+def draw_from_bins(
+    n: int,
+    n_bins: int,
+    per_bin: int,
+    rng: np.random.Generator,
+    exclude: Iterable[int] = (),
+) -> np.ndarray:
+    """Ranks drawn from each bin without replacement, ``per_bin`` per bin (all of a bin's ranks
+    when it has fewer), skipping ranks in ``exclude``; bin by bin, sorted within a bin."""
+    excluded = set(int(e) for e in exclude)
+    out: list[np.ndarray] = []
+    for ranks in bin_ranks(n, n_bins):
+        pool = np.array([r for r in ranks if int(r) not in excluded], dtype=np.int64)
+        take = min(per_bin, len(pool))
+        out.append(np.sort(rng.choice(pool, size=take, replace=False)) if take else pool[:0])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def highlighted_mask(acts: np.ndarray, threshold: float) -> np.ndarray:
+    """Tokens whose activation exceeds ``threshold x`` the example's max (none if max <= 0)."""
+    acts = np.asarray(acts, dtype=np.float64)
+    top = float(acts.max()) if acts.size else 0.0
+    if top <= 0.0:
+        return np.zeros(acts.shape, dtype=bool)
+    return acts > threshold * top
+
+
+def highlight(tokens: Sequence[str], acts: np.ndarray, threshold: float = 0.2) -> str:
+    """The example's text with highlighted tokens wrapped ``<<…>>``, consecutive ones merged."""
+    mask = highlighted_mask(acts, threshold)
+    parts: list[str] = []
+    for i, tok in enumerate(tokens):
+        opens = mask[i] and (i == 0 or not mask[i - 1])
+        closes = mask[i] and (i == len(tokens) - 1 or not mask[i + 1])
+        parts.append(("<<" if opens else "") + escape(tok) + (">>" if closes else ""))
+    return "".join(parts)
+
+
+def activation_digits(
+    tokens: Sequence[str], acts: np.ndarray, threshold: float = 0.2, *, clip: bool = True
+) -> list[tuple[str, int]]:
+    """``(token, floor(10 a / max))`` for each highlighted token, max being the example's own;
+    clipped to 0..9 unless ``clip`` is false (then the top token gets 10)."""
+    acts = np.asarray(acts, dtype=np.float64)
+    mask = highlighted_mask(acts, threshold)
+    if not mask.any():
+        return []
+    digits = np.floor(10.0 * acts / acts.max()).astype(np.int64)
+    if clip:
+        digits = np.clip(digits, 0, 9)
+    return [(tokens[int(i)], int(digits[i])) for i in np.flatnonzero(mask)]
+
+
+def render_examples(
+    token_strings: Sequence[Sequence[str]],
+    acts: np.ndarray,
+    *,
+    threshold: float = 0.2,
+    clip: bool = True,
+) -> list[str]:
+    """The explainer's rendered examples (text line + ``Activations:`` line) for token strings
+    ``[n][w]`` and activations ``[n, w]``."""
+    return [
+        prompt.render_example(
+            i + 1,
+            highlight(toks, acts[i], threshold),
+            activation_digits(toks, acts[i], threshold, clip=clip),
+        )
+        for i, toks in enumerate(token_strings)
+    ]
+
+
+def explainer_examples(source: LatentSource, latent: int, cfg: ExplainConfig) -> np.ndarray:
+    """The window ids shown to the explainer for ``latent`` (bin by bin, strongest bin first)."""
+    top = source.top_windows(latent)
+    rng = np.random.default_rng([cfg.seed, latent])
+    ranks = draw_from_bins(len(top), cfg.n_bins, cfg.examples_per_bin, rng)
+    return top[ranks]
+
+
+def build_chat(source: LatentSource, latent: int, windows: np.ndarray, cfg: ExplainConfig):
+    """The explainer chat for ``latent`` shown ``windows``."""
+    ids = source.tokens(windows)
+    acts = source.activations(latent, windows)
+    strings = [source.token_strings(row) for row in ids]
+    return prompt.render_chat(
+        render_examples(strings, acts, threshold=cfg.highlight_threshold, clip=cfg.clip_digits)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing
+# --------------------------------------------------------------------------------------------
+
+_SPECIAL = re.compile(r"<\|[^|>]*\|>|</?s>|\[/?INST\]")
+_ROLE = re.compile(r"^\s*(?:assistant|system|user)\s*:?\s*\n", re.IGNORECASE)
+_LEAD = re.compile(
+    r"^\s*(?:sure|certainly|of course|okay|ok|here(?:'s| is| are)|based on)[^:\n]*:\s*",
+    re.IGNORECASE,
+)
+_LABEL = re.compile(
+    r"\[?\s*(?:final\s+)?(?:explanation|answer|pattern|description)\s*\]?\s*:\s*", re.IGNORECASE
+)
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s+(?=[A-Z0-9\"'“(<])|\n")
+
+
+def clean_explanation(text: str) -> str | None:
+    """One clean sentence from an explainer's reply, or None when nothing usable is left.
+
+    Removes special tokens and role lines, keeps what follows the last ``Explanation:``-like
+    label, drops a leading "Sure, here is …:" phrase, markdown emphasis, backticks and
+    surrounding quotes, keeps the first sentence and removes its final period.
+    """
+    text = _SPECIAL.sub(" ", text)
+    text = _ROLE.sub("", text)
+    labels = list(_LABEL.finditer(text))
+    if labels:
+        text = text[labels[-1].end() :]
+    text = text.strip()
+    for _ in range(2):
+        text = _LEAD.sub("", text).strip()
+    text = re.sub(r"[*_`#]+", "", text).strip()
+    text = text.lstrip("-•> \t\n")
+    sentence = _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""
+    sentence = " ".join(sentence.split())
+    sentence = sentence.strip().strip("\"'“”‘’").strip()
+    sentence = sentence.rstrip(".").strip().strip("\"'“”‘’").strip()
+    if len(sentence) < 3 or not re.search(r"[A-Za-z]", sentence):
+        return None
+    return sentence[0].upper() + sentence[1:]
+
+
+# --------------------------------------------------------------------------------------------
+# Latent selection
+# --------------------------------------------------------------------------------------------
+
+
+def select_latents(
+    latents: np.ndarray,
+    counts: np.ndarray,
+    *,
+    min_count: int,
+    max_latents: int | None,
+    selection: Selection,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(selected, skipped)``: eligible latents (``count >= min_count``) in the chosen order,
+    cut to ``max_latents``, and every ineligible latent (ascending)."""
+    latents = np.asarray(latents, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    eligible = counts >= min_count
+    skipped = np.sort(latents[~eligible])
+    lat, cnt = latents[eligible], counts[eligible]
+    if selection == "frequent":
+        order = np.lexsort((lat, -cnt))
+    elif selection == "random":
+        order = np.random.default_rng([seed, 0x5E1EC7]).permutation(len(lat))
+    else:
+        raise ValueError(f"unknown selection {selection!r}: expected 'frequent' or 'random'")
+    selected = lat[order]
+    if max_latents is not None:
+        selected = selected[:max_latents]
+    return selected, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Parts: resumable output
+# --------------------------------------------------------------------------------------------
+
+
+class PartStore:
+    """A folder of parquet parts written atomically, one per chunk of work, tagged with the
+    config hash that produced them (a folder from another config is refused, not mixed)."""
+
+    def __init__(self, folder: Path, config_hash: str) -> None:
+        self.folder = folder
+        meta = folder / "parts.json"
+        if meta.is_file():
+            found = json.loads(meta.read_text()).get("config_hash")
+            if found != config_hash:
+                raise RuntimeError(
+                    f"{folder} holds parts of another config (hash {found}, now {config_hash}); "
+                    "delete it or pass overwrite=True"
+                )
+        else:
+            atomic_write_json(meta, {"config_hash": config_hash})
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"part-{index:06d}.parquet"
+
+    def done(self, index: int) -> bool:
+        return self.path(index).is_file()
+
+    def write(self, index: int, rows: list[dict[str, Any]], schema: dict[str, Any]) -> None:
+        with atomic_path(self.path(index)) as tmp:
+            pl.DataFrame(rows, schema=schema).write_parquet(tmp)
+
+    def merge(self, schema: dict[str, Any]) -> pl.DataFrame:
+        parts = sorted(self.folder.glob("part-*.parquet"))
+        frames = [pl.read_parquet(p) for p in parts]
+        return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+
+
+def _remove_tree(folder: Path) -> None:
+    if folder.is_dir():
+        for p in folder.iterdir():
+            p.unlink()
+        folder.rmdir()
+
+
+def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="latent", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+SCHEMA: dict[str, Any] = {
+    "latent": pl.Int64,
+    "explanation": pl.String,
+    "status": pl.String,
+    "reason": pl.String,
+    "backend": pl.String,
+    "model": pl.String,
+    "temperature": pl.Float64,
+    "seed": pl.Int64,
+    "prompt_hash": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "attempts": pl.Int64,
+    "windows": pl.List(pl.Int64),
+}
+
+
+def generate_with_retries(
+    backend: Backend, chats: Sequence[Any], cfg: ExplainConfig
+) -> list[tuple[str | None, Generation, int, int, int]]:
+    """For each chat ``(explanation or None, last reply, attempts, prompt tokens, completion
+    tokens)``: replies that are empty, malformed or clean to nothing are asked again (seed + r),
+    up to ``cfg.retries`` more times, all still-pending chats of the batch together."""
+    n = len(chats)
+    result: list[Any] = [None] * n
+    used = [[0, 0] for _ in range(n)]
+    pending = list(range(n))
+    for attempt in range(cfg.retries + 1):
+        if not pending:
+            break
+        replies = backend.generate(
+            [chats[i] for i in pending],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            seed=cfg.seed + attempt,
+        )
+        still: list[int] = []
+        for i, reply in zip(pending, replies, strict=True):
+            used[i][0] += reply.prompt_tokens
+            used[i][1] += reply.completion_tokens
+            text = clean_explanation(reply.text) if reply.ok else None
+            result[i] = (text, reply, attempt + 1)
+            if text is None:
+                still.append(i)
+        if still:
+            log.info("explain: %d of %d replies unusable, attempt %d", len(still), n, attempt + 1)
+        pending = still
+    return [(*result[i], used[i][0], used[i][1]) for i in range(n)]
+
+
+def run(
+    cfg: ExplainConfig,
+    run_dir: str | Path,
+    *,
+    backend: Backend | None = None,
+    source: LatentSource | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Explain the run's latents; writes ``explanations.parquet`` and ``explain.json``.
+
+    ``backend`` defaults to ``load_backend(cfg.backend, cfg.model)`` and ``source`` to the run's
+    cache (:class:`CacheSource`); both are parameters so that tests can pass fakes.
+    """
+    run_dir = Path(run_dir)
+    out_path = run_dir / "explanations.parquet"
+    parts_dir = run_dir / "explanations.parts"
+    if overwrite:
+        _remove_tree(parts_dir)
+    source = source if source is not None else CacheSource(run_dir)
+    latents, counts = source.counts()
+    selected, skipped = select_latents(
+        latents,
+        counts,
+        min_count=cfg.min_count,
+        max_latents=cfg.max_latents,
+        selection=cfg.selection,
+        seed=cfg.seed,
+    )
+    count_of = dict(zip(latents.tolist(), counts.tolist(), strict=True))
+    store = PartStore(parts_dir, config_hash(cfg))
+    chunks = _chunks(selected.tolist(), cfg.part_size)
+    todo = [i for i in range(len(chunks)) if not store.done(i + 1)]
+    started = time.perf_counter()
+    own_backend = backend is None
+    if todo and backend is None:
+        from nlrw.backends.base import load_backend
+
+        backend = load_backend(cfg.backend, cfg.model, **dict(cfg.backend_options))
+    base = {
+        "backend": cfg.backend,
+        "model": cfg.model,
+        "temperature": float(cfg.temperature),
+        "seed": cfg.seed,
+        "prompt_hash": prompt.PROMPT_HASH,
+    }
+    try:
+        if not store.done(0):  # part 0: skipped latents, no LLM call
+            rows = [
+                {
+                    **base,
+                    "latent": int(lat),
+                    "explanation": None,
+                    "status": "skipped",
+                    "reason": f"count {count_of[int(lat)]} < min_count {cfg.min_count}",
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "attempts": 0,
+                    "windows": [],
+                }
+                for lat in skipped
+            ]
+            store.write(0, rows, SCHEMA)
+        bar = _progress(len(selected), "explain") if progress else None
+        if bar is not None:
+            bar.update(sum(len(chunks[i]) for i in range(len(chunks)) if i not in set(todo)))
+        for index in todo:
+            assert backend is not None
+            chunk = chunks[index]
+            windows = [explainer_examples(source, lat, cfg) for lat in chunk]
+            chats = [build_chat(source, lat, w, cfg) for lat, w in zip(chunk, windows, strict=True)]
+            answers = generate_with_retries(backend, chats, cfg)
+            rows = []
+            for lat, win, (text, reply, attempts, p_tok, c_tok) in zip(
+                chunk, windows, answers, strict=True
+            ):
+                rows.append(
+                    {
+                        **base,
+                        "latent": int(lat),
+                        "explanation": text,
+                        "status": "ok" if text is not None else "failed",
+                        "reason": None
+                        if text is not None
+                        else f"no usable reply after {attempts} attempts "
+                        f"(finish_reason {reply.finish_reason!r}, last: {reply.text[:200]!r})",
+                        "prompt_tokens": p_tok,
+                        "completion_tokens": c_tok,
+                        "attempts": attempts,
+                        "windows": [int(w) for w in win],
+                    }
+                )
+            store.write(index + 1, rows, SCHEMA)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+    finally:
+        if own_backend and backend is not None:
+            backend.close()
+    table = store.merge(SCHEMA).sort("latent")
+    with atomic_path(out_path) as tmp:
+        table.write_parquet(tmp)
+    status = table["status"].value_counts()
+    atomic_write_json(
+        run_dir / "explain.json",
+        stage_record(
+            "explain",
+            cfg,
+            prompt_hash=prompt.PROMPT_HASH,
+            n_latents=table.height,
+            status={str(s): int(c) for s, c in status.iter_rows()},
+            seconds=time.perf_counter() - started,
+        ),
+    )
+    return table
+
+
+def explanations_for(run_dir: str | Path) -> pl.DataFrame:
+    """The usable explanations of a run (``status == "ok"``)."""
+    table = pl.read_parquet(Path(run_dir) / "explanations.parquet")
+    return table.filter(pl.col("status") == "ok")

@@ -1,0 +1,367 @@
+"""The ``score`` stage: detection scoring ranks latents by how well their explanation tells
+activating text from non-activating text (Paulo & Belrose 2025, EleutherAI delphi).
+
+**Examples.** Per latent, ``examples_per_bin`` activating windows from each of the ``n_bins``
+equal-count bins of its top windows (the explainer's binning, :func:`nlrw.explain.bin_ranks`;
+paper: 10 x 10 = 100), **excluding every window the explainer saw** (recorded in
+``explanations.parquet``; the paper's code probably let them overlap), plus ``n_non_activating``
+random windows where the latent never fires (paper: 100). Draws are seeded by ``(seed, latent)``.
+The examples are shuffled together and cut into prompts of ``examples_per_prompt`` (paper: 5),
+shown as plain text (no highlighting; control characters escaped).
+
+**Reading the answer** (see :mod:`nlrw.prompts.detection`): for a prompt of k examples the chat is
+sent k times with the answer prefilled ``"Example {i}:"``; one forward each reads
+``p(Yes)`` and ``p(No)`` from the next-token distribution, and the example's probability is
+``p = p(Yes) / (p(Yes) + p(No))`` (renormalized over the two answers; 0.5 when both are zero;
+the mass ``p(Yes) + p(No)`` is recorded as ``mean_mass``).
+
+**Metrics.** ``balanced_accuracy = (TPR + TNR) / 2`` with an example predicted activating when
+``p > threshold`` (default 0.5, strictly greater); ``auroc`` = P(p of a random activating example >
+p of a random non-activating one), ties counting one half (Mann-Whitney). Both are NaN when a
+class has no examples.
+
+**Chance baseline.** ``shuffled_balanced_accuracy`` / ``shuffled_auroc``: the same examples, in
+the same prompts, scored against the explanation of another latent given by a fixed seeded
+derangement of the scored latents (a random cyclic order: no latent gets its own explanation);
+NaN when only one latent is scored. ``shuffled_from`` names the donor latent.
+
+Output ``scores.parquet`` (one row per scored latent, with each example's window, label and
+probability as lists) and ``score.json``; resumable in parts like :mod:`nlrw.explain`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from nlrw.backends.base import Backend, Message
+from nlrw.explain import (
+    CacheSource,
+    LatentSource,
+    PartStore,
+    _chunks,
+    _progress,
+    _remove_tree,
+    draw_from_bins,
+)
+from nlrw.io import atomic_path, atomic_write_json
+from nlrw.prompts import detection as prompt
+from nlrw.prompts.explain import escape
+from nlrw.provenance import config_hash, stage_record
+
+__all__ = [
+    "ScoreConfig",
+    "auroc",
+    "balanced_accuracy",
+    "derangement",
+    "p_yes",
+    "run",
+    "scoring_examples",
+]
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Options of the ``score`` stage (defaults: the paper's detection scoring)."""
+
+    backend: Literal["transformers", "openai"] = "transformers"
+    """LLM backend of the scorer (see nlrw.backends)."""
+
+    model: str = "qwen2.5-coder-0.5b"
+    """Scorer model: an alias of the embedded default, a hub name, a local folder, or the served
+    model's name for the openai backend."""
+
+    n_bins: int = 10
+    """Equal-count bins over the latent's top windows ranked by max activation."""
+
+    examples_per_bin: int = 10
+    """Activating examples drawn per bin (paper: 10, 100 in all); the explainer's are excluded."""
+
+    n_non_activating: int = 100
+    """Random windows where the latent never fires (paper: 100)."""
+
+    examples_per_prompt: int = 5
+    """Examples shown together in one scorer prompt (paper: 5)."""
+
+    threshold: float = 0.5
+    """An example is predicted activating when p(yes) exceeds this (balanced accuracy)."""
+
+    max_latents: int | None = None
+    """Score at most this many explained latents, in latent order (None: all)."""
+
+    shuffled: bool = True
+    """Also score each latent's examples against another latent's explanation (chance
+    baseline; doubles the cost)."""
+
+    seed: int = 0
+    """Seed of the example draws, their order in prompts, and the derangement."""
+
+    part_size: int = 8
+    """Latents per part (a kill loses at most one part)."""
+
+    backend_options: tuple[tuple[str, str], ...] = ()
+    """Extra keyword options for the backend's constructor, as (name, value) pairs."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_bins", "examples_per_prompt", "part_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.examples_per_bin < 0 or self.n_non_activating < 0:
+            raise ValueError("examples_per_bin and n_non_activating must be non-negative")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
+    """``(TPR + TNR) / 2`` with prediction ``probs > threshold``; NaN if a class is empty."""
+    labels = np.asarray(labels, dtype=bool)
+    pred = np.asarray(probs, dtype=np.float64) > threshold
+    if labels.all() or not labels.any():
+        return float("nan")
+    return float((pred[labels].mean() + (~pred[~labels]).mean()) / 2)
+
+
+def auroc(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Area under the ROC curve: P(p_pos > p_neg) + P(p_pos = p_neg) / 2 over all pairs."""
+    labels = np.asarray(labels, dtype=bool)
+    probs = np.asarray(probs, dtype=np.float64)
+    pos, neg = probs[labels], probs[~labels]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def p_yes(probs: np.ndarray) -> np.ndarray:
+    """``p(Yes) / (p(Yes) + p(No))`` per row of ``[n, 2]`` answer probabilities; 0.5 when both
+    are zero."""
+    probs = np.asarray(probs, dtype=np.float64)
+    mass = probs.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mass > 0, probs[:, 0] / np.where(mass > 0, mass, 1.0), 0.5)
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """``d[i]``: whose explanation position i is scored against; a random cyclic order, so
+    ``d[i] != i`` for every i when ``n >= 2`` (``[0]`` for n = 1)."""
+    order = np.random.default_rng([seed, 0xDE7A]).permutation(n)
+    d = np.empty(n, dtype=np.int64)
+    d[order] = np.roll(order, -1)
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Examples
+# --------------------------------------------------------------------------------------------
+
+
+class Examples:
+    """One latent's scoring examples, in prompt order: window ids, labels, texts."""
+
+    def __init__(self, windows: np.ndarray, labels: np.ndarray, texts: list[str]) -> None:
+        self.windows = windows
+        self.labels = labels
+        self.texts = texts
+
+
+def scoring_examples(
+    source: LatentSource, latent: int, seen: Sequence[int], cfg: ScoreConfig
+) -> Examples:
+    """Activating examples from the bins minus the ``seen`` (explainer's) windows, and random
+    non-activating windows, shuffled together (seeded by ``(seed, latent)``)."""
+    top = source.top_windows(latent)
+    seen_set = {int(w) for w in seen}
+    exclude = [r for r, w in enumerate(top.tolist()) if w in seen_set]
+    rng = np.random.default_rng([cfg.seed, latent, 1])
+    ranks = draw_from_bins(len(top), cfg.n_bins, cfg.examples_per_bin, rng, exclude=exclude)
+    active = top[ranks]
+    inactive = (
+        source.inactive_windows(latent, cfg.n_non_activating, cfg.seed)
+        if cfg.n_non_activating
+        else np.zeros(0, np.int64)
+    )
+    windows = np.concatenate([active, inactive]).astype(np.int64)
+    labels = np.concatenate([np.ones(len(active), bool), np.zeros(len(inactive), bool)])
+    order = rng.permutation(len(windows))
+    windows, labels = windows[order], labels[order]
+    ids = source.tokens(windows) if len(windows) else np.zeros((0, 0), np.int64)
+    texts = [escape("".join(source.token_strings(row))) for row in ids]
+    return Examples(windows, labels, texts)
+
+
+def _groups(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def score_texts(
+    backend: Backend,
+    jobs: Sequence[tuple[str, Sequence[str]]],
+    examples_per_prompt: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each job ``(explanation, texts)``: ``(p_yes, mass)`` per text. The texts are cut into
+    prompts of ``examples_per_prompt``; position i of every prompt of every job is read in one
+    ``answer_distribution`` call with prefix ``"Example {i}:"``."""
+    chats: list[tuple[int, range, list[Message]]] = []
+    for j, (explanation, texts) in enumerate(jobs):
+        for group in _groups(len(texts), examples_per_prompt):
+            chats.append((j, group, prompt.render_chat(explanation, [texts[k] for k in group])))
+    out = [(np.full(len(t), np.nan), np.full(len(t), np.nan)) for _, t in jobs]
+    for pos in range(examples_per_prompt):
+        batch = [(j, g[pos], chat) for j, g, chat in chats if pos < len(g)]
+        if not batch:
+            break
+        dist = backend.answer_distribution(
+            [chat for _, _, chat in batch], prompt.answer_prefix(pos + 1), prompt.ANSWERS
+        )
+        py = p_yes(dist.probs)
+        for row, (j, k, _) in enumerate(batch):
+            out[j][0][k] = py[row]
+            out[j][1][k] = dist.mass[row]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+SCHEMA: dict[str, Any] = {
+    "latent": pl.Int64,
+    "explanation": pl.String,
+    "balanced_accuracy": pl.Float64,
+    "auroc": pl.Float64,
+    "shuffled_balanced_accuracy": pl.Float64,
+    "shuffled_auroc": pl.Float64,
+    "shuffled_from": pl.Int64,
+    "n_activating": pl.Int64,
+    "n_non_activating": pl.Int64,
+    "mean_mass": pl.Float64,
+    "backend": pl.String,
+    "model": pl.String,
+    "prompt_hash": pl.String,
+    "windows": pl.List(pl.Int64),
+    "labels": pl.List(pl.Boolean),
+    "probs": pl.List(pl.Float64),
+    "shuffled_probs": pl.List(pl.Float64),
+}
+
+
+def run(
+    cfg: ScoreConfig,
+    run_dir: str | Path,
+    *,
+    backend: Backend | None = None,
+    source: LatentSource | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Score every usable explanation of ``run_dir/explanations.parquet``; writes
+    ``scores.parquet`` and ``score.json``."""
+    run_dir = Path(run_dir)
+    parts_dir = run_dir / "scores.parts"
+    if overwrite:
+        _remove_tree(parts_dir)
+    table = pl.read_parquet(run_dir / "explanations.parquet")
+    table = table.filter(pl.col("status") == "ok").sort("latent")
+    if cfg.max_latents is not None:
+        table = table.head(cfg.max_latents)
+    latents = table["latent"].to_list()
+    explanations = table["explanation"].to_list()
+    seen = table["windows"].to_list()
+    donor = derangement(len(latents), cfg.seed)
+    source = source if source is not None else CacheSource(run_dir)
+    store = PartStore(parts_dir, config_hash((cfg, table.select("latent", "explanation").rows())))
+    chunks = _chunks(list(range(len(latents))), cfg.part_size)
+    todo = [i for i in range(len(chunks)) if not store.done(i)]
+    started = time.perf_counter()
+    own_backend = backend is None
+    if todo and backend is None:
+        from nlrw.backends.base import load_backend
+
+        backend = load_backend(cfg.backend, cfg.model, **dict(cfg.backend_options))
+    try:
+        bar = _progress(len(latents), "score") if progress else None
+        if bar is not None:
+            bar.update(len(latents) - sum(len(chunks[i]) for i in todo))
+        for index in todo:
+            assert backend is not None
+            chunk = chunks[index]
+            examples = [scoring_examples(source, latents[i], seen[i], cfg) for i in chunk]
+            jobs = [(explanations[i], ex.texts) for i, ex in zip(chunk, examples, strict=True)]
+            shuffle = cfg.shuffled and len(latents) > 1
+            if shuffle:
+                jobs += [
+                    (explanations[int(donor[i])], ex.texts)
+                    for i, ex in zip(chunk, examples, strict=True)
+                ]
+            results = score_texts(backend, jobs, cfg.examples_per_prompt)
+            rows = []
+            for n, (i, ex) in enumerate(zip(chunk, examples, strict=True)):
+                probs, mass = results[n]
+                sprobs = results[len(chunk) + n][0] if shuffle else None
+                rows.append(
+                    {
+                        "latent": int(latents[i]),
+                        "explanation": explanations[i],
+                        "balanced_accuracy": balanced_accuracy(ex.labels, probs, cfg.threshold),
+                        "auroc": auroc(ex.labels, probs),
+                        "shuffled_balanced_accuracy": balanced_accuracy(
+                            ex.labels, sprobs, cfg.threshold
+                        )
+                        if sprobs is not None
+                        else float("nan"),
+                        "shuffled_auroc": auroc(ex.labels, sprobs)
+                        if sprobs is not None
+                        else float("nan"),
+                        "shuffled_from": int(latents[int(donor[i])]) if shuffle else None,
+                        "n_activating": int(ex.labels.sum()),
+                        "n_non_activating": int((~ex.labels).sum()),
+                        "mean_mass": float(mass.mean()) if len(mass) else float("nan"),
+                        "backend": cfg.backend,
+                        "model": cfg.model,
+                        "prompt_hash": prompt.PROMPT_HASH,
+                        "windows": ex.windows.tolist(),
+                        "labels": ex.labels.tolist(),
+                        "probs": probs.tolist(),
+                        "shuffled_probs": sprobs.tolist() if sprobs is not None else [],
+                    }
+                )
+            store.write(index, rows, SCHEMA)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+    finally:
+        if own_backend and backend is not None:
+            backend.close()
+    scores = store.merge(SCHEMA).sort("latent")
+    with atomic_path(run_dir / "scores.parquet") as tmp:
+        scores.write_parquet(tmp)
+    atomic_write_json(
+        run_dir / "score.json",
+        stage_record(
+            "score",
+            cfg,
+            prompt_hash=prompt.PROMPT_HASH,
+            n_latents=scores.height,
+            mean_balanced_accuracy=_mean(scores["balanced_accuracy"]),
+            mean_shuffled_balanced_accuracy=_mean(scores["shuffled_balanced_accuracy"]),
+            seconds=time.perf_counter() - started,
+        ),
+    )
+    return scores
+
+
+def _mean(column: pl.Series) -> float | None:
+    values = column.drop_nans().drop_nulls()
+    return float(values.mean()) if len(values) else None  # type: ignore[arg-type]

@@ -1,0 +1,427 @@
+"""Tests of the explain stage: prompt text (golden), highlighting, digits, bins, sampling,
+post-processing, latent selection, retries and resume, on synthetic latents and a fake backend;
+one slow test with the real explainer."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from nlrw import explain
+from nlrw.backends.base import AnswerDistribution, Generation, Message
+from nlrw.explain import (
+    ExplainConfig,
+    activation_digits,
+    bin_ranks,
+    clean_explanation,
+    draw_from_bins,
+    highlight,
+    render_examples,
+    select_latents,
+)
+from nlrw.prompts import explain as prompt
+
+WINDOW = 8
+WORDS = ["the", " cat", " sat", " on", " mat", ".", "\n", " dog", " ran", " far", " a", " big"]
+
+
+class ArraySource:
+    """A LatentSource over arrays: tokens [n, w], activations {latent: [n, w]}."""
+
+    def __init__(self, tokens: np.ndarray, acts: dict[int, np.ndarray], counts: dict[int, int]):
+        self._tokens = tokens
+        self._acts = acts
+        self._counts = counts
+
+    def counts(self) -> tuple[np.ndarray, np.ndarray]:
+        latents = np.array(sorted(self._counts), dtype=np.int64)
+        return latents, np.array([self._counts[int(k)] for k in latents], dtype=np.int64)
+
+    def top_windows(self, latent: int) -> np.ndarray:
+        peak = self._acts[latent].max(1)
+        active = np.flatnonzero(peak > 0)
+        return active[np.lexsort((active, -peak[active]))].astype(np.int64)
+
+    def activations(self, latent: int, windows: np.ndarray) -> np.ndarray:
+        return self._acts[latent][windows]
+
+    def tokens(self, windows: np.ndarray) -> np.ndarray:
+        return self._tokens[windows]
+
+    def inactive_windows(self, latent: int, n: int, seed: int) -> np.ndarray:
+        idle = np.flatnonzero(self._acts[latent].max(1) == 0)
+        rng = np.random.default_rng([seed, latent])
+        return rng.choice(idle, size=min(n, len(idle)), replace=False).astype(np.int64)
+
+    def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        return [WORDS[int(i)] for i in ids]
+
+
+def synthetic_source(n_windows: int = 400, seed: int = 0) -> ArraySource:
+    """Latent 0 fires on " cat" (id 1), latent 1 on " dog" (id 7), latent 2 on "." (id 5),
+    latent 3 is rare (count 3): strengths vary so the top windows rank by them."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, len(WORDS), size=(n_windows, WINDOW))
+    tokens[: n_windows // 2, 0] = 2  # half the windows have no cat/dog/period at all
+    tokens[: n_windows // 2] = np.where(
+        np.isin(tokens[: n_windows // 2], [1, 5, 7]), 3, tokens[: n_windows // 2]
+    )
+    acts: dict[int, np.ndarray] = {}
+    strength = rng.uniform(0.5, 5.0, size=(n_windows, WINDOW))
+    for latent, tok in [(0, 1), (1, 7), (2, 5)]:
+        acts[latent] = np.where(tokens == tok, strength, 0.0)
+    rare = np.zeros((n_windows, WINDOW))
+    rare[-1, :3] = 1.0
+    acts[3] = rare
+    counts = {k: int((v > 0).sum()) for k, v in acts.items()}
+    return ArraySource(tokens, acts, counts)
+
+
+class FakeExplainer:
+    """A Backend whose replies come from a function of (chat, seed); counts calls."""
+
+    name = "fake"
+    model = "fake-model"
+
+    def __init__(self, reply=None, fail_after: int | None = None) -> None:
+        self.reply = reply or (lambda chat, seed: "Sure, here is the explanation: the word cat.")
+        self.fail_after = fail_after
+        self.calls: list[int] = []
+
+    def generate(
+        self,
+        chats: Sequence[Sequence[Message]],
+        *,
+        max_new_tokens: int = 200,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> list[Generation]:
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(len(chats))
+        return [Generation(self.reply(c, seed), 100, 10, "stop") for c in chats]
+
+    def answer_distribution(
+        self, chats: Sequence[Sequence[Message]], answer_prefix: str, answers: Sequence[str]
+    ) -> AnswerDistribution:
+        probs = np.full((len(chats), len(answers)), 0.5)
+        return AnswerDistribution(probs, probs.sum(1))
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt text
+# --------------------------------------------------------------------------------------------
+
+
+def test_golden_explainer_prompt() -> None:
+    strings = [["the", " cat", " sat", "\n", " on"], ["a", " big", " big", " dog", "."]]
+    acts = np.array([[0.0, 2.0, 0.3, 0.0, 0.5], [0.0, 1.0, 4.0, 0.8, 0.81]])
+    chat = prompt.render_chat(render_examples(strings, acts))
+    assert chat[0] == {"role": "system", "content": prompt.SYSTEM}
+    assert chat[0]["content"] == (
+        "You are a meticulous AI researcher investigating patterns in language. You will be "
+        "given text examples in which some tokens are marked between delimiters <<like this>>; "
+        "consecutive marked tokens are joined into one span <<just like this>>. After each "
+        "example, the marked tokens are listed with how strongly they activate the pattern, "
+        "from 0 to 9.\n"
+        "\n"
+        "- Describe, in one short sentence, what the marked tokens have in common and the "
+        "context in which they appear.\n"
+        "- Summarize the pattern; do not list examples or several alternatives.\n"
+        "- Do not mention the delimiters << >> in your explanation.\n"
+        "- Answer with the sentence only."
+    )
+    assert chat[1] == {
+        "role": "user",
+        "content": (
+            "Example 1: the<< cat>> sat\\n<< on>>\n"
+            'Activations: (" cat", 9), (" on", 2)\n'
+            "\n"
+            "Example 2: a<< big big>> dog<<.>>\n"
+            'Activations: (" big", 2), (" big", 9), (".", 2)\n'
+            "\n"
+            "What pattern do the marked tokens share? Answer in one sentence."
+        ),
+    }
+    assert len(prompt.PROMPT_HASH) == 16
+
+
+def test_golden_prompt_for_a_synthetic_latent() -> None:
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=1, seed=3)
+    windows = explain.explainer_examples(source, 0, cfg)
+    assert len(windows) == 2
+    chat = explain.build_chat(source, 0, windows, cfg)
+    user = chat[1]["content"]
+    assert user.count("Example ") == 2
+    assert user.count("Activations: ") == 2
+    for line in user.split("\n"):
+        if line.startswith("Activations: "):
+            assert set(line.removeprefix("Activations: ").split(", ")) <= {
+                '(" cat"',
+                *[f"{d})" for d in range(10)],
+            }
+    assert "<< cat>>" in user
+
+
+# --------------------------------------------------------------------------------------------
+# Highlighting and digits
+# --------------------------------------------------------------------------------------------
+
+
+def test_highlight_merges_consecutive_tokens() -> None:
+    toks = ["a", " b", " c", " d", " e", " f"]
+    assert highlight(toks, np.array([0, 1, 1, 0.1, 1, 1])) == "a<< b c>> d<< e f>>"
+    assert highlight(toks, np.array([1, 1, 1, 1, 1, 1])) == "<<a b c d e f>>"
+    assert highlight(toks, np.zeros(6)) == "a b c d e f"
+
+
+def test_highlight_threshold_is_strict_and_per_example() -> None:
+    toks = ["x", "y", "z"]
+    # exactly 0.2 x max is not highlighted; just above is
+    assert highlight(toks, np.array([10.0, 2.0, 2.0001])) == "<<x>>y<<z>>"
+    # the max is the example's own: a weak example still gets its top token highlighted
+    assert highlight(toks, np.array([0.01, 0.0, 0.0])) == "<<x>>yz"
+    assert highlight(toks, np.array([10.0, 5.0, 0.0]), threshold=0.6) == "<<x>>yz"
+
+
+def test_activation_digits_are_floored_and_clipped() -> None:
+    toks = ["a", "b", "c", "d"]
+    acts = np.array([4.0, 3.99, 0.79, 2.0])
+    assert activation_digits(toks, acts) == [("a", 9), ("b", 9), ("d", 5)]
+    assert activation_digits(toks, acts, clip=False) == [("a", 10), ("b", 9), ("d", 5)]
+    assert activation_digits(toks, np.zeros(4)) == []
+    # 0.81 / 4 = 0.2025 > 0.2: highlighted, digit floor(2.025) = 2
+    assert activation_digits(toks, np.array([4.0, 0.81, 0.0, 0.0])) == [("a", 9), ("b", 2)]
+
+
+def test_escape_keeps_examples_on_their_lines() -> None:
+    assert prompt.escape("a\nb\tc\r") == "a\\nb\\tc\\r"
+    assert prompt.escape("naïve — ok") == "naïve — ok"
+
+
+# --------------------------------------------------------------------------------------------
+# Bins and sampling
+# --------------------------------------------------------------------------------------------
+
+
+def test_bins_have_equal_counts_in_rank_order() -> None:
+    bins = bin_ranks(23, 10)
+    assert [len(b) for b in bins] == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    assert np.array_equal(np.concatenate(bins), np.arange(23))
+    assert [len(b) for b in bin_ranks(4, 10)] == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_draw_from_bins_is_seeded_and_per_bin() -> None:
+    a = draw_from_bins(1000, 10, 4, np.random.default_rng(1))
+    b = draw_from_bins(1000, 10, 4, np.random.default_rng(1))
+    c = draw_from_bins(1000, 10, 4, np.random.default_rng(2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert len(a) == 40 and len(set(a.tolist())) == 40
+    assert np.array_equal(np.bincount(a // 100, minlength=10), np.full(10, 4))
+    # small bins give what they have; excluded ranks are never drawn
+    d = draw_from_bins(15, 10, 4, np.random.default_rng(0), exclude=[0, 1])
+    assert 0 not in d and 1 not in d and len(d) == 13
+
+
+def test_explainer_examples_do_not_depend_on_other_latents() -> None:
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=5, examples_per_bin=2, seed=7)
+    w = explain.explainer_examples(source, 1, cfg)
+    assert np.array_equal(w, explain.explainer_examples(source, 1, cfg))
+    assert len(w) == 10
+    assert set(w.tolist()) <= set(source.top_windows(1).tolist())
+
+
+def test_select_latents() -> None:
+    latents = np.array([0, 1, 2, 3, 4])
+    counts = np.array([500, 10, 900, 500, 300])
+    sel, skipped = select_latents(
+        latents, counts, min_count=200, max_latents=3, selection="frequent", seed=0
+    )
+    assert sel.tolist() == [2, 0, 3] and skipped.tolist() == [1]
+    r1, _ = select_latents(
+        latents, counts, min_count=0, max_latents=None, selection="random", seed=1
+    )
+    r2, _ = select_latents(
+        latents, counts, min_count=0, max_latents=None, selection="random", seed=1
+    )
+    assert r1.tolist() == r2.tolist() and sorted(r1.tolist()) == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------------------------
+# Post-processing
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("The word cat.", "The word cat"),
+        ("Sure, here is the explanation: the word 'cat' in stories.", "The word 'cat' in stories"),
+        ("Explanation: Mentions of cats. They appear often.", "Mentions of cats"),
+        ("[EXPLANATION]: periods ending sentences", "Periods ending sentences"),
+        ('"The token dog after an adjective."<|im_end|>', "The token dog after an adjective"),
+        ("**Explanation:** *Animal nouns*, e.g. cat and dog.", "Animal nouns, e.g. cat and dog"),
+        ("assistant\nSure! Here's the pattern:\n\nNouns for pets", "Nouns for pets"),
+        ("Certainly.\nExplanation: dogs running", "Dogs running"),
+        ("First line about cats\nsecond line", "First line about cats"),
+        ("", None),
+        ("   \n  ", None),
+        ("<|im_end|>", None),
+        ('"."', None),
+    ],
+)
+def test_clean_explanation(raw: str, clean: str | None) -> None:
+    assert clean_explanation(raw) == clean
+
+
+# --------------------------------------------------------------------------------------------
+# The stage: output, skipped latents, retries, resume
+# --------------------------------------------------------------------------------------------
+
+
+def test_run_writes_explanations(tmp_path: Path) -> None:
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=4, examples_per_bin=2, min_count=10, part_size=2, seed=1)
+    backend = FakeExplainer()
+    table = explain.run(cfg, tmp_path, backend=backend, source=source, progress=False)
+    assert table.columns == list(explain.SCHEMA)
+    on_disk = pl.read_parquet(tmp_path / "explanations.parquet")
+    assert on_disk.equals(table)
+    ok = table.filter(pl.col("status") == "ok")
+    assert ok["latent"].to_list() == [0, 1, 2]
+    assert ok["explanation"].to_list() == ["The word cat"] * 3
+    assert ok["prompt_hash"].to_list() == [prompt.PROMPT_HASH] * 3
+    assert (ok["prompt_tokens"] == 100).all() and (ok["attempts"] == 1).all()
+    assert all(len(w) == 8 for w in ok["windows"].to_list())
+    skipped = table.filter(pl.col("status") == "skipped")
+    assert skipped["latent"].to_list() == [3]
+    assert skipped["reason"].item() == "count 3 < min_count 10"
+    assert (tmp_path / "explain.json").is_file()
+    assert backend.calls == [2, 1]  # parts of 2 latents: one batched call each
+
+
+def test_max_latents_most_frequent_first(tmp_path: Path) -> None:
+    source = synthetic_source()
+    _, counts = source.counts()
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=1, min_count=10, max_latents=1)
+    table = explain.run(cfg, tmp_path, backend=FakeExplainer(), source=source, progress=False)
+    ok = table.filter(pl.col("status") == "ok")
+    assert ok["latent"].to_list() == [int(np.argmax(counts))]
+
+
+def test_retry_then_recorded_failure(tmp_path: Path) -> None:
+    def reply(chat: Sequence[Message], seed: int) -> str:
+        if "<< dog>>" in chat[1]["content"]:  # latent 1: never a usable reply
+            return "  " if seed % 2 else "<|im_end|>"
+        if "<<.>>" in chat[1]["content"] and seed == 0:  # latent 2: usable on the 2nd try
+            return ""
+        return "Mentions of cats."
+
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, retries=2, part_size=8)
+    backend = FakeExplainer(reply)
+    table = explain.run(cfg, tmp_path, backend=backend, source=source, progress=False)
+    rows = {r["latent"]: r for r in table.iter_rows(named=True)}
+    assert rows[0]["status"] == "ok" and rows[0]["attempts"] == 1
+    assert rows[2]["status"] == "ok" and rows[2]["attempts"] == 2
+    assert rows[2]["prompt_tokens"] == 200
+    assert rows[1]["status"] == "failed" and rows[1]["explanation"] is None
+    assert rows[1]["attempts"] == 3 and "after 3 attempts" in rows[1]["reason"]
+    assert backend.calls == [3, 2, 1]  # only the pending chats are asked again
+
+
+def test_resume_after_a_kill(tmp_path: Path) -> None:
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, part_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        explain.run(
+            cfg, tmp_path, backend=FakeExplainer(fail_after=2), source=source, progress=False
+        )
+    parts = sorted(p.name for p in (tmp_path / "explanations.parts").glob("part-*.parquet"))
+    assert parts == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert not (tmp_path / "explanations.parquet").exists()
+    assert not list((tmp_path / "explanations.parts").glob(".*tmp"))
+    backend = FakeExplainer()
+    table = explain.run(cfg, tmp_path, backend=backend, source=source, progress=False)
+    assert backend.calls == [1]  # only the third latent is left
+    assert table.filter(pl.col("status") == "ok").height == 3
+    fresh = explain.run(
+        cfg, tmp_path / "fresh", backend=FakeExplainer(), source=source, progress=False
+    )
+    assert fresh.equals(table)
+    # a different config refuses the old parts instead of mixing them
+    with pytest.raises(RuntimeError, match="another config"):
+        explain.run(
+            ExplainConfig(n_bins=3, min_count=10, part_size=1),
+            tmp_path,
+            backend=FakeExplainer(),
+            source=source,
+            progress=False,
+        )
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="n_bins"):
+        ExplainConfig(n_bins=0)
+    with pytest.raises(ValueError, match="highlight_threshold"):
+        ExplainConfig(highlight_threshold=1.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Slow: the real explainer and scorer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_explainer_and_scorer_on_synthetic_latents(tmp_path: Path) -> None:
+    if importlib.util.find_spec("nlrw.backends.transformers") is None:
+        pytest.skip("nlrw.backends.transformers is not available yet")
+    from nlrw import score
+    from nlrw.backends.base import load_backend
+
+    try:
+        backend = load_backend("transformers", "qwen2.5-coder-0.5b")
+    except Exception as err:  # the embedded model's packages may be missing
+        pytest.skip(f"qwen2.5-coder-0.5b cannot be loaded: {err}")
+    source = synthetic_source(n_windows=200)
+    try:
+        table = explain.run(
+            ExplainConfig(n_bins=2, examples_per_bin=3, min_count=10, max_new_tokens=40),
+            tmp_path,
+            backend=backend,
+            source=source,
+            progress=False,
+        )
+        ok = table.filter(pl.col("status") == "ok")
+        assert ok.height == 3, table
+        for text in ok["explanation"]:
+            assert 3 <= len(text) < 400 and "\n" not in text
+        scores = score.run(
+            score.ScoreConfig(n_bins=2, examples_per_bin=3, n_non_activating=6),
+            tmp_path,
+            backend=backend,
+            source=source,
+            progress=False,
+        )
+    finally:
+        backend.close()
+    print(ok.select("latent", "explanation", "attempts", "completion_tokens"))
+    print(
+        scores.select(
+            "latent", "balanced_accuracy", "auroc", "shuffled_balanced_accuracy", "mean_mass"
+        )
+    )
+    assert scores.height == 3
+    assert scores["balanced_accuracy"].is_between(0, 1).all()
+    assert scores["auroc"].is_between(0, 1).all()
+    assert (scores["mean_mass"] > 0.5).all()
