@@ -20,8 +20,11 @@ from typing import Annotated, Any
 import tyro
 
 from nlrw import ShardError
+from nlrw.cache import CacheConfig
 from nlrw.collect import CollectConfig
+from nlrw.explain import ExplainConfig
 from nlrw.pipeline import RunConfig, load_preset, preset_names
+from nlrw.score import ScoreConfig
 from nlrw.train import TrainConfig
 
 # Config dataclasses appear without a prefix: `nlrw collect --n-tokens 1000`.
@@ -84,6 +87,35 @@ def train(
     print(result)
 
 
+def cache(
+    cfg: Annotated[CacheConfig, _Flat],
+    run_dir: Path,
+    hookpoint: str = "model.layers.15.mlp",
+    overwrite: bool = False,
+) -> None:
+    """Encode held-out activations with RUN_DIR's transcoder into RUN_DIR/latents: sparse
+    latents, per-latent statistics and quantile tables, top activating windows."""
+    from nlrw import cache as stage
+
+    print(stage.run(cfg, run_dir, hookpoint=hookpoint, overwrite=overwrite))
+
+
+def explain(cfg: Annotated[ExplainConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
+    """Explain RUN_DIR's cached latents with an LLM into RUN_DIR/explanations.parquet."""
+    from nlrw import explain as stage
+
+    table = stage.run(cfg, run_dir, overwrite=overwrite)
+    print(table.select("latent", "status", "explanation"))
+
+
+def score(cfg: Annotated[ScoreConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
+    """Detection-score RUN_DIR's explanations into RUN_DIR/scores.parquet."""
+    from nlrw import score as stage
+
+    table = stage.run(cfg, run_dir, overwrite=overwrite)
+    print(table.select("latent", "balanced_accuracy", "shuffled_balanced_accuracy", "auroc"))
+
+
 def status(run_dir: Path, /) -> None:
     """Print each stage's state in a run directory: done, partial, stale or not started."""
     from nlrw.pipeline import status as pipeline_status
@@ -135,6 +167,9 @@ def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
         "status": status,
         "collect": collect,
         "train": train,
+        "cache": cache,
+        "explain": explain,
+        "score": score,
         "info": info,
         "shards-verify": shards_verify,
     }
