@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -507,6 +508,10 @@ def test_fuzz_reader_with_atheris(tmp_path: Path) -> None:
     """A short fixed-seed atheris run of ``tests/fuzz_shards.py`` (run it directly to fuzz
     longer): every damaged set must read as batches or ShardError, never crash."""
     pytest.importorskip("atheris")
+    # libFuzzer's RSS limit reads the peak RSS (ru_maxrss), which a forked child starts with
+    # the parent's: after other tests loaded models, pytest itself may hold gigabytes. Give
+    # the fuzzer 2 GB on top of what it inherits.
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     proc = subprocess.run(
         [
             sys.executable,
@@ -515,6 +520,7 @@ def test_fuzz_reader_with_atheris(tmp_path: Path) -> None:
             "-seed=1",
             "-max_len=512",
             "-max_total_time=120",
+            f"-rss_limit_mb={inherited_mb + 2048}",
             f"-artifact_prefix={tmp_path}{os.sep}",
         ],
         capture_output=True,
