@@ -26,6 +26,21 @@ fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     })
 }
 
+/// Sparse latents come as two arrays of one shape [n, k].
+fn same_shape(
+    values: &PyReadonlyArray2<'_, f32>,
+    indices: &PyReadonlyArray2<'_, u32>,
+) -> PyResult<()> {
+    if indices.shape() != values.shape() {
+        return Err(PyValueError::new_err(format!(
+            "indices has shape {:?}, values has shape {:?}: they must match",
+            indices.shape(),
+            values.shape()
+        )));
+    }
+    Ok(())
+}
+
 type Sparse<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<u32>>);
 
 fn sparse_out(
@@ -104,13 +119,7 @@ fn decode<'py>(
     d: usize,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let [n, k] = [values.shape()[0], values.shape()[1]];
-    if indices.shape() != values.shape() {
-        return Err(PyValueError::new_err(format!(
-            "indices has shape {:?}, values has shape {:?}: they must match",
-            indices.shape(),
-            values.shape()
-        )));
-    }
+    same_shape(&values, &indices)?;
     let v = contiguous(&values, "values")?;
     let i = contiguous(&indices, "indices")?;
     let dense = py.detach(|| topk::decode(v, i, n, k, d)).map_err(to_py)?;
@@ -131,13 +140,7 @@ fn topk_replace<'py>(
     d: usize,
 ) -> PyResult<Sparse<'py>> {
     let [n, k] = [values.shape()[0], values.shape()[1]];
-    if indices.shape() != values.shape() {
-        return Err(PyValueError::new_err(format!(
-            "indices has shape {:?}, values has shape {:?}: they must match",
-            indices.shape(),
-            values.shape()
-        )));
-    }
+    same_shape(&values, &indices)?;
     let (v, i) = (
         contiguous(&values, "values")?,
         contiguous(&indices, "indices")?,
@@ -177,13 +180,7 @@ impl LatentStats {
         indices: PyReadonlyArray2<'_, u32>,
     ) -> PyResult<()> {
         let [n, k] = [values.shape()[0], values.shape()[1]];
-        if indices.shape() != values.shape() {
-            return Err(PyValueError::new_err(format!(
-                "indices has shape {:?}, values has shape {:?}: they must match",
-                indices.shape(),
-                values.shape()
-            )));
-        }
+        same_shape(&values, &indices)?;
         let (v, i) = (
             contiguous(&values, "values")?,
             contiguous(&indices, "indices")?,
