@@ -72,19 +72,9 @@ def train(
     overwrite: bool = False,
 ) -> None:
     """Train a transcoder (or SAE) on RUN_DIR/activations into RUN_DIR/transcoder."""
-    from nlrw.pipeline import transcoder_dir
-    from nlrw.train import train_from_shards
+    from nlrw.pipeline import train_transcoder
 
-    eval_dir = run_dir / "activations" / "eval"
-    result = train_from_shards(
-        cfg,
-        run_dir / "activations" / "train",
-        eval_dir if (eval_dir / "manifest.json").exists() else None,
-        transcoder_dir(run_dir),
-        hookpoint=hookpoint,
-        overwrite=overwrite,
-    )
-    print(result)
+    print(train_transcoder(cfg, run_dir, hookpoint, overwrite))
 
 
 def cache(

@@ -101,25 +101,29 @@ def transcoder_dir(run_dir: Path) -> Path:
     return run_dir / "transcoder"
 
 
-def _train(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+def train_transcoder(train: TrainConfig, run_dir: Path, hookpoint: str, overwrite: bool) -> Any:
+    """Train on ``run_dir/activations/train`` (evaluating on ``eval`` when it was collected)
+    into :func:`transcoder_dir`; the train stage and ``nlrw train`` both run this."""
     from nlrw.train import train_from_shards
 
     activations = run_dir / "activations"
     eval_dir = activations / "eval"
-    result = train_from_shards(
-        cfg.train,
+    return train_from_shards(
+        train,
         activations / "train",
         eval_dir if (eval_dir / "manifest.json").exists() else None,
         transcoder_dir(run_dir),
-        hookpoint=cfg.collect.hookpoint,
+        hookpoint=hookpoint,
         overwrite=overwrite,
     )
-    return to_jsonable(result)
+
+
+def _train(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    return to_jsonable(train_transcoder(cfg.train, run_dir, cfg.collect.hookpoint, overwrite))
 
 
 def _recovery(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     from nlrw import sparse
-    from nlrw.io import atomic_write_json
     from nlrw.provenance import stage_record
     from nlrw.recovery import loss_recovered
     from nlrw.subject import load_subject
