@@ -34,6 +34,7 @@ import numpy as np
 
 from nlrw.cache import CacheConfig
 from nlrw.collect import CollectConfig
+from nlrw.contexts import ContextsConfig
 from nlrw.explain import ExplainConfig
 from nlrw.io import atomic_write_json
 from nlrw.provenance import config_hash, git_revision, to_jsonable, versions
@@ -66,6 +67,9 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     """Latent cache: the coder's sparse latents over held-out activations, per-latent
     statistics and quantile tables, top activating windows."""
+    contexts: ContextsConfig = field(default_factory=ContextsConfig)
+    """Evaluation and calibration contexts from held-out text, with the transcoder's true
+    latents on their last token."""
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     """Explanations of the cached latents by an LLM, one sentence each."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -154,6 +158,13 @@ def _cache(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     return result._asdict()
 
 
+def _contexts(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import contexts
+
+    table = contexts.run(cfg.contexts, run_dir, overwrite=overwrite)
+    return {str(k): int(v) for k, v in table["split"].value_counts().iter_rows()}
+
+
 def _explain(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     from nlrw import explain
 
@@ -180,6 +191,9 @@ STAGES: tuple[Stage, ...] = (
     # After recovery (a cheap diagnostic whose options rarely change) so that tuning the
     # cache's options does not re-run the subject model for recovery.
     Stage("cache", _cache, lambda c: c.cache),
+    # Needs the coder (train) and, for from-cache, the cache; independent of the LLM stages,
+    # so tuning explanations never re-draws the contexts.
+    Stage("contexts", _contexts, lambda c: c.contexts),
     Stage("explain", _explain, lambda c: c.explain),
     Stage("score", _score, lambda c: c.score),
 )
