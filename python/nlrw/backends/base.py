@@ -8,6 +8,12 @@ A backend does two things for the explain, score and simulate stages:
   (scoring's "1"/"0", simulation's digits 0-9). One forward per prompt, no sampling, no parsing:
   ``p_i = softmax(logits[last])[id(answer_i)]``, **not** renormalized over the answers, so
   ``mass = Σ_i p_i`` says how much the model followed the format.
+* :meth:`Backend.answer_distribution_ids`: the same on prompts given as token ids split into a
+  :class:`SplitPrompt` (``prefix`` + ``suffix``). Simulation asks millions of prompts that share
+  a few long prefixes (system prompt, few-shot examples, explanation): a backend may compute
+  each distinct prefix once and reuse its KV cache for every suffix (the transformers backend's
+  ``"shared-prefix"`` engine), or order requests so a server's prefix cache hits (openai).
+  :func:`split_encode` builds a :class:`SplitPrompt` from a chat with a split marker in it.
 
 :func:`render` turns a chat into the prompt text (the tokenizer's chat template, or a plain
 ``System:/User:/Assistant:`` fallback), :func:`answer_token_ids` maps answers to single token ids.
@@ -27,9 +33,13 @@ __all__ = [
     "BackendError",
     "Generation",
     "Message",
+    "SplitPrompt",
     "answer_token_ids",
+    "check_split_prompts",
+    "encode_prompt",
     "load_backend",
     "render",
+    "split_encode",
     "uses_chat_template",
 ]
 
@@ -74,6 +84,19 @@ class AnswerDistribution(NamedTuple):
     """float64 ``[n_prompts]``: ``probs.sum(1)``, the answer tokens' total probability mass."""
 
 
+class SplitPrompt(NamedTuple):
+    """A prompt as token ids, cut where the part shared with other prompts ends.
+
+    The prompt is exactly ``prefix + suffix`` (no re-tokenization at the cut). Many prompts share
+    one ``prefix`` (equal tuples); ``suffix`` must not be empty (the answer is read after it).
+    """
+
+    prefix: tuple[int, ...]
+    """Token ids of the shared part (may be empty)."""
+    suffix: tuple[int, ...]
+    """Token ids of the prompt's own part, ending where the answer token is predicted."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What the explain, score and simulate stages call; see the module docstring."""
@@ -96,6 +119,13 @@ class Backend(Protocol):
         self, chats: Sequence[Sequence[Message]], answer_prefix: str, answers: Sequence[str]
     ) -> AnswerDistribution:
         """Next-token probabilities of ``answers`` after each chat + prefilled ``answer_prefix``."""
+        ...
+
+    def answer_distribution_ids(
+        self, prompts: Sequence[SplitPrompt], answer_ids: Sequence[int]
+    ) -> AnswerDistribution:
+        """``p[i, j] = softmax(next-token logits after prefix+suffix of prompt i)[answer_ids[j]]``
+        (float32 softmax, not renormalized); rows in the order of ``prompts``."""
         ...
 
     def close(self) -> None:
@@ -167,6 +197,75 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     (BOS included where the model wants one), the plain format gets the tokenizer's usual ones."""
     ids = tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"]
     return [int(i) for i in ids]
+
+
+def split_encode(
+    tokenizer: Any, chat: Sequence[Message], split_at: str, answer_prefix: str | None
+) -> SplitPrompt:
+    """Render ``chat`` (:func:`render`, with ``answer_prefix``) and cut its text at the marker.
+
+    Exactly one message content contains the marker string ``split_at`` once; the rendered text
+    is cut there and the marker dropped: ``text = head + split_at + tail``. The prefix is
+    ``encode_prompt(head)`` (the chat template's special-token rule, so a BOS lands in the
+    prefix), the suffix ``tail`` tokenized with ``add_special_tokens=False``. The two halves are
+    tokenized separately, so a BPE merge across the cut cannot happen: the prompt's tokens may
+    differ from tokenizing the whole text (cut at a newline or after a space to keep them equal),
+    but every prompt with the same ``head`` gets the very same prefix ids, which is what lets a
+    backend reuse the prefix's KV cache.
+
+    Raises:
+        ValueError: ``split_at`` empty, missing from the rendered prompt or found more than once
+            (the chat template or another message may contain it too), or nothing after it.
+    """
+    if not split_at:
+        raise ValueError("split_at must be a non-empty marker string")
+    text = render(tokenizer, chat, answer_prefix=answer_prefix)
+    count = text.count(split_at)
+    if count != 1:
+        where = [i for i, m in enumerate(chat) if split_at in m.get("content", "")]
+        raise ValueError(
+            f"the split marker {split_at!r} must appear exactly once in the rendered prompt; "
+            f"found {count} times (in the contents of messages {where})"
+        )
+    head, tail = text.split(split_at)
+    suffix = _pieces(tokenizer, tail)
+    if not suffix:
+        raise ValueError(
+            f"nothing follows the split marker {split_at!r}: the suffix would be empty"
+        )
+    prefix = encode_prompt(tokenizer, head)
+    return SplitPrompt(tuple(prefix), tuple(suffix))
+
+
+def check_split_prompts(
+    prompts: Sequence[SplitPrompt], answer_ids: Sequence[int], *, max_length: int | None = None
+) -> None:
+    """The input checks every backend's ``answer_distribution_ids`` makes.
+
+    Raises:
+        ValueError: no answers, repeated answer ids, an empty suffix or a prompt longer than
+            ``max_length`` (naming the prompt indices).
+    """
+    if not len(answer_ids):
+        raise ValueError("no answer ids given")
+    if len(set(answer_ids)) != len(answer_ids):
+        raise ValueError(f"answer ids {list(answer_ids)} repeat")
+    empty = [i for i, p in enumerate(prompts) if not p.suffix]
+    if empty:
+        raise ValueError(
+            f"prompts {empty[:10]} have an empty suffix: the answer is read after the suffix's "
+            "last token, so every prompt needs at least one suffix token"
+        )
+    if max_length is not None:
+        long = [
+            (i, len(p.prefix) + len(p.suffix))
+            for i, p in enumerate(prompts)
+            if len(p.prefix) + len(p.suffix) > max_length
+        ]
+        if long:
+            raise ValueError(
+                f"prompts longer than max_length={max_length} tokens (index, length): {long[:10]}"
+            )
 
 
 def _pieces(tokenizer: Any, text: str) -> list[int]:

@@ -10,6 +10,15 @@ workers, one request per prompt):
   logprobs of that one token; an answer outside the top 20 gets **0**. This truncates the mass
   like the paper's top-k reading (their simulator read the top 10); with 10 digit answers and a
   model that follows the format, the digits are in the top 20 whenever they matter.
+* ``answer_distribution_ids`` sends prompts already tokenized
+  (:class:`~nlrw.backends.base.SplitPrompt`, ``prefix + suffix``) to the same completions
+  request, read the same way. ``prompt_format="ids"`` sends the token ids as the ``prompt``
+  (the OpenAI API and vLLM accept a list of ids: no re-tokenization); ``"text"`` sends
+  ``tokenizer.decode(ids)`` (the server re-tokenizes; llama.cpp's server accepts only text);
+  ``"auto"`` (default) tries ids on the first request and switches to text for good when the
+  server refuses them with an HTTP 4xx (logged). Requests are submitted grouped by prefix
+  (groups in order of first appearance) so that a server's prefix cache (vLLM's automatic
+  prefix caching, llama.cpp's reuse of the last prompt) hits; results come back in input order.
 * ``generate`` posts each chat to **chat completions** (the server applies its own template).
 
 Failures: connection errors, timeouts and HTTP 408/429/5xx are retried ``max_retries`` times
@@ -32,7 +41,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -41,7 +50,9 @@ from nlrw.backends.base import (
     BackendError,
     Generation,
     Message,
+    SplitPrompt,
     answer_token_ids,
+    check_split_prompts,
     encode_prompt,
     render,
 )
@@ -56,6 +67,14 @@ T = TypeVar("T")
 
 class _Fatal(Exception):
     """An HTTP error that retrying will not fix (4xx other than 408/429)."""
+
+
+class _Refused(BackendError):
+    """The server refused a request with an HTTP status that retrying will not fix."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class OpenAIBackend:
@@ -74,6 +93,8 @@ class OpenAIBackend:
         logprobs: top logprobs requested for answer_distribution (vLLM's default cap is 20).
         tokenizer: name/path of the tokenizer that renders prompts, or a loaded tokenizer;
             default: ``resolve_model(model)``.
+        prompt_format: how ``answer_distribution_ids`` sends token ids: ``"ids"``, ``"text"``
+            or ``"auto"`` (module docstring).
     """
 
     name = "openai"
@@ -91,7 +112,12 @@ class OpenAIBackend:
         max_retry_delay: float = 30.0,
         logprobs: int = 20,
         tokenizer: Any = None,
+        prompt_format: Literal["auto", "ids", "text"] = "auto",
     ) -> None:
+        if prompt_format not in ("auto", "ids", "text"):
+            raise ValueError(
+                f"unknown prompt_format {prompt_format!r}: expected 'auto', 'ids' or 'text'"
+            )
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if max_retries < 0:
@@ -111,6 +137,8 @@ class OpenAIBackend:
         )
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nlrw-openai")
         self._warned_count = False
+        self.prompt_format = prompt_format
+        self._warned_ids_count = False
 
     @property
     def tokenizer(self) -> Any:
@@ -148,7 +176,7 @@ class OpenAIBackend:
                 detail = e.read().decode(errors="replace")[:500]
                 last = f"HTTP {e.code} {e.reason}: {detail}"
                 if e.code not in _RETRY_STATUS:
-                    raise BackendError(f"POST {url} failed: {last}") from e
+                    raise _Refused(f"POST {url} failed: {last}", e.code) from e
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
                 last = f"{type(reason).__name__}: {reason}"
@@ -196,6 +224,88 @@ class OpenAIBackend:
         rows = self._map(one, len(prompts))
         probs = np.stack(rows) if rows else np.zeros((0, len(ids)))
         return AnswerDistribution(probs.astype(np.float64), probs.sum(1))
+
+    def answer_distribution_ids(
+        self, prompts: Sequence[SplitPrompt], answer_ids: Sequence[int]
+    ) -> AnswerDistribution:
+        """``exp`` of each answer id's top-``logprobs`` entry (0 when absent), one completions
+        request per prompt; see the module docstring for the prompt format and the order.
+
+        Raises:
+            ValueError: no or repeated answer ids, answer ids that decode to the same text (the
+                top logprobs are keyed by text), or an empty suffix.
+            BackendError: the server failed or gave no top logprobs.
+        """
+        check_split_prompts(prompts, answer_ids)
+        tok = self.tokenizer
+        pieces = [tok.decode([int(i)]) for i in answer_ids]
+        if len(set(pieces)) != len(pieces):
+            raise ValueError(
+                f"answer ids {list(answer_ids)} decode to repeated texts {pieces}: the server's "
+                "top logprobs are keyed by token text"
+            )
+        tokens = [[int(t) for t in (*p.prefix, *p.suffix)] for p in prompts]
+        first: dict[tuple[int, ...], int] = {}
+        for i, p in enumerate(prompts):
+            first.setdefault(tuple(p.prefix), i)
+        order = sorted(range(len(prompts)), key=lambda i: (first[tuple(prompts[i].prefix)], i))
+
+        def one(i: int) -> np.ndarray:
+            answer = self._complete_ids(tokens[i])
+            top = _top_logprobs(answer)
+            if top is None:
+                raise BackendError(
+                    f"POST {self.base_url}/completions: no top logprobs in the answer "
+                    f"(does the server support 'logprobs'?): {json.dumps(answer)[:300]}"
+                )
+            return np.array([math.exp(top[p]) if p in top else 0.0 for p in pieces])
+
+        probs = np.zeros((len(prompts), len(pieces)), dtype=np.float64)
+        done = 0
+        if order and self.prompt_format == "auto":  # settle the format on one request
+            probs[order[0]] = one(order[0])
+            done = 1
+        rest = order[done:]
+        for i, row in zip(rest, self._pool.map(one, rest), strict=True):
+            probs[i] = row
+        return AnswerDistribution(probs, probs.sum(1))
+
+    def _complete_ids(self, ids: list[int]) -> dict[str, Any]:
+        """One ``max_tokens=1`` completion of the prompt ``ids`` (as ids or decoded text)."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": self.logprobs,
+        }
+        if self.prompt_format != "text":
+            try:
+                answer = self._post("completions", {**body, "prompt": ids})
+            except _Refused as e:
+                if self.prompt_format == "ids" or not 400 <= e.status < 500:
+                    raise
+                self.prompt_format = "text"
+                log.warning(
+                    "%s refuses token-id prompts (%s): sending decoded text instead; the "
+                    "server re-tokenizes it",
+                    self.base_url,
+                    e,
+                )
+            else:
+                self.prompt_format = "ids"  # "auto" settled: the server takes ids
+                return answer
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        answer = self._post("completions", {**body, "prompt": text})
+        n = (answer.get("usage") or {}).get("prompt_tokens")
+        if isinstance(n, int) and n != len(ids) and not self._warned_ids_count:
+            self._warned_ids_count = True
+            log.warning(
+                "the server tokenized a decoded prompt of %d token ids into %d tokens: its "
+                "tokenizer differs, or the split prompt's halves tokenize differently joined",
+                len(ids),
+                n,
+            )
+        return answer
 
     def _check_prompt_tokens(self, prompt: str, answer: dict[str, Any]) -> None:
         """Warn once when the server counts the prompt's tokens differently from us."""

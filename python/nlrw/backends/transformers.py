@@ -7,13 +7,40 @@ computed from the attention mask, so a prompt gets the same result alone or padd
 (tested to 1e-5 in float32). ``generate`` is batched ``model.generate``: greedy at temperature
 0, plain temperature sampling (no top-k/top-p/repetition penalty, whatever the model's
 generation config says) from a seeded generator otherwise.
+
+``answer_distribution_ids`` takes prompts already tokenized and cut into a shared ``prefix`` and
+a per-prompt ``suffix`` (:class:`~nlrw.backends.base.SplitPrompt`), with one of three engines:
+
+* ``"single"``: one forward per prompt on ``prefix + suffix`` (the reference);
+* ``"padded"``: left-padded batches of whole prompts, as ``answer_distribution`` (no sharing);
+* ``"shared-prefix"`` (default): prompts are grouped by prefix (groups in order of first
+  appearance; results in input order). Each distinct prefix runs **once** with a
+  :class:`transformers.DynamicCache`; its per-layer keys/values ``K_l, V_l`` ``[1, h, P, d]``
+  are broadcast (``expand``, a view) to the suffix batch and written into a fresh cache per
+  batch (the forward appends to the cache, so it cannot be reused). The suffixes of a batch
+  are **right**-padded to the longest; row ``r`` gets ``position_ids = P + [0, 1, ...]`` and
+  the mask ``[1]*P + [1]*len_r + [0]*pad``, so every real token attends to exactly the prefix
+  and its own earlier tokens (pads only come after it). The model body runs without its
+  head; the head is applied to the hidden state at each row's last real token only, i.e.
+  ``p[r] = softmax(float32(W_out · h[r, len_r - 1]))[answer ids]``: the vocabulary logits of
+  the other positions (151k per token for Qwen) are never computed. Per prompt this costs
+  ``len(suffix) + P / n_group`` tokens instead of ``P + len(suffix)``.
+
+  Batch size: ``engine_batch_size`` suffixes per forward (within a group, longest first). On
+  CPU it is capped so that the batch's KV cache, activations and attention weights take at
+  most half of ``MemAvailable`` (``/proc/meminfo``; see :meth:`TransformersBackend._cpu_rows_cap`);
+  on CUDA an out-of-memory error halves it and retries the batch (the halved size is kept
+  for later calls). Models whose cache has sliding-window layers (Mistral, Gemma 2/3, Qwen2
+  with ``use_sliding_window``) are run with ``"padded"`` instead (logged once): their cache
+  keeps only the last window, which this engine does not model.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -22,12 +49,18 @@ from nlrw.backends.base import (
     AnswerDistribution,
     Generation,
     Message,
+    SplitPrompt,
     answer_token_ids,
+    check_split_prompts,
     encode_prompt,
     render,
 )
 
-__all__ = ["TransformersBackend", "resolve_backend_dtype"]
+__all__ = ["Engine", "TransformersBackend", "resolve_backend_dtype"]
+
+Engine = Literal["shared-prefix", "padded", "single"]
+"""How :meth:`TransformersBackend.answer_distribution_ids` runs prompts (module docstring)."""
+_ENGINES: tuple[str, ...] = get_args(Engine)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +75,18 @@ def _cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _mem_available() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def resolve_backend_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -73,6 +118,10 @@ class TransformersBackend:
             longer prompts raise instead of being silently truncated.
         tokenizer: a tokenizer name/path when the model folder has none; or a loaded one.
         model_obj: an already loaded model (tests), used instead of loading ``model``.
+        engine: how ``answer_distribution_ids`` runs (``"shared-prefix"``, ``"padded"`` or
+            ``"single"``; module docstring); a call may override it.
+        engine_batch_size: prompts (suffixes, for ``"shared-prefix"``) per forward in
+            ``answer_distribution_ids``, before the memory caps; a call may override it.
     """
 
     name = "transformers"
@@ -87,6 +136,8 @@ class TransformersBackend:
         max_length: int | None = None,
         tokenizer: Any = None,
         model_obj: Any = None,
+        engine: Engine = "shared-prefix",
+        engine_batch_size: int = 16,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,8 +145,15 @@ class TransformersBackend:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if engine_batch_size < 1:
+            raise ValueError(f"engine_batch_size must be >= 1, got {engine_batch_size}")
         self.model = model
         self.batch_size = batch_size
+        self.engine: Engine = _check_engine(engine)
+        self.engine_batch_size = engine_batch_size
+        self._cuda_rows_cap: int | None = None  # lowered by out-of-memory errors
+        self._head_ok: bool | None = None  # head(body(x)) == the model's own logits?
+        self._warned: set[str] = set()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -138,10 +196,11 @@ class TransformersBackend:
             )
         return encoded
 
-    def _batches(self, encoded: list[list[int]]) -> list[list[int]]:
+    def _batches(self, encoded: list[list[int]], size: int | None = None) -> list[list[int]]:
         """Prompt indices grouped into batches of similar length (longest first)."""
+        size = size or self.batch_size
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ``input_ids`` and ``attention_mask``."""
@@ -164,9 +223,24 @@ class TransformersBackend:
         """
         targets = answer_token_ids(self.tokenizer, answers, prefix=answer_prefix)
         encoded = self._encode(chats, answer_prefix)
-        probs = np.zeros((len(encoded), len(targets)), dtype=np.float64)
-        index = torch.tensor(targets, device=self.device)
-        for batch in self._batches(encoded):
+        probs = self._padded_probs(encoded, self._answer_index(targets), self.batch_size)
+        return AnswerDistribution(probs, probs.sum(1))
+
+    def _answer_index(self, answer_ids: Sequence[int]) -> torch.Tensor:
+        vocab = int(self.lm.get_output_embeddings().weight.shape[0])
+        bad = [int(a) for a in answer_ids if not 0 <= int(a) < vocab]
+        if bad:
+            raise ValueError(
+                f"answer ids {bad} are outside the model's vocabulary (0..{vocab - 1})"
+            )
+        return torch.tensor([int(a) for a in answer_ids], dtype=torch.long, device=self.device)
+
+    def _padded_probs(
+        self, encoded: list[list[int]], index: torch.Tensor, batch_size: int
+    ) -> np.ndarray:
+        """Left-padded batches, one forward each, logits of the last position only."""
+        probs = np.zeros((len(encoded), len(index)), dtype=np.float64)
+        for batch in self._batches(encoded, batch_size):
             ids, mask = self._pad([encoded[i] for i in batch])
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.lm(
@@ -178,7 +252,219 @@ class TransformersBackend:
             )
             p = torch.softmax(out.logits[:, -1].float(), dim=-1)[:, index]
             probs[batch] = p.double().cpu().numpy()
+        return probs
+
+    # ----------------------------------------------------------------------------------------
+    # answer_distribution_ids: the simulation engines
+
+    @torch.inference_mode()
+    def answer_distribution_ids(
+        self,
+        prompts: Sequence[SplitPrompt],
+        answer_ids: Sequence[int],
+        *,
+        engine: Engine | None = None,
+        batch_size: int | None = None,
+    ) -> AnswerDistribution:
+        """``p[i, j] = softmax(float32 logits after prefix+suffix of prompt i)[answer_ids[j]]``.
+
+        Not renormalized; rows in the order of ``prompts``. ``engine`` and ``batch_size``
+        override the constructor's ``engine`` and ``engine_batch_size`` for this call; all
+        engines agree up to float rounding (module docstring).
+
+        Raises:
+            ValueError: an unknown engine, no or repeated answer ids, ids outside the
+                vocabulary, an empty suffix or a prompt longer than ``max_length``.
+        """
+        engine = _check_engine(engine or self.engine)
+        size = self.engine_batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        check_split_prompts(prompts, answer_ids, max_length=self.max_length)
+        index = self._answer_index(answer_ids)
+        if not prompts:
+            return AnswerDistribution(np.zeros((0, len(index))), np.zeros(0))
+        if engine == "single":
+            probs = self._single_probs(prompts, index)
+        elif engine == "padded":
+            probs = self._padded_probs([[*p.prefix, *p.suffix] for p in prompts], index, size)
+        else:
+            probs = self._shared_prefix_probs(prompts, index, size)
         return AnswerDistribution(probs, probs.sum(1))
+
+    def _single_probs(self, prompts: Sequence[SplitPrompt], index: torch.Tensor) -> np.ndarray:
+        probs = np.zeros((len(prompts), len(index)), dtype=np.float64)
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([[*p.prefix, *p.suffix]], dtype=torch.long, device=self.device)
+            out = self.lm(input_ids=ids, use_cache=False, logits_to_keep=1)
+            probs[i] = torch.softmax(out.logits[0, -1].float(), -1)[index].double().cpu().numpy()
+        return probs
+
+    def _shared_prefix_probs(
+        self, prompts: Sequence[SplitPrompt], index: torch.Tensor, batch_size: int
+    ) -> np.ndarray:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(p.prefix), []).append(i)
+        probs = np.zeros((len(prompts), len(index)), dtype=np.float64)
+        for prefix, rows in groups.items():
+            kv = self._prefix_kv(prefix)
+            if kv is None:  # sliding-window cache: no sharing (logged once)
+                encoded = [[*prefix, *prompts[i].suffix] for i in rows]
+                probs[rows] = self._padded_probs(encoded, index, batch_size)
+                continue
+            rows = sorted(rows, key=lambda i: -len(prompts[i].suffix))  # less padding
+            start = 0
+            while start < len(rows):
+                width = len(prompts[rows[start]].suffix)  # the longest left (sorted)
+                size = min(batch_size, self._rows_cap(len(prefix), width))
+                batch = rows[start : start + size]
+                try:
+                    p = self._suffix_probs(kv, len(prefix), [prompts[i].suffix for i in batch])
+                except torch.cuda.OutOfMemoryError:
+                    if len(batch) == 1:
+                        raise
+                    self._cuda_rows_cap = max(1, len(batch) // 2)
+                    log.warning(
+                        "CUDA out of memory with %d suffixes per batch: retrying with %d",
+                        len(batch),
+                        self._cuda_rows_cap,
+                    )
+                    torch.cuda.empty_cache()
+                    continue
+                probs[batch] = p[:, index].double().cpu().numpy()
+                start += len(batch)
+        return probs
+
+    def _rows_cap(self, prefix_len: int, suffix_len: int) -> int:
+        if self.device.type == "cuda":
+            return self._cuda_rows_cap or (1 << 30)
+        if self.device.type == "cpu":
+            return self._cpu_rows_cap(prefix_len, suffix_len)
+        return 1 << 30
+
+    def _cpu_rows_cap(self, prefix_len: int, suffix_len: int) -> int:
+        """Suffix rows whose forward fits in half of ``MemAvailable``.
+
+        Bytes per row, an upper estimate: the batch's cache ``2 · layers · kv_heads · head_dim
+        · (P + S)`` elements, counted twice (the filled cache and the forward's concatenated
+        copy), one layer's activations ``S · (8 · hidden + 3 · intermediate)`` elements and
+        its float32 attention weights ``heads · S · (P + S)``.
+        """
+        avail = _mem_available()
+        if avail is None:
+            return 1 << 30
+        cfg = self.lm.config
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        heads = int(getattr(cfg, "num_attention_heads", 1))
+        hidden = int(getattr(cfg, "hidden_size", 1024))
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+        layers = int(getattr(cfg, "num_hidden_layers", 1))
+        inter = int(getattr(cfg, "intermediate_size", None) or 4 * hidden)
+        elem = torch.finfo(self.dtype).bits // 8
+        total = prefix_len + suffix_len
+        per_row = (
+            2 * (2 * layers * kv_heads * head_dim * total) * elem
+            + suffix_len * (8 * hidden + 3 * inter) * elem
+            + heads * suffix_len * total * 4
+        )
+        return max(1, int(avail // 2 // per_row))
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.lm.config)
+        except TypeError:  # older transformers: layers are created on first update
+            return DynamicCache()
+
+    def _body(self, ids: torch.Tensor, *, cache: Any = None, **kw: Any) -> torch.Tensor:
+        """The model without its head: last hidden states ``[B, T, hidden]``."""
+        body = self.lm.base_model
+        name = _cache_kwarg(body)
+        out = body(input_ids=ids, use_cache=cache is not None, **{name: cache}, **kw)
+        return out.last_hidden_state
+
+    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-layer keys/values ``[1, kv_heads, P, head_dim]`` of ``prefix`` ([] if empty);
+        None for a sliding-window cache (the caller falls back to whole prompts)."""
+        if not prefix:
+            return []
+        cache = self._new_cache()
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        self._body(ids, cache=cache)
+        layers = getattr(cache, "layers", None)
+        if layers is None:  # transformers < 4.56
+            return list(zip(cache.key_cache, cache.value_cache, strict=True))
+        if any(getattr(layer, "is_sliding", False) for layer in layers):
+            if "sliding" not in self._warned:
+                self._warned.add("sliding")
+                log.warning(
+                    "%s has sliding-window attention layers: the shared-prefix engine runs "
+                    "whole prompts ('padded') instead",
+                    self.model,
+                )
+            return None
+        return [(layer.keys, layer.values) for layer in layers]
+
+    def _suffix_probs(
+        self,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        prefix_len: int,
+        suffixes: list[tuple[int, ...]],
+    ) -> torch.Tensor:
+        """float32 next-token probabilities ``[B, vocab]`` after each suffix, the prefix's
+        ``kv`` shared by the batch (module docstring)."""
+        n = len(suffixes)
+        lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
+        width = int(lengths.max())
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        for r, s in enumerate(suffixes):
+            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+        ids = ids.to(self.device)
+        steps = torch.arange(width, device=self.device)
+        suffix_mask = (steps[None, :] < lengths[:, None]).long()
+        mask = torch.cat(
+            [torch.ones((n, prefix_len), dtype=torch.long, device=self.device), suffix_mask], 1
+        )
+        positions = (prefix_len + steps).expand(n, width)
+        cache = None
+        if kv:
+            cache = self._new_cache()
+            for layer, (k, v) in enumerate(kv):
+                cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), layer)
+        if not self._head_applies():
+            out = self.lm(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=cache is not None,
+                **{_cache_kwarg(self.lm): cache},
+            )
+            logits = out.logits[torch.arange(n, device=self.device), lengths - 1]
+        else:
+            hidden = self._body(ids, cache=cache, attention_mask=mask, position_ids=positions)
+            last = hidden[torch.arange(n, device=self.device), lengths - 1]
+            logits = self.lm.get_output_embeddings()(last)
+        return torch.softmax(logits.float(), -1)
+
+    def _head_applies(self) -> bool:
+        """Whether ``output_embeddings(body(x))`` gives the model's logits (checked once on a
+        4-token input): false for models that scale or soft-cap logits after the head, where
+        the engine computes full logits of every suffix position instead (logged)."""
+        if self._head_ok is None:
+            ids = torch.arange(4, device=self.device)[None]
+            ref = self.lm(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
+            got = self.lm.get_output_embeddings()(self._body(ids)[0, -1])
+            self._head_ok = bool(torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=1e-3))
+            if not self._head_ok:
+                log.warning(
+                    "%s post-processes its logits after the output layer: the shared-prefix "
+                    "engine computes the logits of every suffix position (slower)",
+                    self.model,
+                )
+        return self._head_ok
 
     @torch.inference_mode()
     def generate(
@@ -232,3 +518,16 @@ class TransformersBackend:
         self.lm = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _check_engine(engine: str) -> Engine:
+    if engine not in _ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: expected one of {list(_ENGINES)}")
+    return engine  # pyright: ignore[reportReturnType]
+
+
+def _cache_kwarg(module: Any) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (older)."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
