@@ -127,19 +127,33 @@ def test_golden_explainer_prompt() -> None:
     chat = prompt.render_chat(render_examples(strings, acts))
     assert chat[0] == {"role": "system", "content": prompt.SYSTEM}
     assert chat[0]["content"] == (
-        "You are a meticulous AI researcher investigating patterns in language. You will be "
-        "given text examples in which some tokens are marked between delimiters <<like this>>; "
-        "consecutive marked tokens are joined into one span <<just like this>>. After each "
-        "example, the marked tokens are listed with how strongly they activate the pattern, "
-        "from 0 to 9.\n"
+        "You explain what a feature of a language model detects. You see text examples in which "
+        "the tokens where the feature fires are marked <<like this>>; after each example, the "
+        "marked tokens are listed with how strongly the feature fires on them, from 0 to 9.\n"
         "\n"
-        "- Describe, in one short sentence, what the marked tokens have in common and the "
-        "context in which they appear.\n"
-        "- Summarize the pattern; do not list examples or several alternatives.\n"
-        "- Do not mention the delimiters << >> in your explanation.\n"
-        "- Answer with the sentence only."
+        "Reply with one short phrase that names the words, or the kind of words, that are "
+        'marked, and their context when it matters. Quote marked words that repeat, like "had". '
+        "Do not mention the markers, the examples or the numbers."
     )
-    assert chat[1] == {
+    # Three demonstrations as earlier turns, rendered like the latent's own examples.
+    assert [m["role"] for m in chat] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert chat[1]["content"] == (
+        "Example 1: and then<< Mr>> Darcy came in\n"
+        'Activations: (" Mr", 9)\n'
+        "\n"
+        "Example 2: she wrote to<< Mrs>> Jennings at once\n"
+        'Activations: (" Mrs", 8)\n'
+        "\n"
+        "Example 3: he told<< Miss>> Bennet that\n"
+        'Activations: (" Miss", 7)\n'
+        "\n"
+        "What does the feature detect? Answer with one short phrase."
+    )
+    assert chat[2] == {
+        "role": "assistant",
+        "content": 'Titles "Mr", "Mrs" and "Miss" before a family name',
+    }
+    assert chat[-1] == {
         "role": "user",
         "content": (
             "Example 1: the<< cat>> sat\\n<< on>>\n"
@@ -148,7 +162,7 @@ def test_golden_explainer_prompt() -> None:
             "Example 2: a<< big big>> dog<<.>>\n"
             'Activations: (" big", 2), (" big", 9), (".", 2)\n'
             "\n"
-            "What pattern do the marked tokens share? Answer in one sentence."
+            "What does the feature detect? Answer with one short phrase."
         ),
     }
     assert len(prompt.PROMPT_HASH) == 16
@@ -160,7 +174,7 @@ def test_golden_prompt_for_a_synthetic_latent() -> None:
     windows = explain.explainer_examples(source, 0, cfg)
     assert len(windows) == 2
     chat = explain.build_chat(source, 0, windows, cfg)
-    user = chat[1]["content"]
+    user = chat[-1]["content"]
     assert user.count("Example ") == 2
     assert user.count("Activations: ") == 2
     for line in user.split("\n"):
@@ -321,9 +335,9 @@ def test_max_latents_most_frequent_first(tmp_path: Path) -> None:
 
 def test_retry_then_recorded_failure(tmp_path: Path) -> None:
     def reply(chat: Sequence[Message], seed: int) -> str:
-        if "<< dog>>" in chat[1]["content"]:  # latent 1: never a usable reply
+        if "<< dog>>" in chat[-1]["content"]:  # latent 1: never a usable reply
             return "  " if seed % 2 else "<|im_end|>"
-        if "<<.>>" in chat[1]["content"] and seed == 0:  # latent 2: usable on the 2nd try
+        if "<<.>>" in chat[-1]["content"] and seed == 0:  # latent 2: usable on the 2nd try
             return ""
         return "Mentions of cats."
 

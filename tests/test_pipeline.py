@@ -104,3 +104,56 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path: Path, capsys) -> None:
     assert "is " + str(tmp_path) + " a run directory" in capsys.readouterr().err
     assert main(["shards-verify", str(tmp_path)]) == 2
     assert "manifest" in capsys.readouterr().err
+
+
+def test_a_second_process_on_the_same_run_dir_is_refused(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from nlrw.pipeline import RunDirError, locked
+
+    # A real second process holds the lock (flock is per open file, so a thread would not do).
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from nlrw.pipeline import locked\n"
+            f"with locked(Path({str(tmp_path)!r})):\n"
+            "    print('held', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=rf"another nlrw process \(pid {holder.pid}\)"):
+            run(load_preset("smoke"), tmp_path, log=lambda _: None)
+        assert main(["run", "--preset", "smoke", "--run-dir", str(tmp_path)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed holder: the kernel dropped its lock, nothing stale remains.
+    with locked(tmp_path):
+        pass
+
+
+def test_a_run_dir_of_another_format_is_refused(tmp_path: Path) -> None:
+    from nlrw.pipeline import RunDirError
+
+    (tmp_path / "config.json").write_text(json.dumps({"format": "nlrw.run.v0"}))
+    with pytest.raises(RunDirError, match=r"incompatible nlrw.*nlrw\.run\.v0"):
+        run(load_preset("smoke"), tmp_path, log=lambda _: None)
+    assert not (tmp_path / "stages").exists()
+
+
+def test_paper_preset_dry_run_prints_config_and_work_sizes(tmp_path: Path, capsys) -> None:
+    target = tmp_path / "paper"
+    assert (
+        main(["run", "--preset", "pythia-160m-paper", "--dry-run", "--run-dir", str(target)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert '"model": "EleutherAI/pythia-160m"' in out
+    assert '"hookpoint": "gpt_neox.layers.6.mlp"' in out
+    assert "32,768 latents, k = 32" in out
+    assert "1,000 eval + 200 calibration contexts of 32 tokens" in out
+    assert not target.exists()

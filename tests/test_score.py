@@ -165,7 +165,7 @@ class KeywordScorer:
 
 def explained(tmp_path: Path) -> None:
     def reply(chat: Sequence[Message], seed: int) -> str:
-        tok = re.search(r"<<( ?)(\S+?)>>", chat[1]["content"])
+        tok = re.search(r"<<( ?)(\S+?)>>", chat[-1]["content"])
         assert tok is not None
         return f"The word {dict(cat='cat', dog='dog').get(tok.group(2), 'period')}."
 

@@ -21,7 +21,9 @@ import tyro
 
 from nlrw import ShardError
 from nlrw.cache import CacheConfig
+from nlrw.calibrate import CalibrateConfig
 from nlrw.collect import CollectConfig
+from nlrw.contexts import ContextsConfig
 from nlrw.explain import ExplainConfig
 from nlrw.pipeline import RunConfig, load_preset, preset_names
 from nlrw.score import ScoreConfig
@@ -106,6 +108,32 @@ def score(cfg: Annotated[ScoreConfig, _Flat], run_dir: Path, overwrite: bool = F
     print(table.select("latent", "balanced_accuracy", "shuffled_balanced_accuracy", "auroc"))
 
 
+def contexts(cfg: Annotated[ContextsConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
+    """Draw RUN_DIR's evaluation and calibration contexts from held-out text
+    (RUN_DIR/contexts.parquet) and store the transcoder's true latents on their last token."""
+    from nlrw import contexts as stage
+
+    table = stage.run(cfg, run_dir, overwrite=overwrite)
+    print(table.group_by("split", maintain_order=True).len())
+
+
+def calibrate(
+    cfg: Annotated[CalibrateConfig, _Flat], run_dir: Path, overwrite: bool = False
+) -> None:
+    """Calibrate RUN_DIR's simulated scores into activations (RUN_DIR/calibration.parquet)
+    and measure each calibration against the true activations on the eval contexts."""
+    import polars as pl
+
+    from nlrw import calibrate as stage
+
+    metrics = stage.run(cfg, run_dir, overwrite=overwrite)
+    print(
+        metrics.group_by("calibration", maintain_order=True).agg(
+            pl.col("pearson", "specificity", "sensitivity", "auroc").fill_nan(None).mean()
+        )
+    )
+
+
 def status(run_dir: Path, /) -> None:
     """Print each stage's state in a run directory: done, partial, stale or not started."""
     from nlrw.pipeline import status as pipeline_status
@@ -123,6 +151,7 @@ def _run_command(preset: str) -> Callable[..., None]:
         preset: str = preset,
         run_dir: Path | None = None,
         until: str | None = None,
+        dry_run: bool = False,
     ) -> None:
         """Run the whole pipeline from a preset, skipping finished stages and resuming the
         rest. Override any preset value, e.g. --collect.n-tokens 50000.
@@ -131,13 +160,32 @@ def _run_command(preset: str) -> Callable[..., None]:
             preset: a shipped preset name or a TOML file (it sets the defaults shown here).
             run_dir: the run directory (default: runs/<preset>).
             until: stop after this stage.
+            dry_run: print the resolved config and each stage's work size, run nothing.
         """
         from nlrw.pipeline import run as run_pipeline
 
-        run_pipeline(cfg, run_dir or Path("runs") / Path(preset).stem, until=until)
+        target = run_dir or Path("runs") / Path(preset).stem
+        if dry_run:
+            _print_plan(cfg, preset, target)
+            return
+        run_pipeline(cfg, target, until=until)
 
     run.__doc__ = (run.__doc__ or "") + f"\n        Shipped presets: {', '.join(preset_names())}."
     return run
+
+
+def _print_plan(cfg: RunConfig, preset: str, run_dir: Path) -> None:
+    import json
+
+    from nlrw.pipeline import chained_hashes, work_sizes
+    from nlrw.provenance import to_jsonable
+
+    print(f"# preset {preset!r}, run directory {run_dir} (dry run: nothing is written)")
+    print(json.dumps(to_jsonable(cfg), indent=2))
+    hashes = chained_hashes(cfg)
+    print("# work per stage")
+    for name, size in work_sizes(cfg).items():
+        print(f"{name:<10} {hashes[name]}  {size}")
 
 
 def _preset_from_argv(argv: Sequence[str]) -> str:
@@ -158,8 +206,10 @@ def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
         "collect": collect,
         "train": train,
         "cache": cache,
+        "contexts": contexts,
         "explain": explain,
         "score": score,
+        "calibrate": calibrate,
         "info": info,
         "shards-verify": shards_verify,
     }

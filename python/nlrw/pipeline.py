@@ -18,12 +18,15 @@ overridden on the command line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import time
 import tomllib
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -33,6 +36,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from nlrw.cache import CacheConfig
+from nlrw.calibrate import CalibrateConfig
 from nlrw.collect import CollectConfig
 from nlrw.contexts import ContextsConfig
 from nlrw.explain import ExplainConfig
@@ -43,8 +47,10 @@ from nlrw.score import ScoreConfig
 from nlrw.train import TrainConfig
 
 __all__ = [
+    "RUN_FORMAT",
     "STAGES",
     "RunConfig",
+    "RunDirError",
     "Stage",
     "StageStatus",
     "load_preset",
@@ -52,6 +58,16 @@ __all__ = [
     "run",
     "status",
 ]
+
+
+RUN_FORMAT = "nlrw.run.v1"
+"""Layout version of a run directory, recorded in its config.json. A directory of another
+version is refused rather than half-reused."""
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used: another process holds it, or another nlrw version
+    wrote it."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,9 @@ class RunConfig:
     """Explanations of the cached latents by an LLM, one sentence each."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """Detection scoring of the explanations, with a shuffled-explanation baseline."""
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    """Calibration of simulated scores into activations (uncalibrated, quantile, isotonic,
+    gate), with per-latent specificity/sensitivity/correlation on the eval contexts."""
 
     def __post_init__(self) -> None:
         if self.collect.kind != self.train.kind:
@@ -183,6 +202,18 @@ def _score(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     }
 
 
+def _calibrate(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    import polars as pl
+
+    from nlrw import calibrate
+
+    metrics = calibrate.run(cfg.calibrate, run_dir, overwrite=overwrite)
+    summary = metrics.group_by("calibration", maintain_order=True).agg(
+        pl.col("pearson", "specificity", "sensitivity").fill_nan(None).mean()
+    )
+    return {r.pop("calibration"): r for r in summary.iter_rows(named=True)}
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("collect", _collect, lambda c: c.collect),
     Stage("train", _train, lambda c: c.train),
@@ -267,7 +298,8 @@ def _from_dict(cls: type[Any], data: dict[str, Any], source: str, where: str = "
                 raise ValueError(f"{source}: {where}{key} must be a table")
             kwargs[name] = _from_dict(hint, value, source, f"{where}{key}.")
         elif isinstance(value, list) and _is_tuple(hint):
-            kwargs[name] = tuple(value)
+            # TOML arrays of arrays (backend_options) become tuples of tuples, as annotated.
+            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         else:
             kwargs[name] = value
     try:
@@ -279,6 +311,47 @@ def _from_dict(cls: type[Any], data: dict[str, Any], source: str, where: str = "
 def _is_tuple(hint: Any) -> bool:
     # `tuple[str, ...]`, or a union holding one.
     return tuple in {typing.get_origin(h) for h in (hint, *typing.get_args(hint))}
+
+
+# --- dry run ---------------------------------------------------------------------------------
+
+
+def _count(n: int | None, what: str) -> str:
+    return f"{n:,} {what}" if n is not None else f"all {what}"
+
+
+def work_sizes(cfg: RunConfig) -> dict[str, str]:
+    """What each stage will do, in the units that cost time (no model is loaded).
+
+    Latent counts are upper bounds: explain skips latents under ``min_count`` and the later
+    stages only see explained latents.
+    """
+    c, t = cfg.collect, cfg.train
+    latents = t.num_latents or None
+    width = f"{latents:,} latents" if latents else f"{t.expansion_factor} x d_in latents"
+    steps = t.epochs * c.n_tokens // t.batch_size
+    cache_rows = c.n_eval_tokens if cfg.cache.source == "eval" else c.n_tokens
+    explained = cfg.explain.max_latents or latents
+    scored = cfg.score.max_latents or explained
+    s = cfg.score
+    per_latent = s.n_bins * s.examples_per_bin + s.n_non_activating
+    prompts = -(-per_latent // s.examples_per_prompt) * (2 if s.shuffled else 1)
+    sizes = {
+        "collect": f"{c.n_tokens:,} train + {c.n_eval_tokens:,} eval tokens of {c.model} at "
+        f"{c.hookpoint} ({c.n_tokens // c.ctx_len:,} windows of {c.ctx_len})",
+        "train": f"{t.kind} with {width}, k = {t.k}: {steps:,} steps of {t.batch_size:,} tokens",
+        "recovery": f"{cfg.recovery.n_windows:,} windows through the spliced model",
+        "cache": f"{cache_rows:,} rows encoded, top {cfg.cache.max_examples:,} windows kept per "
+        "latent",
+        "contexts": f"{cfg.contexts.n_contexts:,} eval + {cfg.contexts.n_calibration:,} "
+        f"calibration contexts of {cfg.contexts.ctx_len} tokens ({cfg.contexts.source})",
+        "explain": f"{_count(explained, 'latents')} x 1 prompt of "
+        f"{cfg.explain.n_bins * cfg.explain.examples_per_bin} examples ({cfg.explain.model})",
+        "score": f"{_count(scored, 'latents')} x {prompts} prompts ({cfg.score.model})",
+    }
+    if scored is not None:
+        sizes["score"] += f" = {scored * prompts:,} prompts"
+    return {stage.name: sizes.get(stage.name, "") for stage in STAGES}
 
 
 # --- running and status --------------------------------------------------------------------
@@ -309,6 +382,7 @@ def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
     atomic_write_json(
         run_dir / "config.json",
         {
+            "format": RUN_FORMAT,
             "config": to_jsonable(cfg),
             "stage_hashes": hashes,
             "seeds": {s.name: getattr(s.config(cfg), "seed", None) for s in STAGES},
@@ -317,6 +391,45 @@ def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
             "written_at": _now(),
         },
     )
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` (an advisory ``flock``, released by the kernel when the holder
+    dies, so a killed run never leaves a stale lock) for the duration of the block."""
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(
+            f"{run_dir} is being written by another nlrw process (pid {holder}); wait for it "
+            "to finish or choose another --run-dir"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _check_format(run_dir: Path) -> None:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        found = json.loads(path.read_text()).get("format", RUN_FORMAT)
+    except (OSError, json.JSONDecodeError):
+        return  # a damaged config.json is rewritten; stage records decide what re-runs
+    if found != RUN_FORMAT:
+        raise RunDirError(
+            f"{run_dir} was written by an incompatible nlrw (run format {found!r}, this nlrw "
+            f"writes {RUN_FORMAT!r}); use a new --run-dir"
+        )
 
 
 def run(
@@ -328,13 +441,22 @@ def run(
 ) -> dict[str, Any]:
     """Run every stage (up to and including ``until``) that is not already done.
 
-    Returns each stage's summary. Safe to kill at any moment and call again.
+    Returns each stage's summary. Safe to kill at any moment and call again; a second
+    process on the same directory is refused (:class:`RunDirError`) while the first runs.
     """
     run_dir = Path(run_dir)
     names = [s.name for s in STAGES]
     if until is not None and until not in names:
         raise ValueError(f"unknown stage {until!r}; stages: {', '.join(names)}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    _check_format(run_dir)
+    with locked(run_dir):
+        return _run_locked(cfg, run_dir, until, log)
+
+
+def _run_locked(
+    cfg: RunConfig, run_dir: Path, until: str | None, log: Callable[[str], None]
+) -> dict[str, Any]:
     write_run_config(cfg, run_dir)
     hashes = chained_hashes(cfg)
     summaries: dict[str, Any] = {}

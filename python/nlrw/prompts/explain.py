@@ -2,9 +2,10 @@
 the latent's examples with the activating tokens wrapped ``<<like this>>`` and an
 ``Activations:`` line per example (the highlighted tokens with their 0-9 activation digits).
 
-Adapted from EleutherAI delphi's default explainer prompt (no few-shot examples, and one
-sentence asked for, which a 0.5B explainer follows better than delphi's ``[EXPLANATION]:``
-trailer). Rendered text for a two-example latent::
+Adapted from EleutherAI delphi's default explainer prompt: three short demonstrations come
+first as earlier chat turns (delphi has optional few-shot examples too), and one short phrase
+is asked for, which a 0.5B explainer follows better than delphi's ``[EXPLANATION]:`` trailer.
+The latent's own examples, rendered (the last user message)::
 
     Example 1: the <<cat>> sat on the<< mat>>
     Activations: ("cat", 9), (" mat", 4)
@@ -22,23 +23,50 @@ from nlrw.backends.base import Message
 __all__ = ["PROMPT_HASH", "SYSTEM", "USER", "escape", "render_chat", "render_example"]
 
 SYSTEM = (
-    "You are a meticulous AI researcher investigating patterns in language. You will be given "
-    "text examples in which some tokens are marked between delimiters <<like this>>; "
-    "consecutive marked tokens are joined into one span <<just like this>>. After each example, "
-    "the marked tokens are listed with how strongly they activate the pattern, from 0 to 9.\n"
+    "You explain what a feature of a language model detects. You see text examples in which "
+    "the tokens where the feature fires are marked <<like this>>; after each example, the "
+    "marked tokens are listed with how strongly the feature fires on them, from 0 to 9.\n"
     "\n"
-    "- Describe, in one short sentence, what the marked tokens have in common and the context "
-    "in which they appear.\n"
-    "- Summarize the pattern; do not list examples or several alternatives.\n"
-    "- Do not mention the delimiters << >> in your explanation.\n"
-    "- Answer with the sentence only."
+    "Reply with one short phrase that names the words, or the kind of words, that are marked, "
+    'and their context when it matters. Quote marked words that repeat, like "had". Do not '
+    "mention the markers, the examples or the numbers."
 )
 
-USER = "{examples}\n\nWhat pattern do the marked tokens share? Answer in one sentence."
+USER = "{examples}\n\nWhat does the feature detect? Answer with one short phrase."
 
 EXAMPLE = "Example {index}: {text}\nActivations: {activations}"
 
-PROMPT_HASH = hashlib.sha256("\x00".join([SYSTEM, USER, EXAMPLE]).encode()).hexdigest()[:16]
+FEW_SHOT: tuple[tuple[tuple[tuple[str, tuple[tuple[str, int], ...]], ...], str], ...] = (
+    (
+        (
+            ("and then<< Mr>> Darcy came in", ((" Mr", 9),)),
+            ("she wrote to<< Mrs>> Jennings at once", ((" Mrs", 8),)),
+            ("he told<< Miss>> Bennet that", ((" Miss", 7),)),
+        ),
+        'Titles "Mr", "Mrs" and "Miss" before a family name',
+    ),
+    (
+        (
+            ("she had<< walked>> all the way", ((" walked", 9),)),
+            ("he had<< been>> there before", ((" been", 6),)),
+            ("we had<< left>> the house early", ((" left", 8),)),
+        ),
+        'Past participles right after "had"',
+    ),
+    (
+        (
+            ('"I am sure of it<<,">> said Emma', ((',"', 9),)),
+            ('"Not at all<<,">> replied he', ((',"', 8),)),
+        ),
+        "The comma and quotation mark that close a line of dialogue before the speaker",
+    ),
+)
+"""Three demonstrations (examples, answer), shown as earlier turns of the chat: a 0.5B
+explainer without them echoes the instructions ("The marked tokens share a pattern…")."""
+
+PROMPT_HASH = hashlib.sha256(
+    "\x00".join([SYSTEM, USER, EXAMPLE, repr(FEW_SHOT)]).encode()
+).hexdigest()[:16]
 
 
 def escape(text: str) -> str:
@@ -60,9 +88,17 @@ def render_example(index: int, text: str, activations: Sequence[tuple[str, int]]
     return EXAMPLE.format(index=index, text=text, activations=pairs or "(none)")
 
 
+def _user(examples: Sequence[str]) -> Message:
+    return {"role": "user", "content": USER.format(examples="\n\n".join(examples))}
+
+
 def render_chat(examples: Sequence[str]) -> list[Message]:
-    """The explainer chat for rendered examples (see :func:`render_example`)."""
-    return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": USER.format(examples="\n\n".join(examples))},
-    ]
+    """The explainer chat for rendered examples (see :func:`render_example`): the system
+    message, the :data:`FEW_SHOT` demonstrations as user/assistant turns, then the latent's
+    examples."""
+    chat: list[Message] = [{"role": "system", "content": SYSTEM}]
+    for shots, answer in FEW_SHOT:
+        shown = [render_example(i + 1, t, a) for i, (t, a) in enumerate(shots)]
+        chat += [_user(shown), {"role": "assistant", "content": answer}]
+    chat.append(_user(examples))
+    return chat
