@@ -1,0 +1,867 @@
+"""The ``calibrate`` stage: turn the simulator's expected scores into latent activations.
+
+The simulator rates how strongly a latent fires on a context's last token with an expected
+digit ``E ∈ [0, 9]`` (``simulations.parquet``). The evaluate stage needs an *activation* on
+the latent's own scale, and how a score becomes an activation decides whether the simulated
+latents help or hurt. This stage maps every simulated score of an **eval** context through
+each calibration method asked for, side by side, and measures on the eval contexts how well
+each calibrated activation matches the true one.
+
+**Methods** (per latent ``l``; ``E`` its simulated score on a context):
+
+* ``uncalibrated`` (the paper's first mapping): ``a = E / 9 · max_l``, ``max_l`` the latent's
+  largest activation in the cache (``latents/stats.parquet``). ``E = 9`` gives ``max_l`` (the
+  paper's code maps 9.0 to 0: a bug, not the protocol). Any ``E > 0`` gives ``a > 0``, so a
+  simulator that rates inactive contexts above zero (the paper saw ≈ 8.5 on inactive
+  contexts) has **low specificity**: this is the paper's diagnosis.
+* ``quantile`` (the paper's calibration): ``a = F_real⁻¹(F_sim(E))``, ``F_real`` the latent's
+  real activation distribution *zeros included* (its quantile table in the stats), ``F_sim``
+  the distribution of its simulated scores over the **eval** contexts (``quantile_fit``; the
+  paper fits it on the contexts it evaluates, and that is the default), summarised in a table
+  of ``sim_quantiles`` entries (:func:`nlrw.quantiles.quantile_tables`) and applied by
+  :func:`nlrw.quantiles.quantile_normalize` (both in Rust). A latent active on a fraction
+  ``f`` of tokens has ``F_real⁻¹(p) = 0`` for ``p ≲ 1 − f``, so only contexts whose score ranks
+  in the top ``≈ f`` of the simulated scores get an activation above zero, whether they are
+  the truly active ones or not: most contexts map to 0 and **sensitivity is low** when the
+  ranking is imperfect (the paper's second diagnosis).
+
+  *Ties.* Many contexts get the same score (a confident simulator answers exactly 0). The
+  tie rule of :mod:`nlrw.quantiles` gives a score equal to a run of table entries the
+  **middle probability of that run**: if 70% of the eval contexts share ``E = 0``, the table
+  entries at ``p = 0 … ≈ 0.69`` are 0, ``F_sim(0) ≈ (0 + 0.69)/2 = 0.345`` and all of those
+  contexts get the real activation at the 34.5% quantile: 0 for any latent inactive on more
+  than ≈ 35% of tokens (nearly all of them), not the 0.69 quantile a "highest rank" rule
+  would give, nor a spread of values across the tie. A score shared by the contexts ranked
+  between 20% and 90% maps to the real quantile at 55%. Equal scores give equal
+  activations, as for every method here. F_sim uses the eval contexts' *scores* only, never
+  their true activations.
+* ``isotonic`` (nlrw's): a per-latent monotone non-decreasing least-squares fit of the true
+  activation on ``E`` over the **calibration** split only (:func:`isotonic_fit`,
+  pool-adjacent-violators), applied to the eval contexts by linear interpolation between the
+  fitted points, constant beyond the first and last (:func:`isotonic_apply`). The fit is a
+  conditional mean, so it is ≥ 0 (true activations are) and it learns from held-out
+  contexts how often each score range is really active.
+* ``gate`` (nlrw's): a threshold ``t_l`` on ``E`` chosen on the calibration split for
+  specificity (:func:`gate_threshold`: the smallest ``t`` with ``P(E < t | inactive) ≥
+  gate_specificity``), then ``a = 0`` when ``E < t_l``, else the isotonic value at ``E``; where
+  that is 0 (the isotonic fit is flat at zero up there), ``a`` is the *fill*: the mean true
+  activation of the active calibration contexts with ``E ≥ t_l`` (of all active calibration
+  contexts when none is above ``t_l``) (:func:`gate_fill`). Choice: a context that passes a
+  gate chosen to be specific is predicted active, so it gets an active-sized value rather
+  than the isotonic fit's 0. A latent with no inactive calibration context has no gate
+  (``t_l = −∞``: the isotonic values, or the fill where they are 0).
+
+**Fallback.** A latent with fewer than ``min_calibration_contexts`` calibration contexts, or
+fewer than ``min_calibration_active`` active ones among them, cannot be fitted: its
+``isotonic`` and ``gate`` activations are all 0 (predict inactive, the zero-ablation value
+of that latent). Such latents are listed in ``calibration_fits.parquet`` (``fallback``) and
+counted in ``calibrate.json``. (With ``quantile_fit = "calibration"`` a latent with too few
+calibration contexts gets ``quantile`` = 0 too.)
+
+**Metrics** (``calibration_metrics.parquet``, on the eval contexts; :func:`latent_metrics`):
+``pearson`` of calibrated vs true activation (NaN when either is constant, e.g. a method that
+predicts 0 everywhere, or with fewer than two contexts), ``specificity = P(a = 0 | true =
+0)`` (NaN without inactive contexts), ``sensitivity = P(a > 0 | true > 0)`` (NaN without
+active contexts), ``auroc`` of ``E`` for ``true > 0`` against ``true = 0`` (ties count one
+half; NaN when a class is empty; the same for every calibration: it rates the simulator's
+ranking, which the mappings do not change), ``n_active``, ``n_contexts``.
+
+**Outputs** (run directory, each written atomically; ``calibrate.json`` last, the done mark):
+
+* ``calibration.parquet``: ``latent`` Int32, ``context_id`` Int32 (eval contexts),
+  ``calibration`` Utf8, ``activation`` Float32 (≥ 0); sorted by calibration (in the config's
+  order), latent, context.
+* ``calibration_metrics.parquet``: ``latent``, ``calibration``, ``pearson``, ``specificity``,
+  ``sensitivity``, ``auroc``, ``n_active``, ``n_contexts``.
+* ``calibration_fits.parquet``: per latent ``n_calibration``, ``n_calibration_active``,
+  ``fallback`` (null or the reason), the isotonic fit's points ``isotonic_x``/``isotonic_y``,
+  ``gate_threshold``, ``gate_fill``.
+* ``calibration.safetensors``: :func:`nlrw.quantiles.save_tables` with ``sim`` (the
+  simulated-score tables of ``quantile``) and ``real`` (the stats' tables), one row per
+  simulated latent in ascending order; metadata ``latents`` (JSON list), ``quantile_fit``.
+* ``calibrate.json``: :func:`nlrw.provenance.stage_record` plus the inputs' digests, counts,
+  fallbacks and mean metrics per calibration.
+
+**Resume.** Every method is deterministic (``seed`` is recorded, nothing is drawn). A run
+whose outputs are complete and whose config *and inputs* (digests of
+``simulations.parquet``, ``contexts.parquet``, ``latents/stats.parquet``) match is skipped;
+outputs of another config or inputs raise ``FileExistsError`` unless ``overwrite``.
+
+Memory: the four needed columns of the simulations (≈ 16 bytes a row) plus the output
+(≈ 30 bytes per eval row and method); fits run latent by latent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from nlrw.io import atomic_path, atomic_write_json
+from nlrw.provenance import config_hash, stage_record
+from nlrw.quantiles import quantile_normalize, quantile_tables, save_tables
+
+__all__ = [
+    "METHODS",
+    "CalibrateConfig",
+    "LatentFit",
+    "Method",
+    "auroc",
+    "fit_latent",
+    "gate_apply",
+    "gate_fill",
+    "gate_threshold",
+    "isotonic_apply",
+    "isotonic_fit",
+    "latent_metrics",
+    "pearson",
+    "quantile_calibrate",
+    "run",
+    "uncalibrated",
+]
+
+Method = Literal["uncalibrated", "quantile", "isotonic", "gate"]
+METHODS: tuple[Method, ...] = ("uncalibrated", "quantile", "isotonic", "gate")
+"""Every calibration method, in their default order."""
+
+SIMULATIONS_FILE = "simulations.parquet"
+CONTEXTS_FILE = "contexts.parquet"
+STATS_FILE = "latents/stats.parquet"
+OUTPUT_FILE = "calibration.parquet"
+METRICS_FILE = "calibration_metrics.parquet"
+FITS_FILE = "calibration_fits.parquet"
+TABLES_FILE = "calibration.safetensors"
+RECORD_FILE = "calibrate.json"
+
+SPLITS = ("eval", "calibration")
+E_MAX = 9.0
+_E_TOLERANCE = 1e-3  # a renormalized float32 expectation may exceed 9 by rounding
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Options of the ``calibrate`` stage."""
+
+    methods: tuple[Method, ...] = METHODS
+    """Calibration methods to compute, side by side: uncalibrated (E/9 x max, the paper's
+    first mapping), quantile (the paper's quantile normalization), isotonic and gate (nlrw's,
+    fitted on the calibration split)."""
+
+    sim_quantiles: int = 101
+    """Entries of each latent's quantile table of simulated scores (quantile method)."""
+
+    quantile_fit: Literal["eval", "calibration"] = "eval"
+    """Contexts whose simulated scores define F_sim for the quantile method: eval (the
+    paper's protocol: the very contexts evaluated) or calibration (held out)."""
+
+    gate_specificity: float = 0.9
+    """The gate's threshold is the smallest score t with P(E < t | inactive) at least this,
+    on the calibration split; in (0, 1]."""
+
+    min_calibration_contexts: int = 10
+    """A latent with fewer calibration contexts gets the fallback (all zeros) for isotonic
+    and gate."""
+
+    min_calibration_active: int = 1
+    """A latent with fewer active calibration contexts gets the fallback (all zeros) for
+    isotonic and gate."""
+
+    seed: int = 0
+    """Recorded for provenance; every method is deterministic and draws nothing."""
+
+    def __post_init__(self) -> None:
+        methods = tuple(self.methods)
+        if not methods:
+            raise ValueError(f"methods must name at least one of {', '.join(METHODS)}")
+        for m in methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown calibration method {m!r}; methods: {', '.join(METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"methods lists a method twice: {methods}")
+        object.__setattr__(self, "methods", methods)  # a list from TOML becomes a tuple
+        for name, minimum in (
+            ("sim_quantiles", 2),
+            ("min_calibration_contexts", 1),
+            ("min_calibration_active", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.quantile_fit not in SPLITS:
+            raise ValueError(
+                f"quantile_fit must be 'eval' or 'calibration', got {self.quantile_fit!r}"
+            )
+        s = self.gate_specificity
+        if isinstance(s, bool) or not isinstance(s, int | float) or not 0.0 < s <= 1.0:
+            raise ValueError(f"gate_specificity must be in (0, 1], got {s!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The methods, as pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def _vector(x: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}[{int(np.argmin(np.isfinite(a)))}] is not finite")
+    return a
+
+
+def uncalibrated(
+    expected_value: npt.ArrayLike, max_activation: npt.ArrayLike
+) -> npt.NDArray[np.float32]:
+    """The paper's mapping ``a = E / 9 · max`` (``max`` a scalar or one per score)."""
+    e = np.asarray(expected_value, dtype=np.float64)
+    return (e / E_MAX * np.asarray(max_activation, dtype=np.float64)).astype(np.float32)
+
+
+def quantile_calibrate(
+    fit_index: npt.ArrayLike,
+    fit_scores: npt.ArrayLike,
+    index: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    real_table: npt.ArrayLike,
+    sim_quantiles: int = 101,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Quantile normalization ``a = F_real⁻¹(F_sim(E))`` of ``scores``.
+
+    Row ``i`` of ``real_table`` (``[L, Qr]``) is latent ``i``'s real table; ``F_sim`` of
+    latent ``i`` is the ``sim_quantiles``-entry table of the ``fit_scores`` with
+    ``fit_index == i``; ``index`` names each score's row. Returns ``(activations, sim_table)``;
+    ties and interpolation as in :mod:`nlrw.quantiles`.
+    """
+    real = np.asarray(real_table, dtype=np.float32)
+    if real.ndim != 2:
+        raise ValueError(f"real_table must be 2-D [L, Q], got shape {real.shape}")
+    sim = quantile_tables(fit_index, fit_scores, real.shape[0], sim_quantiles)
+    return quantile_normalize(index, scores, sim, real), sim
+
+
+def isotonic_fit(
+    x: npt.ArrayLike, y: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Least-squares monotone non-decreasing regression of ``y`` on ``x``.
+
+    Returns ``(xs, ys)``: ``xs`` the distinct values of ``x`` ascending, ``ys`` the fitted
+    value at each, the minimiser of ``Σ_i (y_i − f(x_i))²`` over non-decreasing ``f``.
+    Pool-adjacent-violators: the points with equal ``x`` are pooled first (mean of their
+    ``y``, weight = their count); going up ``x``, each point starts a block and while a
+    block's mean is below the previous block's the two merge (weighted mean). The result is
+    the block means; equivalently ``ŷ_i = max_{j ≤ i} min_{k ≥ i} mean(y_j … y_k)`` (pooled
+    weights). ``O(n log n)`` for the sort, ``O(n)`` merges. Empty input gives empty arrays.
+    """
+    xa, ya = _vector(x, "x"), _vector(y, "y")
+    if xa.shape != ya.shape:
+        raise ValueError(f"x has {xa.shape[0]} values but y has {ya.shape[0]}")
+    if xa.size == 0:
+        return np.zeros(0), np.zeros(0)
+    xs, inverse = np.unique(xa, return_inverse=True)
+    weight = np.bincount(inverse, minlength=xs.size).astype(np.float64)
+    means = np.bincount(inverse, weights=ya, minlength=xs.size) / weight
+    values: list[float] = []
+    weights: list[float] = []
+    sizes: list[int] = []
+    for v, w in zip(means.tolist(), weight.tolist(), strict=True):
+        values.append(v)
+        weights.append(w)
+        sizes.append(1)
+        while len(values) > 1 and values[-2] > values[-1]:
+            v2, w2, n2 = values.pop(), weights.pop(), sizes.pop()
+            w1 = weights[-1]
+            values[-1] = (values[-1] * w1 + v2 * w2) / (w1 + w2)
+            weights[-1] = w1 + w2
+            sizes[-1] += n2
+    ys = np.repeat(np.asarray(values), np.asarray(sizes))
+    return xs, np.maximum.accumulate(ys)  # exact monotonicity despite rounding in the means
+
+
+def isotonic_apply(
+    xs: npt.ArrayLike, ys: npt.ArrayLike, x: npt.ArrayLike
+) -> npt.NDArray[np.float64]:
+    """A fit of :func:`isotonic_fit` at ``x``: linear interpolation between the fitted points
+    (``numpy.interp``), ``ys[0]`` below ``xs[0]`` and ``ys[-1]`` above ``xs[-1]``; all zeros
+    for an empty fit (the fallback: predict inactive)."""
+    xs_a, ys_a = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    xa = np.asarray(x, dtype=np.float64)
+    if xs_a.shape != ys_a.shape or xs_a.ndim != 1:
+        raise ValueError(f"xs and ys must be 1-D of one length, got {xs_a.shape}, {ys_a.shape}")
+    if xs_a.size == 0:
+        return np.zeros(xa.shape)
+    return np.interp(xa, xs_a, ys_a)
+
+
+def gate_threshold(scores: npt.ArrayLike, active: npt.ArrayLike, specificity: float) -> float:
+    """The smallest ``t`` with ``#{inactive i: E_i < t} / #inactive ≥ specificity``.
+
+    With the inactive scores sorted ``e_(1) ≤ … ≤ e_(n)`` and ``m`` the smallest count with
+    ``m / n ≥ specificity``, the condition is ``e_(m) < t``; scores are float32, so the
+    smallest such ``t`` is the next float32 above ``e_(m)`` (then ``E < t ⟺ E ≤ e_(m)``).
+    ``-inf`` (gate nothing) when no context is inactive.
+    """
+    e = np.asarray(scores, dtype=np.float32)
+    act = np.asarray(active, dtype=bool)
+    if e.shape != act.shape or e.ndim != 1:
+        raise ValueError(f"scores and active must be 1-D of one length, got {e.shape}, {act.shape}")
+    if not 0.0 < specificity <= 1.0:
+        raise ValueError(f"specificity must be in (0, 1], got {specificity}")
+    inactive = np.sort(e[~act])
+    n = inactive.size
+    if n == 0:
+        return float("-inf")
+    m = max(1, math.ceil(specificity * n))
+    while m > 1 and (m - 1) / n >= specificity:  # ceil of a rounded product may be one high
+        m -= 1
+    while m < n and m / n < specificity:
+        m += 1
+    return float(np.nextafter(inactive[m - 1], np.float32(np.inf)))
+
+
+def gate_fill(scores: npt.ArrayLike, true: npt.ArrayLike, threshold: float) -> float:
+    """The gate's value where the isotonic fit is 0: the mean true activation of the active
+    contexts with ``E ≥ threshold``, of all active contexts when none is, 0 when none is
+    active."""
+    e = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    active = t > 0
+    above = active & (e >= threshold)
+    pick = above if above.any() else active
+    return float(t[pick].mean()) if pick.any() else 0.0
+
+
+def gate_apply(
+    scores: npt.ArrayLike,
+    threshold: float,
+    xs: npt.ArrayLike,
+    ys: npt.ArrayLike,
+    fill: float,
+) -> npt.NDArray[np.float64]:
+    """``a = 0`` where ``E < threshold``; else the isotonic value, or ``fill`` where that is
+    0."""
+    e = np.asarray(scores, dtype=np.float64)
+    iso = isotonic_apply(xs, ys, e)
+    return np.where(e < threshold, 0.0, np.where(iso > 0, iso, fill))
+
+
+class LatentFit(NamedTuple):
+    """What a latent's calibration split gives the isotonic and gate methods."""
+
+    xs: npt.NDArray[np.float64]
+    """Isotonic fit: distinct calibration scores, ascending (empty for the fallback)."""
+    ys: npt.NDArray[np.float64]
+    """Isotonic fit: fitted activation at each of ``xs``."""
+    threshold: float
+    """Gate threshold (``inf`` for the fallback: everything gated)."""
+    fill: float
+    """Gate value where the isotonic fit is 0."""
+    n_calibration: int
+    n_calibration_active: int
+    fallback: str | None
+    """Why the latent was not fitted, or None."""
+
+
+def fit_latent(scores: npt.ArrayLike, true: npt.ArrayLike, cfg: CalibrateConfig) -> LatentFit:
+    """Fit isotonic and gate on one latent's calibration contexts (``scores`` = E,
+    ``true`` = true activations), or the fallback when there are too few of them."""
+    e = np.asarray(scores, dtype=np.float32)
+    t = np.asarray(true, dtype=np.float64)
+    n, n_active = int(e.size), int((t > 0).sum())
+    reason = None
+    if n < cfg.min_calibration_contexts:
+        reason = f"fewer than {cfg.min_calibration_contexts} calibration contexts ({n})"
+    elif n_active < cfg.min_calibration_active:
+        reason = f"fewer than {cfg.min_calibration_active} active calibration contexts ({n_active})"
+    if reason is not None:
+        empty = np.zeros(0)
+        return LatentFit(empty, empty, float("inf"), 0.0, n, n_active, reason)
+    xs, ys = isotonic_fit(e, t)
+    threshold = gate_threshold(e, t > 0, cfg.gate_specificity)
+    return LatentFit(xs, ys, threshold, gate_fill(e, t, threshold), n, n_active, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def pearson(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
+    """Pearson correlation; NaN when either vector is constant or shorter than 2."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size < 2:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    sxx, syy = float(dx @ dx), float(dy @ dy)
+    if sxx == 0.0 or syy == 0.0:
+        return float("nan")
+    return float(np.clip((dx @ dy) / math.sqrt(sxx * syy), -1.0, 1.0))
+
+
+def auroc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """``P(s_pos > s_neg) + P(s_pos = s_neg) / 2`` over all (positive, negative) pairs, from
+    average ranks (Mann-Whitney U), ``O(n log n)``; NaN when a class is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], s.size]
+    run = np.repeat(np.arange(starts.size), ends - starts)
+    ranks = np.empty(s.size)
+    ranks[order] = ((starts + ends + 1) / 2.0)[run]  # 1-based average rank of each tie run
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def latent_metrics(
+    calibrated: npt.ArrayLike,
+    true: npt.ArrayLike,
+    expected_value: npt.ArrayLike,
+    *,
+    score_auroc: float | None = None,
+) -> dict[str, float | int]:
+    """One latent's metrics on its eval contexts: ``pearson`` (calibrated vs true),
+    ``specificity = P(a = 0 | true = 0)``, ``sensitivity = P(a > 0 | true > 0)``, ``auroc`` of
+    the score for ``true > 0``, ``n_active``, ``n_contexts`` (NaN where undefined: see the
+    module docstring). ``score_auroc``: the auroc if already known (it does not depend on
+    the calibration)."""
+    a = np.asarray(calibrated, dtype=np.float64)
+    t = np.asarray(true, dtype=np.float64)
+    e = np.asarray(expected_value, dtype=np.float64)
+    if not a.shape == t.shape == e.shape or a.ndim != 1:
+        raise ValueError(
+            f"calibrated, true, expected_value must be 1-D of one length, "
+            f"got {a.shape}, {t.shape}, {e.shape}"
+        )
+    active = t > 0
+    n_active = int(active.sum())
+    n_inactive = int(a.size - n_active)
+    return {
+        "pearson": pearson(a, t),
+        "specificity": float((a[~active] == 0).mean()) if n_inactive else float("nan"),
+        "sensitivity": float((a[active] > 0).mean()) if n_active else float("nan"),
+        "auroc": auroc(e, active) if score_auroc is None else score_auroc,
+        "n_active": n_active,
+        "n_contexts": int(a.size),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+_NEEDED = {
+    SIMULATIONS_FILE: (("latent", "context_id", "expected_value", "true_activation"), "simulate"),
+    CONTEXTS_FILE: (("context_id", "split"), "contexts"),
+    STATS_FILE: (("latent", "max", "quantiles"), "cache"),
+}
+
+
+def _read_input(run_dir: Path, name: str) -> pl.DataFrame:
+    columns, stage = _NEEDED[name]
+    path = run_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the {stage} stage first")
+    try:
+        schema = pl.read_parquet_schema(path)
+    except Exception as e:  # polars raises several error types for a damaged file
+        raise ValueError(f"{path}: not a readable parquet file (truncated or corrupt?): {e}") from e
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {', '.join(missing)}")
+    try:
+        return pl.read_parquet(path, columns=list(columns))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable parquet file (truncated or corrupt?): {e}") from e
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Inputs(NamedTuple):
+    latent: npt.NDArray[np.int64]  # per simulation row, sorted by (latent, context)
+    context: npt.NDArray[np.int64]
+    score: npt.NDArray[np.float32]
+    true: npt.NDArray[np.float32]
+    is_eval: npt.NDArray[np.bool_]
+    latents: npt.NDArray[np.int64]  # distinct simulated latents, ascending
+    bounds: npt.NDArray[np.int64]  # rows of latents[i] are bounds[i]:bounds[i+1]
+    max_activation: npt.NDArray[np.float64]  # per latent of `latents`
+    real_table: npt.NDArray[np.float32]  # [len(latents), Qr]
+    n_eval_contexts: int
+    n_calibration_contexts: int
+
+
+def _where(latent: np.ndarray, context: np.ndarray, bad: np.ndarray) -> str:
+    i = int(np.argmax(bad))
+    return f"latent {int(latent[i])}, context {int(context[i])}"
+
+
+def _real_tables(stats: pl.DataFrame, path: Path) -> npt.NDArray[np.float32]:
+    """The stats' quantile tables as ``[n, Q]``, checked (equal ``Q ≥ 2``, finite, ascending),
+    an error naming the latent otherwise."""
+    column = stats["quantiles"]
+    if isinstance(column.dtype, pl.Array):
+        column = column.cast(pl.List(pl.Float32))
+    if not isinstance(column.dtype, pl.List):
+        raise ValueError(f"{path}: column quantiles must be a list of floats, got {column.dtype}")
+    lengths = column.list.len().fill_null(0).to_numpy()
+    if stats.height == 0:
+        return np.zeros((0, 2), np.float32)
+    q = int(lengths[0])
+    bad = lengths != q if q >= 2 else np.ones(lengths.size, bool)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{path}: latent {stats['latent'][i]} has a quantile table of {lengths[i]} entries "
+            f"(expected {max(q, 2)} or more, equal for every latent)"
+        )
+    real = column.explode().cast(pl.Float32).fill_null(np.nan).to_numpy().reshape(-1, q)
+    bad = ~np.isfinite(real).all(axis=1) | (np.diff(real, axis=1) < 0).any(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"{path}: the quantile table of latent {stats['latent'][int(np.argmax(bad))]} "
+            "is not finite and ascending"
+        )
+    return np.ascontiguousarray(real, dtype=np.float32)
+
+
+def _load_inputs(run_dir: Path) -> _Inputs:
+    sims = _read_input(run_dir, SIMULATIONS_FILE)
+    contexts = _read_input(run_dir, CONTEXTS_FILE)
+    stats = _read_input(run_dir, STATS_FILE)
+    sim_path, ctx_path, stats_path = (
+        run_dir / SIMULATIONS_FILE,
+        run_dir / CONTEXTS_FILE,
+        run_dir / STATS_FILE,
+    )
+
+    # contexts: id -> split
+    ctx_ids = contexts["context_id"].to_numpy().astype(np.int64)
+    splits = contexts["split"]
+    unknown = splits.filter(~splits.is_in(list(SPLITS)) | splits.is_null()).unique().to_list()
+    if unknown:
+        raise ValueError(
+            f"{ctx_path}: unknown split value(s) {unknown[:5]} (expected 'eval' or 'calibration')"
+        )
+    if np.unique(ctx_ids).size != ctx_ids.size:
+        raise ValueError(f"{ctx_path}: a context_id appears more than once")
+    ctx_eval = (splits == "eval").to_numpy()
+
+    sims = sims.sort("latent", "context_id")
+    latent = sims["latent"].to_numpy().astype(np.int64)
+    context = sims["context_id"].to_numpy().astype(np.int64)
+    score = sims["expected_value"].cast(pl.Float32).fill_null(np.nan).to_numpy()
+    true = sims["true_activation"].cast(pl.Float32).fill_null(np.nan).to_numpy()
+    bad = ~np.isfinite(score)
+    if bad.any():
+        raise ValueError(
+            f"{sim_path}: expected_value is NaN or missing ({_where(latent, context, bad)}; "
+            f"{int(bad.sum())} rows in all)"
+        )
+    bad = (score < 0) | (score > E_MAX + _E_TOLERANCE)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{sim_path}: expected_value {score[i]} outside [0, 9] ({_where(latent, context, bad)})"
+        )
+    bad = ~np.isfinite(true) | (true < 0)
+    if bad.any():
+        raise ValueError(
+            f"{sim_path}: true_activation is NaN, missing or negative "
+            f"({_where(latent, context, bad)})"
+        )
+    dup = np.r_[False, (latent[1:] == latent[:-1]) & (context[1:] == context[:-1])]
+    if dup.any():
+        raise ValueError(
+            f"{sim_path}: a (latent, context_id) pair appears twice "
+            f"({_where(latent, context, dup)})"
+        )
+
+    order = np.argsort(ctx_ids)
+    pos = np.searchsorted(ctx_ids[order], context)
+    found = pos < ctx_ids.size
+    found[found] = ctx_ids[order][pos[found]] == context[found]
+    if not found.all():
+        raise ValueError(
+            f"{sim_path}: context {int(context[np.argmin(found)])} is not in {ctx_path}"
+        )
+    is_eval = ctx_eval[order][pos]
+
+    latents, starts = np.unique(latent, return_index=True)
+    bounds = np.r_[starts, latent.size].astype(np.int64)
+
+    stats = stats.sort("latent")
+    stat_latents = stats["latent"].to_numpy().astype(np.int64)
+    spos = np.searchsorted(stat_latents, latents)
+    known = spos < stat_latents.size
+    known[known] = stat_latents[spos[known]] == latents[known]
+    if not known.all():
+        absent = latents[~known]
+        raise ValueError(
+            f"{sim_path}: latent(s) {absent[:10].tolist()} ({absent.size} in all) are absent "
+            f"from {stats_path}: were they simulated from another cache?"
+        )
+    stats = stats[spos.tolist()] if latents.size else stats.head(0)
+    real = _real_tables(stats, stats_path)
+    max_act = stats["max"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    bad = ~np.isfinite(max_act) | (max_act < 0)
+    if bad.any():
+        raise ValueError(
+            f"{stats_path}: max of latent {int(latents[np.argmax(bad)])} is {max_act[bad][0]}"
+        )
+    in_sims = np.isin(ctx_ids, context)
+    return _Inputs(
+        latent=latent,
+        context=context,
+        score=score.astype(np.float32),
+        true=true.astype(np.float32),
+        is_eval=is_eval,
+        latents=latents,
+        bounds=bounds,
+        max_activation=max_act,
+        real_table=real,
+        n_eval_contexts=int((in_sims & ctx_eval).sum()),
+        n_calibration_contexts=int((in_sims & ~ctx_eval).sum()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+OUTPUT_SCHEMA: dict[str, Any] = {
+    "latent": pl.Int32,
+    "context_id": pl.Int32,
+    "calibration": pl.String,
+    "activation": pl.Float32,
+}
+METRICS_SCHEMA: dict[str, Any] = {
+    "latent": pl.Int32,
+    "calibration": pl.String,
+    "pearson": pl.Float64,
+    "specificity": pl.Float64,
+    "sensitivity": pl.Float64,
+    "auroc": pl.Float64,
+    "n_active": pl.Int64,
+    "n_contexts": pl.Int64,
+}
+FITS_SCHEMA: dict[str, Any] = {
+    "latent": pl.Int32,
+    "n_calibration": pl.Int64,
+    "n_calibration_active": pl.Int64,
+    "fallback": pl.String,
+    "isotonic_x": pl.List(pl.Float32),
+    "isotonic_y": pl.List(pl.Float32),
+    "gate_threshold": pl.Float32,
+    "gate_fill": pl.Float32,
+}
+_OUTPUTS = (OUTPUT_FILE, METRICS_FILE, FITS_FILE, TABLES_FILE)
+
+
+def _inputs_digest(run_dir: Path) -> dict[str, str]:
+    return {name: _file_digest(run_dir / name) for name in _NEEDED}
+
+
+def _previous(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / RECORD_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc="calibrate", unit="latent", dynamic_ncols=True, disable=not enabled
+    )
+
+
+def run(
+    cfg: CalibrateConfig,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Calibrate ``run_dir/simulations.parquet`` with every method of ``cfg``; writes the
+    outputs listed in the module docstring and returns the metrics table.
+
+    Raises:
+        FileNotFoundError: an input is missing (naming it and the stage that writes it).
+        ValueError: an unreadable input, a NaN or out-of-range score, an unknown split, a
+            simulated latent absent from the stats (each naming the file).
+        FileExistsError: outputs of another config or other inputs exist and not
+            ``overwrite``.
+    """
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    data = _load_inputs(run_dir)  # bad inputs are reported first, whatever is on disk
+    inputs_digest = _inputs_digest(run_dir)
+    key = config_hash({"config": cfg, "inputs": inputs_digest})
+    previous = _previous(run_dir)
+    if previous is not None and not overwrite:
+        if previous.get("key") == key and all((run_dir / f).is_file() for f in _OUTPUTS):
+            return pl.read_parquet(run_dir / METRICS_FILE)
+        if previous.get("key") != key:
+            raise FileExistsError(
+                f"{run_dir / RECORD_FILE}: calibration of another config or other inputs "
+                "exists; pass overwrite=True to replace it"
+            )
+
+    (run_dir / RECORD_FILE).unlink(missing_ok=True)  # the done mark goes last
+
+    n_rows, n_latents = data.latent.size, data.latents.size
+    row_latent = np.repeat(np.arange(n_latents), np.diff(data.bounds))  # index into latents
+    calibrated: dict[str, np.ndarray] = {}
+    if "uncalibrated" in cfg.methods:
+        calibrated["uncalibrated"] = uncalibrated(data.score, data.max_activation[row_latent])
+    # The simulated-score tables are always computed: calibration.safetensors keeps them.
+    fit_rows = data.is_eval if cfg.quantile_fit == "eval" else ~data.is_eval
+    acts, sim_table = quantile_calibrate(
+        row_latent[fit_rows],
+        data.score[fit_rows],
+        row_latent,
+        data.score,
+        data.real_table,
+        cfg.sim_quantiles,
+    )
+    if "quantile" in cfg.methods:
+        calibrated["quantile"] = acts
+    fitted = any(m in cfg.methods for m in ("isotonic", "gate"))
+    for m in ("isotonic", "gate"):
+        if m in cfg.methods:
+            calibrated[m] = np.zeros(n_rows, np.float32)
+
+    fits: list[dict[str, Any]] = []
+    fallbacks: dict[int, str] = {}
+    metric_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
+    bar = _progress(n_latents, progress)
+    for i, lat in enumerate(data.latents.tolist()):
+        rows = slice(int(data.bounds[i]), int(data.bounds[i + 1]))
+        ev = data.is_eval[rows]
+        e_all, t_all = data.score[rows], data.true[rows]
+        e_cal, t_cal = e_all[~ev], t_all[~ev]
+        fit = fit_latent(e_cal, t_cal, cfg)
+        if fit.fallback is not None:
+            fallbacks[lat] = fit.fallback
+        if (
+            "quantile" in calibrated
+            and cfg.quantile_fit == "calibration"
+            and fit.n_calibration < cfg.min_calibration_contexts
+        ):
+            calibrated["quantile"][rows] = 0.0
+        if fitted:
+            e_eval = e_all[ev]
+            idx = np.arange(rows.start, rows.stop)[ev]
+            if "isotonic" in calibrated:
+                calibrated["isotonic"][idx] = isotonic_apply(fit.xs, fit.ys, e_eval)
+            if "gate" in calibrated:
+                calibrated["gate"][idx] = gate_apply(
+                    e_eval, fit.threshold, fit.xs, fit.ys, fit.fill
+                )
+            fits.append(
+                {
+                    "latent": lat,
+                    "n_calibration": fit.n_calibration,
+                    "n_calibration_active": fit.n_calibration_active,
+                    "fallback": fit.fallback,
+                    "isotonic_x": fit.xs.tolist(),
+                    "isotonic_y": fit.ys.tolist(),
+                    "gate_threshold": fit.threshold,
+                    "gate_fill": fit.fill,
+                }
+            )
+        score_auroc = auroc(e_all[ev], t_all[ev] > 0)
+        for m, values in calibrated.items():
+            a = values[rows]
+            np.maximum(a, 0.0, out=a)  # activations are >= 0 (a NaN-free no-op in theory)
+            metric_rows[m].append(
+                {
+                    "latent": lat,
+                    "calibration": m,
+                    **latent_metrics(a[ev], t_all[ev], e_all[ev], score_auroc=score_auroc),
+                }
+            )
+        bar.update(1)
+    bar.close()
+
+    eval_rows = np.flatnonzero(data.is_eval)
+    table = pl.concat(
+        [
+            pl.DataFrame(
+                {
+                    "latent": data.latent[eval_rows],
+                    "context_id": data.context[eval_rows],
+                    "calibration": pl.repeat(m, eval_rows.size, dtype=pl.String, eager=True),
+                    "activation": calibrated[m][eval_rows],
+                },
+                schema=OUTPUT_SCHEMA,
+            )
+            for m in cfg.methods
+        ]
+    )
+    metrics = pl.DataFrame([r for m in cfg.methods for r in metric_rows[m]], schema=METRICS_SCHEMA)
+    fits_table = pl.DataFrame(fits, schema=FITS_SCHEMA)
+
+    with atomic_path(run_dir / OUTPUT_FILE) as tmp:
+        table.write_parquet(tmp, statistics=True)
+    with atomic_path(run_dir / METRICS_FILE) as tmp:
+        metrics.write_parquet(tmp)
+    with atomic_path(run_dir / FITS_FILE) as tmp:
+        fits_table.write_parquet(tmp)
+    save_tables(
+        run_dir / TABLES_FILE,
+        sim=sim_table,
+        real=data.real_table,
+        latents=json.dumps(data.latents.tolist()),
+        quantile_fit=cfg.quantile_fit,
+    )
+    atomic_write_json(
+        run_dir / RECORD_FILE,
+        stage_record(
+            "calibrate",
+            cfg,
+            key=key,
+            inputs=inputs_digest,
+            n_latents=n_latents,
+            n_eval_contexts=data.n_eval_contexts,
+            n_calibration_contexts=data.n_calibration_contexts,
+            n_rows=int(eval_rows.size) * len(cfg.methods),
+            n_fallback_latents=len(fallbacks),
+            fallback_latents={str(k): v for k, v in fallbacks.items()},
+            mean_metrics=_mean_metrics(metrics),
+            seconds=time.perf_counter() - started,
+        ),
+    )
+    return metrics
+
+
+def _mean_metrics(metrics: pl.DataFrame) -> dict[str, dict[str, float | None]]:
+    """Per calibration, the mean of each metric over the latents where it is defined."""
+    out: dict[str, dict[str, float | None]] = {}
+    for (method,), group in metrics.group_by(["calibration"], maintain_order=True):
+        out[str(method)] = {}
+        for col in ("pearson", "specificity", "sensitivity", "auroc"):
+            values = group[col].drop_nans().drop_nulls()
+            out[str(method)][col] = float(values.mean()) if len(values) else None  # type: ignore[arg-type]
+    return out
