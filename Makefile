@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 2
 
 RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml rust/*/src/*.rs)
 
-.PHONY: run test bench lint pytest cargo-test build clean assets
+.PHONY: run test bench lint pytest cargo-test build clean assets browser
 
 run: $(VENV)/.built $(VENV)/.assets
 	$(VENV)/bin/nlrw run --preset demo --run-dir runs/demo
@@ -42,7 +42,11 @@ $(VENV)/.assets: | $(VENV)/.deps
 
 assets: $(VENV)/.assets
 
-pytest: $(VENV)/.built $(VENV)/.assets
+# The report's test opens the HTML in a real headless browser: Debian's chromium.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+
+pytest: $(VENV)/.built $(VENV)/.assets browser
 	$(VENV)/bin/pytest -q
 
 cargo-test:

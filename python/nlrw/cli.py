@@ -26,6 +26,7 @@ from nlrw.collect import CollectConfig
 from nlrw.contexts import ContextsConfig
 from nlrw.explain import ExplainConfig
 from nlrw.pipeline import RunConfig, load_preset, preset_names
+from nlrw.report import ReportConfig
 from nlrw.score import ScoreConfig
 from nlrw.train import TrainConfig
 
@@ -134,6 +135,21 @@ def calibrate(
     )
 
 
+_REPORT_DEFAULTS = ReportConfig()
+
+
+def report(
+    run_dir: Path,
+    /,
+    cfg: Annotated[ReportConfig, _Flat] = _REPORT_DEFAULTS,
+    overwrite: bool = False,
+) -> None:
+    """Render RUN_DIR/report/: a self-contained index.html, report.md and the PNG figures."""
+    from nlrw import report as stage
+
+    print(stage.run(cfg, run_dir, overwrite=overwrite))
+
+
 def status(run_dir: Path, /) -> None:
     """Print each stage's state in a run directory: done, partial, stale or not started."""
     from nlrw.pipeline import status as pipeline_status
@@ -210,6 +226,7 @@ def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
         "explain": explain,
         "score": score,
         "calibrate": calibrate,
+        "report": report,
         "info": info,
         "shards-verify": shards_verify,
     }

@@ -41,6 +41,8 @@ from nlrw.collect import CollectConfig
 from nlrw.contexts import ContextsConfig
 from nlrw.explain import ExplainConfig
 from nlrw.io import atomic_write_json
+from nlrw.prompts import detection as detection_prompt
+from nlrw.prompts import explain as explain_prompt
 from nlrw.provenance import config_hash, git_revision, to_jsonable, versions
 from nlrw.recovery import RecoveryConfig
 from nlrw.score import ScoreConfig
@@ -225,8 +227,11 @@ STAGES: tuple[Stage, ...] = (
     # Needs the coder (train) and, for from-cache, the cache; independent of the LLM stages,
     # so tuning explanations never re-draws the contexts.
     Stage("contexts", _contexts, lambda c: c.contexts),
-    Stage("explain", _explain, lambda c: c.explain),
-    Stage("score", _score, lambda c: c.score),
+    # Prompt templates count as config: editing one re-runs its stage and what follows.
+    Stage(
+        "explain", _explain, lambda c: {"config": c.explain, "prompt": explain_prompt.PROMPT_HASH}
+    ),
+    Stage("score", _score, lambda c: {"config": c.score, "prompt": detection_prompt.PROMPT_HASH}),
 )
 
 
@@ -385,7 +390,7 @@ def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
             "format": RUN_FORMAT,
             "config": to_jsonable(cfg),
             "stage_hashes": hashes,
-            "seeds": {s.name: getattr(s.config(cfg), "seed", None) for s in STAGES},
+            "seeds": {s.name: getattr(getattr(cfg, s.name), "seed", None) for s in STAGES},
             "versions": versions(),
             "git_revision": git_revision(),
             "written_at": _now(),
@@ -496,6 +501,16 @@ def _run_locked(
     return summaries
 
 
+_PARTS = {
+    "cache": "latents",
+    "explain": "explanations.parts",
+    "score": "scores.parts",
+    "simulate": "simulations.parts",
+    "evaluate": "eval/parts",
+}
+"""Where a stage checkpoints its parquet parts: a partial stage's progress."""
+
+
 class StageStatus(NamedTuple):
     """What ``nlrw status`` shows for one stage."""
 
@@ -529,6 +544,10 @@ def status(run_dir: str | Path) -> list[StageStatus]:
             detail = json.dumps(summary)[:80] if summary else ""
             out.append(StageStatus(stage.name, "done", record.get("seconds"), detail))
         else:
-            started = record.get("started_at", "?")
-            out.append(StageStatus(stage.name, "partial", None, f"started {started}"))
+            detail = f"started {record.get('started_at', '?')}"
+            parts = _PARTS.get(stage.name)
+            if parts is not None:
+                n = len(list((run_dir / parts).glob("part-*.parquet")))
+                detail += f", {n} part{'s' * (n != 1)} written in {parts}/"
+            out.append(StageStatus(stage.name, "partial", None, detail))
     return out

@@ -1,0 +1,578 @@
+"""Tests of the report stage: the page renders from a run directory (the real smoke pipeline up
+to ``score`` plus generated-but-plausible tables for the later stages, in the spec's schemas),
+it is self-contained, missing inputs are handled, and it loads cleanly in a real headless
+Chromium (skipped with a reason when no Chromium is installed)."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from nlrw import explain, pipeline, report, score
+from nlrw.report import ReportConfig, select_browser_latents, token_spans_html
+
+CALIBRATIONS = ("uncalibrated", "quantile", "isotonic", "gate")
+FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# A run directory: the real smoke pipeline up to score, then generated later-stage tables
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke preset up to ``cache``: real statistics and top windows of 256 latents."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    pipeline.run(pipeline.load_preset("smoke"), run_dir, until="cache", log=lambda _: None)
+    return run_dir
+
+
+EXPLANATIONS = (
+    "Capitalized first names of women, e.g. Elizabeth, Jane",
+    'The word "not" & other negations <in dialogue>',
+    "Commas after a subordinate clause",
+    "Forms of the verb to be",
+    "Titles before a surname: Mr, Mrs, Miss",
+    "Words about money and fortune",
+    "The first token after an opening quotation mark",
+    "Adverbs ending in -ly",
+    "Pronouns referring to the heroine",
+    "~\x07\ufffd]\ufffd Yes\ufffd}",  # what a tiny random explainer writes
+    None,  # a failed explanation
+    "Punctuation at the end of a sentence",
+)
+
+
+def write_explanations_and_scores(run_dir: Path, rng: np.random.Generator) -> np.ndarray:
+    """``explanations.parquet`` and ``scores.parquet`` (explain / score schemas) for the most
+    frequent latents of the cache, with plausible texts and detection scores; returns the
+    latents with a usable explanation."""
+    stats = pl.read_parquet(run_dir / "latents" / "stats.parquet").sort(
+        ["count", "latent"], descending=[True, False]
+    )
+    chosen = stats["latent"].head(len(EXPLANATIONS)).to_list()
+    expl_rows, score_rows = [], []
+    for lat, text in zip(chosen, EXPLANATIONS, strict=True):
+        windows = pl.read_parquet(run_dir / "latents" / "top_windows.parquet").filter(
+            pl.col("latent") == lat
+        )["window"]
+        expl_rows.append(
+            {
+                "latent": lat,
+                "explanation": text,
+                "status": "ok" if text else "failed",
+                "reason": None if text else "no usable reply after 3 attempts",
+                "backend": "transformers",
+                "model": "tiny-random-llama",
+                "temperature": 0.7,
+                "seed": 0,
+                "prompt_hash": "0123456789abcdef",
+                "prompt_tokens": 800,
+                "completion_tokens": 12,
+                "attempts": 1 if text else 3,
+                "windows": windows.head(2).to_list(),
+            }
+        )
+        if text is None:
+            continue
+        labels = [True] * 4 + [False] * 4
+        probs = np.clip(np.array(labels, float) * 0.5 + rng.uniform(0.1, 0.5, 8), 0, 1)
+        score_rows.append(
+            {
+                "latent": lat,
+                "explanation": text,
+                "balanced_accuracy": round(float(rng.uniform(0.45, 0.95)), 3),
+                "auroc": round(float(rng.uniform(0.5, 1.0)), 3),
+                "shuffled_balanced_accuracy": round(float(rng.normal(0.5, 0.04)), 3),
+                "shuffled_auroc": round(float(rng.normal(0.5, 0.05)), 3),
+                "shuffled_from": chosen[0],
+                "n_activating": 4,
+                "n_non_activating": 4,
+                "mean_mass": 0.9,
+                "backend": "transformers",
+                "model": "tiny-random-llama",
+                "prompt_hash": "fedcba9876543210",
+                "windows": list(range(8)),
+                "labels": labels,
+                "probs": probs.tolist(),
+                "shuffled_probs": rng.uniform(0, 1, 8).tolist(),
+            }
+        )
+    pl.DataFrame(expl_rows, schema=explain.SCHEMA).write_parquet(run_dir / "explanations.parquet")
+    scores = pl.DataFrame(score_rows, schema=score.SCHEMA)
+    scores.write_parquet(run_dir / "scores.parquet")
+    return scores["latent"].to_numpy()
+
+
+def _bootstrap_ci(x: np.ndarray, rng: np.random.Generator, n: int = 200) -> tuple[float, float]:
+    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def _paired_p(d: np.ndarray) -> float:
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return float("nan")
+    t = d.mean() / (sd / math.sqrt(len(d)))
+    return math.erfc(abs(t) / math.sqrt(2))  # normal approximation, two-sided
+
+
+def write_later_stages(run_dir: Path, n_eval: int = 80, n_calibration: int = 20, seed: int = 0):
+    """explanations / scores / contexts / simulations / calibration / eval tables in the
+    spec's schemas, generated with the paper's story: false positives uncalibrated,
+    low sensitivity calibrated, CE rising with the fraction simulated."""
+    rng = np.random.default_rng(seed)
+    latents = write_explanations_and_scores(run_dir, rng).astype(np.int32)
+    n_lat = len(latents)
+
+    tokens = np.load(run_dir / "activations" / "eval" / "tokens.npy")
+    n = n_eval + n_calibration
+    ctx_len = 8
+    seqs = rng.integers(0, tokens.shape[0], n)
+    starts = rng.integers(0, tokens.shape[1] - ctx_len - 1, n)
+    ids = [
+        tokens[s, o : o + ctx_len].astype(np.int32).tolist()
+        for s, o in zip(seqs, starts, strict=True)
+    ]
+    pl.DataFrame(
+        {
+            "context_id": np.arange(n, dtype=np.int32),
+            "split": ["eval"] * n_eval + ["calibration"] * n_calibration,
+            "input_ids": pl.Series(ids, dtype=pl.List(pl.Int32)),
+            "target_id": np.array(
+                [tokens[s, o + ctx_len] for s, o in zip(seqs, starts, strict=True)], np.int32
+            ),
+            "source": ["held-out"] * n,
+            "document": seqs.astype(np.int64),
+            "offset": starts.astype(np.int64),
+        }
+    ).write_parquet(run_dir / "contexts.parquet")
+
+    true = np.where(rng.random((n_lat, n)) < 0.2, rng.gamma(2.0, 0.5, (n_lat, n)), 0.0).astype(
+        np.float32
+    )
+    active = true > 0
+    ev = np.where(
+        active,
+        np.clip(rng.normal(6.5, 1.5, true.shape), 0, 9),
+        np.where(
+            rng.random(true.shape) < 0.35,
+            np.clip(rng.normal(8.3, 0.5, true.shape), 0, 9),
+            np.clip(rng.normal(1.2, 1.0, true.shape), 0, 9),
+        ),
+    ).astype(np.float32)
+    digits = np.arange(10)
+    probs = np.exp(-0.5 * (digits[None, None, :] - ev[..., None]) ** 2)
+    probs = (0.95 * probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    lat_col = np.repeat(latents, n)
+    ctx_col = np.tile(np.arange(n, dtype=np.int32), n_lat)
+    pl.DataFrame(
+        {
+            "latent": lat_col,
+            "context_id": ctx_col,
+            "expected_value": ev.reshape(-1),
+            "digit_probs": pl.Series(probs.reshape(-1, 10).tolist(), dtype=pl.List(pl.Float32)),
+            "digit_mass": np.full(n_lat * n, 0.95, np.float32),
+            "true_activation": true.reshape(-1),
+        }
+    ).write_parquet(run_dir / "simulations.parquet")
+
+    maxima = true.max(1, keepdims=True) + 1e-3
+    sim = {
+        "uncalibrated": ev / 9 * maxima,
+        "quantile": np.where(ev > np.quantile(ev, 0.8, axis=1, keepdims=True), ev / 9 * maxima, 0),
+        "isotonic": np.where(ev > 7.5, 0.6 * maxima, 0.0),
+        "gate": np.where(ev > 8.0, ev / 9 * maxima, 0.0),
+    }
+    cal_rows, metric_rows = [], []
+    for cal in CALIBRATIONS:
+        values = sim[cal][:, :n_eval].astype(np.float32)
+        cal_rows.append(
+            pl.DataFrame(
+                {
+                    "latent": np.repeat(latents, n_eval),
+                    "context_id": np.tile(np.arange(n_eval, dtype=np.int32), n_lat),
+                    "calibration": [cal] * (n_lat * n_eval),
+                    "activation": values.reshape(-1),
+                }
+            )
+        )
+        for i, lat in enumerate(latents):
+            t, s = true[i, :n_eval], values[i]
+            a = t > 0
+            metric_rows.append(
+                {
+                    "latent": int(lat),
+                    "calibration": cal,
+                    "pearson": float(np.corrcoef(t, s)[0, 1]) if s.std() > 0 else float("nan"),
+                    "specificity": float((s[~a] == 0).mean()) if (~a).any() else float("nan"),
+                    "sensitivity": float((s[a] > 0).mean()) if a.any() else float("nan"),
+                    "auroc": float(rng.uniform(0.5, 0.9)),
+                    "n_active": int(a.sum()),
+                    "n_contexts": n_eval,
+                }
+            )
+    pl.concat(cal_rows).write_parquet(run_dir / "calibration.parquet")
+    pl.DataFrame(metric_rows).with_columns(pl.col("latent").cast(pl.Int32)).write_parquet(
+        run_dir / "calibration_metrics.parquet"
+    )
+
+    # Evaluation: per-context CE of each condition, then the summary as the evaluate stage
+    # defines it (bootstrap CIs, paired differences to zero ablation).
+    base = rng.gamma(4.0, 0.8, n_eval)
+    conditions: list[dict[str, Any]] = []
+
+    def add(condition, ce, calibration=None, fraction=None, choice=None, trial=0, k=None):
+        conditions.append(
+            {
+                "condition": condition,
+                "calibration": calibration,
+                "fraction": fraction,
+                "choice": choice,
+                "trial": trial,
+                "ce": ce,
+                "n_simulated_latents": k,
+            }
+        )
+
+    add("clean", base)
+    add("transcoder", base + rng.normal(0.02, 0.05, n_eval))
+    zero = base + rng.normal(0.19, 0.1, n_eval)
+    add("zero_ablation", zero)
+    add("random_k", base + rng.normal(0.6, 0.2, n_eval))
+    harm = {"uncalibrated": 4.0, "quantile": 0.3, "isotonic": 0.25, "gate": 0.2}
+    for cal in CALIBRATIONS:
+        for choice in ("top", "random"):
+            for f in FRACTIONS:
+                scale = harm[cal] * f ** (0.6 if choice == "top" else 0.5)
+                trials = 1 if choice == "top" else 2
+                for trial in range(trials):
+                    ce = zero + scale + rng.normal(0, 0.1 + 0.2 * scale, n_eval) * 0.3
+                    add("simulated", ce, cal, f, choice, trial, max(1, round(f * n_lat)))
+    results, summary = [], []
+    for c in conditions:
+        results.append(
+            pl.DataFrame(
+                {
+                    "condition": c["condition"],
+                    "calibration": c["calibration"],
+                    "fraction": c["fraction"],
+                    "choice": c["choice"],
+                    "trial": c["trial"],
+                    "context_id": np.arange(n_eval, dtype=np.int32),
+                    "ce": c["ce"],
+                },
+                schema={
+                    "condition": pl.Utf8,
+                    "calibration": pl.Utf8,
+                    "fraction": pl.Float64,
+                    "choice": pl.Utf8,
+                    "trial": pl.Int32,
+                    "context_id": pl.Int32,
+                    "ce": pl.Float64,
+                },
+            )
+        )
+    pooled: dict[tuple, list] = {}
+    for c in conditions:
+        key = (c["condition"], c["calibration"], c["fraction"], c["choice"])
+        pooled.setdefault(key, []).append(c)
+    for (condition, cal, fraction, choice), group in pooled.items():
+        ce = np.mean([g["ce"] for g in group], axis=0)
+        lo, hi = _bootstrap_ci(ce, rng)
+        d = ce - zero
+        dlo, dhi = _bootstrap_ci(d, rng)
+        summary.append(
+            {
+                "condition": condition,
+                "calibration": "" if cal is None else cal,
+                "fraction": fraction,
+                "choice": choice,
+                "mean_ce": float(ce.mean()),
+                "ci_low": lo,
+                "ci_high": hi,
+                "n_contexts": n_eval,
+                "diff_vs_zero": float(d.mean()),
+                "diff_ci_low": dlo,
+                "diff_ci_high": dhi,
+                "p_value": _paired_p(d),
+                "n_simulated_latents": group[0]["n_simulated_latents"],
+            }
+        )
+    (run_dir / "eval").mkdir(exist_ok=True)
+    pl.concat(results).write_parquet(run_dir / "eval" / "results.parquet")
+    pl.DataFrame(
+        summary,
+        schema_overrides={
+            "fraction": pl.Float64,
+            "choice": pl.Utf8,
+            "n_simulated_latents": pl.Int64,
+        },
+    ).write_parquet(run_dir / "eval" / "summary.parquet")
+
+
+@pytest.fixture
+def run_dir(smoke_run: Path, tmp_path: Path) -> Path:
+    """A copy of the smoke run with the later stages' tables written in."""
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out, symlinks=True)
+    write_later_stages(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+_IMG = re.compile(r'<img src="([^"]*)"')
+
+
+def _images(page: str) -> list[bytes]:
+    out = []
+    for src in _IMG.findall(page):
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        out.append(base64.b64decode(src.split(",", 1)[1], validate=True))
+    return out
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(io.BytesIO(data), format="png")
+
+
+def _browser_check() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "browser_check", ROOT / "tools" / "browser_check.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Unit tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_browser_latents_are_best_median_worst() -> None:
+    scores = pl.DataFrame(
+        {"latent": list(range(20)), "balanced_accuracy": [i / 20 for i in range(20)]}
+    )
+    picks = select_browser_latents(scores, 6)
+    assert picks == [
+        (19, "best"),
+        (18, "best"),
+        (10, "median"),
+        (9, "median"),
+        (1, "worst"),
+        (0, "worst"),
+    ]
+    assert [lab for _, lab in select_browser_latents(scores, 4)] == [
+        "best",
+        "best",
+        "median",
+        "worst",
+    ]
+    few = pl.DataFrame({"latent": [5, 6, 7], "balanced_accuracy": [0.9, float("nan"), 0.6]})
+    assert select_browser_latents(few, 6) == [(5, "best"), (7, "median")]
+    assert select_browser_latents(few, 0) == []
+
+
+def test_token_spans_escape_and_scale_opacity() -> None:
+    out = token_spans_html(["<b>", " a\n", "x"], [1.0, 0.5, 0.0], scale=1.0)
+    assert "&lt;b&gt;" in out and "<b>" not in out
+    assert "rgba(245,124,0,1.00)" in out and "rgba(245,124,0,0.50)" in out
+    assert "↵" in out
+    assert out.count('class="tok act"') == 2  # the inactive token gets no highlight
+    assert "0.12" in token_spans_html(["t"], [1e-4], scale=1.0)  # faint but visible
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="n_top_windows"):
+        ReportConfig(n_top_windows=-1)
+    with pytest.raises(ValueError, match="dpi"):
+        ReportConfig(dpi=5)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage on a run directory
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_renders_every_section_self_contained(run_dir: Path) -> None:
+    index = report.run(ReportConfig(), run_dir)
+    assert index == run_dir / "report" / "index.html"
+    page = index.read_text()
+    out = index.parent
+    # Figures: on disk, and the same bytes embedded as valid PNGs.
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {
+        "headline.png",
+        "simulated_scores.png",
+        "calibration_metrics.png",
+        "detection.png",
+    } <= set(pngs)
+    embedded = _images(page)
+    assert len(embedded) == len(pngs)
+    assert {bytes(p.read_bytes()) for p in out.glob("*.png")} == set(embedded)
+    for data in embedded:
+        pixels = _decode_png(data)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+        assert pixels.std() > 0  # not a blank canvas
+    # Self-contained: nothing to fetch, no scripts.
+    assert not re.search(r'(src|href)="(?!data:|#)', page)
+    assert "<script" not in page and "url(" not in page
+    # Every summary row is in the table; p-values and the headline numbers shown.
+    summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    assert page.count("<tr") >= summary.height
+    assert f"{summary.filter(pl.col('condition') == 'clean')['mean_ce'][0]:.3f}" in page
+    assert "random active latents" in page and "zero ablation" in page
+    # Header: models, hookpoint, git revision, loss recovered.
+    assert "tiny-random-llama" in page and "model.layers.1.mlp" in page
+    assert "git revision" in page and "Loss recovered" in page
+    # Browser: 6 latents, best/median/worst, highlighted tokens, a scatter each.
+    assert page.count('class="latent"') == 6
+    for label in ("best", "median", "worst"):
+        assert f'class="badge {label}"' in page
+    assert page.count('class="tok act"') > 6
+    assert len(list(out.glob("latent_*.png"))) == 6
+    assert "rated highest" in page and "marked" in page
+    # Markdown twin, and the provenance record written last.
+    md = (out / "report.md").read_text()
+    assert "![mean CE vs fraction of latents simulated](headline.png)" in md
+    assert "| condition |" in md and "<<" in md
+    record = (run_dir / "report.json").read_text()
+    assert '"stage": "report"' in record
+    assert "Notes" not in page  # every input present: nothing left out
+
+
+def test_report_is_kept_when_up_to_date_and_redone_when_an_input_changes(run_dir: Path) -> None:
+    index = report.run(ReportConfig(n_browser_latents=2, dpi=40), run_dir)
+    first = index.stat().st_mtime_ns
+    assert report.run(ReportConfig(n_browser_latents=2, dpi=40), run_dir) == index
+    assert index.stat().st_mtime_ns == first
+    report.run(ReportConfig(n_browser_latents=1, dpi=40), run_dir)  # another config re-renders
+    assert index.read_text().count('class="latent"') == 1
+    assert len(list(index.parent.glob("latent_*.png"))) == 1  # stale scatters removed
+    summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    summary.filter(pl.col("condition") != "random_k").write_parquet(
+        run_dir / "eval" / "summary.parquet"
+    )
+    page = report.run(ReportConfig(n_browser_latents=1, dpi=40), run_dir).read_text()
+    assert "random active latents" not in page
+    again = report.run(ReportConfig(n_browser_latents=1, dpi=40), run_dir, overwrite=True)
+    assert again.stat().st_mtime_ns > first
+
+
+def test_missing_summary_names_the_file_and_the_stage(run_dir: Path) -> None:
+    (run_dir / "eval" / "summary.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"eval/summary\.parquet.*evaluate"):
+        report.run(ReportConfig(), run_dir)
+    assert not (run_dir / "report" / "index.html").exists()
+
+
+def test_summary_without_its_columns_is_a_clear_error(run_dir: Path) -> None:
+    pl.DataFrame({"condition": ["clean"], "ce": [1.0]}).write_parquet(
+        run_dir / "eval" / "summary.parquet"
+    )
+    with pytest.raises(ValueError, match="lacks the columns"):
+        report.run(ReportConfig(), run_dir)
+
+
+def test_missing_optional_inputs_leave_sections_out_with_notes(run_dir: Path) -> None:
+    for rel in ("simulations.parquet", "calibration.parquet", "scores.parquet", "contexts.parquet"):
+        (run_dir / rel).unlink()
+    metrics = pl.read_parquet(run_dir / "calibration_metrics.parquet")
+    metrics.filter(pl.col("calibration") != "isotonic").write_parquet(
+        run_dir / "calibration_metrics.parquet"
+    )
+    (run_dir / "transcoder" / "recovery.json").unlink()
+    page = report.run(ReportConfig(n_browser_latents=3), run_dir).read_text()
+    assert "Notes" in page
+    assert "simulations.parquet not found (written by the simulate stage)" in page
+    assert "scores.parquet not found (written by the score stage)" in page
+    assert "transcoder/recovery.json not found (written by the recovery stage)" in page
+    assert "Calibrations not in this run: isotonic" in page
+    # The headline, the table and the calibration metrics stay; the browser falls back to
+    # latent order with the explanations and top windows.
+    assert "headline.png" not in page  # embedded, not linked
+    assert len(_images(page)) == 2
+    assert page.count('class="latent"') == 3 and "unscored" in page
+    assert 'class="tok act"' in page
+
+
+def test_report_of_a_run_with_only_the_summary(tmp_path: Path) -> None:
+    run_dir = tmp_path / "bare"
+    (run_dir / "eval").mkdir(parents=True)
+    pl.DataFrame(
+        {
+            "condition": ["clean", "zero_ablation", "simulated"],
+            "calibration": [None, None, "uncalibrated"],
+            "fraction": [None, None, 1.0],
+            "choice": [None, None, "top"],
+            "mean_ce": [3.2, 3.4, 7.3],
+            "ci_low": [3.1, 3.3, 7.0],
+            "ci_high": [3.3, 3.5, 7.6],
+        }
+    ).write_parquet(run_dir / "eval" / "summary.parquet")
+    page = report.run(ReportConfig(), run_dir).read_text()
+    assert len(_images(page)) == 1
+    assert "config.json not found" in page and "7.300" in page
+
+
+# --------------------------------------------------------------------------------------------
+# A real browser
+# --------------------------------------------------------------------------------------------
+
+
+def test_report_loads_cleanly_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    browser_check = _browser_check()
+    if browser_check.find_chromium() is None:
+        pytest.skip(
+            "no Chromium on PATH: install it with `apt-get install -y --no-install-recommends "
+            "chromium` (the Makefile's test target does this when it is missing)"
+        )
+    index = report.run(ReportConfig(), run_dir)
+    shot = tmp_path / "report.png"
+    result = browser_check.check_page(index, shot, width=1280, timeout=90)
+    assert result.problems() == []
+    assert result.title == "nlrw report: run"
+    assert len(result.images) == len(_images(index.read_text())) >= 10
+    assert all(img["src"].startswith("data:image/png;base64,") for img in result.images)
+    assert result.requests == [] and result.console_errors == []
+    pixels = _decode_png(shot.read_bytes())
+    if os.environ.get("NLRW_REPORT_SCREENSHOT"):  # keep it for a human to look at
+        shutil.copyfile(shot, os.environ["NLRW_REPORT_SCREENSHOT"])
+    assert pixels.shape[1] == 1280 and pixels.shape[0] == pytest.approx(result.height, abs=2)
+    assert pixels.shape[0] > 3000  # the whole page, not the first screen
+
+
+def test_browser_check_reports_a_broken_page(tmp_path: Path) -> None:
+    browser_check = _browser_check()
+    if browser_check.find_chromium() is None:
+        pytest.skip("no Chromium on PATH (apt-get install -y --no-install-recommends chromium)")
+    page = tmp_path / "broken.html"
+    page.write_text(
+        "<!DOCTYPE html><title>x</title><p>hi</p>"
+        '<img alt="bad" src="data:image/png;base64,AAAA">'
+        "<script>console.error('boom')</script>"
+    )
+    result = browser_check.check_page(page, tmp_path / "broken.png", timeout=60)
+    problems = "\n".join(result.problems())
+    assert "boom" in problems and "image not loaded: bad" in problems
+    assert (tmp_path / "broken.png").is_file()
