@@ -292,6 +292,10 @@ def test_select_latents() -> None:
         ("   \n  ", None),
         ("<|im_end|>", None),
         ('"."', None),
+        # A quoted word at the end keeps its closing quote; only whole-reply quotes go.
+        ('Words that start with "but".', 'Words that start with "but"'),
+        ('"a" and "b"', '"a" and "b"'),
+        ("“Quoted whole”.", "Quoted whole"),
     ],
 )
 def test_clean_explanation(raw: str, clean: str | None) -> None:

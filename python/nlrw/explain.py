@@ -350,12 +350,28 @@ _LABEL = re.compile(
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)]*\s+(?=[A-Z0-9\"'“(<])|\n")
 
 
+_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’"}
+
+
+def _unquote(text: str) -> str:
+    """``text`` without quotes around the *whole* of it; a quote that closes a quoted word at
+    the end (``…start with "but"``) stays, as does an unbalanced one."""
+    text = text.strip()
+    while len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        inner = text[1:-1]
+        if text[0] in inner:  # '"a" and "b"': the outer quotes belong to two words
+            break
+        text = inner.strip()
+    return text
+
+
 def clean_explanation(text: str) -> str | None:
     """One clean sentence from an explainer's reply, or None when nothing usable is left.
 
     Removes special tokens and role lines, keeps what follows the last ``Explanation:``-like
     label, drops a leading "Sure, here is …:" phrase, markdown emphasis, backticks and
-    surrounding quotes, keeps the first sentence and removes its final period.
+    quotes around the whole reply (not those of a quoted word at its end), keeps the first
+    sentence and removes its final period.
     """
     text = _SPECIAL.sub(" ", text)
     text = _ROLE.sub("", text)
@@ -368,9 +384,8 @@ def clean_explanation(text: str) -> str | None:
     text = re.sub(r"[*_`#]+", "", text).strip()
     text = text.lstrip("-•> \t\n")
     sentence = _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""
-    sentence = " ".join(sentence.split())
-    sentence = sentence.strip().strip("\"'“”‘’").strip()
-    sentence = sentence.rstrip(".").strip().strip("\"'“”‘’").strip()
+    sentence = _unquote(" ".join(sentence.split()))
+    sentence = _unquote(sentence.rstrip(".").strip())
     if len(sentence) < 3 or not re.search(r"[A-Za-z]", sentence):
         return None
     return sentence[0].upper() + sentence[1:]
