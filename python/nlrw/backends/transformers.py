@@ -440,7 +440,7 @@ class TransformersBackend:
                 attention_mask=mask,
                 position_ids=positions,
                 use_cache=cache is not None,
-                **{_cache_kwarg(self.lm): cache},
+                **{_cache_kwarg(self.lm.base_model): cache},
             )
             logits = out.logits[torch.arange(n, device=self.device), lengths - 1]
         else:

@@ -1,0 +1,279 @@
+"""The simulator's prompt: an explanation and a short text whose **last token** is marked
+``<<like this>>``; the simulator rates how strongly the latent fires on that token, 0 to 9.
+
+In the spirit of the paper's simulator (EleutherAI delphi's ``nl_simulation`` branch, after
+OpenAI's automated-interpretability): a system message with the instructions, three few-shot
+exchanges, then the query. One few-shot answer is a 0 although the explanation sounds relevant to
+the text (the feature is present in the text, but not on the marked token), to counter the false
+positives the paper diagnosed; the system message says that 0 is the most common answer.
+
+**The answer is prefilled** with ``"Rating: "`` and the next-token probabilities of the ten
+digits are read (:func:`digit_tokens` picks the tokenization, see there); the few-shot answers
+are ``"Rating: N"``, so the model has seen the format three times.
+
+**Two layouts** of the query's user message, the same in the few-shot messages:
+
+* ``"explanation-first"``::
+
+      Feature explanation: {explanation}.
+
+      Text: {text}
+
+      {QUESTION}
+
+  cut (:data:`SPLIT`) before ``Text:``: the prefix (system, few-shot, explanation) is shared by
+  every context of a latent;
+* ``"context-first"``: ``Text:`` first, then the explanation, cut before ``Feature
+  explanation:``: the prefix (system, few-shot, text) is shared by every latent of a context.
+
+The cut sits after a blank line, at a word start, so tokenizing prefix and suffix separately
+(:func:`nlrw.backends.base.split_encode`) gives the tokens of the whole prompt for the usual
+BPE tokenizers.
+
+**The text** is the context decoded with the subject's tokenizer, the last token marked:
+``decode(ids[:-1]) + mark(last)``, with a leading space of the last token kept outside the marks
+(``" <<cat>>"``) and control characters escaped (``\\n``) as in the explainer's examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+from nlrw.backends.base import Message, answer_token_ids
+from nlrw.prompts.explain import escape
+
+__all__ = [
+    "ANSWER",
+    "ANSWER_PREFIXES",
+    "DIGITS",
+    "FEW_SHOT",
+    "LAYOUTS",
+    "PROMPT_HASH",
+    "QUESTION",
+    "SPLIT",
+    "SYSTEM",
+    "DigitTokens",
+    "Layout",
+    "Shot",
+    "context_text",
+    "digit_tokens",
+    "mark_last",
+    "render_chat",
+    "user_message",
+]
+
+Layout = Literal["explanation-first", "context-first"]
+LAYOUTS: tuple[Layout, ...] = ("explanation-first", "context-first")
+
+SYSTEM = (
+    "We're studying latents (neurons) of a language model. Each latent looks for one particular "
+    "thing in a short text. You will read an explanation of what a latent looks for and a text "
+    "whose LAST token is marked <<like this>>.\n"
+    "\n"
+    "Predict how strongly the latent fires on the marked last token, on a scale from 0 to 9: "
+    "0 means it does not fire at all, 9 means it fires as strongly as it ever does. Judge only "
+    "the marked token, using the text before it as context: the latent may fire on other "
+    "tokens of the text, which does not count. Most latents fire on very few tokens, so 0 is "
+    "by far the most common answer.\n"
+    "\n"
+    'Answer with "Rating: " and one digit.'
+)
+
+EXPLANATION = "Feature explanation: {explanation}."
+TEXT = "Text: {text}"
+QUESTION = "How strongly does the latent fire on the marked last token?"
+ANSWER = "Rating: {rating}"
+
+SPLIT = "\x00"
+"""The marker :func:`render_chat` puts where the shared prefix ends (``split=True``); the text
+and the explanation are escaped, so they cannot contain it."""
+
+ANSWER_PREFIXES = ("Rating: ", "Rating:")
+"""Answer prefixes tried in order by :func:`digit_tokens`: bare digits after ``"Rating: "``
+(Qwen2.5, byte-level BPEs without digit merges), or space-digit tokens after ``"Rating:"``
+(Llama-3-style tokenizers that merge a space into the digit)."""
+
+DIGITS = tuple(str(d) for d in range(10))
+
+
+class Shot(NamedTuple):
+    """One few-shot exchange: an explanation, a text ``head`` + marked ``last`` token, and the
+    rating the assistant answers."""
+
+    explanation: str
+    head: str
+    last: str
+    rating: int
+
+
+FEW_SHOT: tuple[Shot, ...] = (
+    Shot(
+        "Mentions of animals, especially pets",
+        "When she came back from her walk, the children were playing in the garden with their",
+        " dog",
+        8,
+    ),
+    Shot(
+        "Words about money, wealth and income",
+        "He had a good fortune and a fine house in town, and everyone agreed that he was very",
+        " generous",
+        3,
+    ),
+    Shot(
+        "Closing quotation marks at the end of spoken dialogue",
+        '"I shall write to her tomorrow," said Mr. Elliot, taking up his',
+        " pen",
+        0,
+    ),
+)
+"""The few-shot exchanges (original sentences, none from the corpus): a clear hit, a weak one,
+and a 0 where the explanation's feature is in the text but not on the marked token."""
+
+PROMPT_HASH = hashlib.sha256(
+    "\x00".join(
+        [
+            SYSTEM,
+            EXPLANATION,
+            TEXT,
+            QUESTION,
+            ANSWER,
+            *ANSWER_PREFIXES,
+            *(f"{s.explanation}\x01{s.head}\x01{s.last}\x01{s.rating}" for s in FEW_SHOT),
+        ]
+    ).encode()
+).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------
+
+
+def mark_last(head: str, last: str) -> str:
+    """``head`` + ``last`` wrapped ``<<…>>``, control characters escaped; leading spaces of
+    ``last`` stay outside the marks (``" cat"`` -> ``" <<cat>>"``) unless it is all spaces."""
+    body = last.lstrip(" ")
+    lead = last[: len(last) - len(body)]
+    if not body:
+        lead, body = "", last
+    return f"{escape(head)}{lead}<<{escape(body)}>>"
+
+
+def context_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The simulator's text of a context: token ids decoded with the **subject's** tokenizer,
+    the last token marked (:func:`mark_last`).
+
+    The last token's text is ``decode(ids)`` minus ``decode(ids[:-1])`` when the first starts
+    with the second (SentencePiece tokenizers drop a lone token's leading space when it is
+    decoded alone), else ``decode(ids[-1:])``.
+    """
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ValueError("a context needs at least one token")
+    head = str(tokenizer.decode(ids[:-1]))
+    whole = str(tokenizer.decode(ids))
+    last = whole[len(head) :] if whole.startswith(head) else str(tokenizer.decode(ids[-1:]))
+    return mark_last(head, last)
+
+
+def _explanation(explanation: str) -> str:
+    """The explanation as shown: escaped, without a final period (the template adds one)."""
+    text = escape(explanation.strip())
+    return text[:-1] if text.endswith(".") else text
+
+
+# --------------------------------------------------------------------------------------------
+# Chat
+# --------------------------------------------------------------------------------------------
+
+
+def user_message(explanation: str, text: str, layout: Layout, *, split: bool = False) -> str:
+    """The user message asking for one rating; ``text`` is already rendered
+    (:func:`context_text` / :func:`mark_last`). With ``split``, :data:`SPLIT` marks where the
+    part shared across prompts ends (see the module docstring)."""
+    expl = EXPLANATION.format(explanation=_explanation(explanation))
+    txt = TEXT.format(text=text)
+    cut = SPLIT if split else ""
+    if layout == "explanation-first":
+        return f"{expl}\n\n{cut}{txt}\n\n{QUESTION}"
+    if layout == "context-first":
+        return f"{txt}\n\n{cut}{expl}\n\n{QUESTION}"
+    raise ValueError(f"unknown layout {layout!r}: expected one of {list(LAYOUTS)}")
+
+
+def render_chat(
+    explanation: str, text: str, layout: Layout = "explanation-first", *, split: bool = False
+) -> list[Message]:
+    """The simulator chat: system message, the three few-shot exchanges (in the same layout),
+    and the query; the assistant's ``"Rating: "`` is prefilled by the backend."""
+    chat: list[Message] = [{"role": "system", "content": SYSTEM}]
+    for shot in FEW_SHOT:
+        chat.append(
+            {
+                "role": "user",
+                "content": user_message(shot.explanation, mark_last(shot.head, shot.last), layout),
+            }
+        )
+        chat.append({"role": "assistant", "content": ANSWER.format(rating=shot.rating)})
+    chat.append({"role": "user", "content": user_message(explanation, text, layout, split=split)})
+    return chat
+
+
+# --------------------------------------------------------------------------------------------
+# Digit tokens
+# --------------------------------------------------------------------------------------------
+
+
+class DigitTokens(NamedTuple):
+    """How the simulator's tokenizer writes the answer digit after the prefix."""
+
+    answer_prefix: str
+    """The prefilled answer, ``"Rating: "`` or ``"Rating:"``."""
+    ids: tuple[int, ...]
+    """Token id of each digit 0..9 as it follows the prefix."""
+    tokens: tuple[str, ...]
+    """The tokenizer's strings of those tokens (``"7"``, ``"Ġ7"``, ``"▁7"``...)."""
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form written to ``simulate.json``."""
+        return {
+            "answer_prefix": self.answer_prefix,
+            "ids": list(self.ids),
+            "tokens": list(self.tokens),
+        }
+
+
+def digit_tokens(tokenizer: Any) -> DigitTokens:
+    """The answer prefix and the digits' token ids for ``tokenizer``.
+
+    Tries each of :data:`ANSWER_PREFIXES` in turn with
+    :func:`nlrw.backends.base.answer_token_ids` and keeps the first whose ten digit tokens
+    continue the prefix exactly as the few-shot answers ``"Rating: N"`` are written: bare digits
+    after ``"Rating: "``, space-digit tokens after ``"Rating:"``.
+
+    Raises:
+        ValueError: no prefix works (the digits split into several pieces or merge with the
+            prefix); the message gives each prefix's reason.
+    """
+    reasons: list[str] = []
+    for prefix in ANSWER_PREFIXES:
+        try:
+            ids = answer_token_ids(tokenizer, DIGITS, prefix=prefix)
+        except ValueError as e:
+            reasons.append(f"after {prefix!r}: {e}")
+            continue
+        want = ANSWER.format(rating="")[len(prefix) :]  # "" or " "
+        pieces = [str(tokenizer.decode([i])) for i in ids]
+        if any(p != want + d for p, d in zip(pieces, DIGITS, strict=True)):
+            reasons.append(
+                f"after {prefix!r}: the digit tokens decode to {pieces}, not {want!r} + digit"
+            )
+            continue
+        tokens = tuple(str(t) for t in tokenizer.convert_ids_to_tokens(ids))
+        return DigitTokens(prefix, tuple(int(i) for i in ids), tokens)
+    raise ValueError(
+        "the simulator's tokenizer cannot read a single-token digit after the answer prefix: "
+        + "; ".join(reasons)
+    )

@@ -1,0 +1,722 @@
+"""The ``simulate`` stage: an LLM simulator reads each latent's explanation and each context
+and predicts how strongly the latent fires on the context's last token (Paulo & Belrose 2025).
+
+**Prompts.** One per (latent, context), for every explained latent and every context of both
+splits of ``contexts.parquet`` (:mod:`nlrw.prompts.simulation`: system message, three few-shot
+exchanges, the explanation and the context with its last token marked ``<<like this>>``; the
+context is decoded with the *subject's* tokenizer). The assistant's answer is prefilled with
+``"Rating: "`` (or ``"Rating:"`` where the tokenizer merges a space into the digit, chosen by
+:func:`nlrw.prompts.simulation.digit_tokens`) and the next-token probabilities ``p_0 … p_9`` of
+the ten digit tokens are read: one prefill per prompt, no sampling, deterministic.
+
+**Expected value.** ``ev = "renormalized"`` (nlrw's default)::
+
+    E = Σ_d d · p_d / Σ_d p_d          (0 when Σ_d p_d = 0)
+
+so ``E`` is a rating in [0, 9] whatever mass the model puts outside the digits; the mass
+``Σ_d p_d`` is recorded as ``digit_mass``. ``ev = "paper"``: ``E = Σ_d d · p_d``, not
+renormalized, as the paper's code. Their code samples an answer at temperature 0.7 and sums
+``p · int(token)`` over the **top-10 logprobs** that parse as integers at the digit's position;
+here all ten digits count (a digit outside the top 10 adds its small probability, which theirs
+drops) and the distribution is read after the prefilled prefix rather than at a sampled
+answer's position. With a simulator that follows the format (mass near 1) both readings agree;
+with a low mass "paper" pulls every score towards 0. ``digit_probs`` holds the raw ``p_d``, so
+either value can be recomputed. A latent whose **median** digit mass is below
+``min_digit_mass`` is warned about (logged once, with the latent and the prompt hash).
+
+**Layouts and the engine.** The prompt is tokenized as a shared ``prefix`` plus a per-prompt
+``suffix`` (:func:`nlrw.backends.base.split_encode`). ``"explanation-first"``: the prefix is the
+system message, the few-shot exchanges and the explanation, shared by every context of a
+latent; prompts run latent by latent. ``"context-first"``: the prefix ends with the context's
+text, shared by every latent of a context; prompts run context by context *within a chunk of
+latents*, so the prefix is shared by at most ``chunk_latents`` prompts (use a large
+``chunk_latents`` with this layout). The transformers backend's ``"shared-prefix"`` engine
+computes each distinct prefix once per call; the openai backend sends prompts in prefix order so
+a server's prefix cache hits.
+
+**Which latents.** Every latent of ``explanations.parquet`` with ``status == "ok"``; with
+``max_latents``, the best ``max_latents`` of them by detection score (``balanced_accuracy`` of
+``scores.parquet``, highest first, NaN last, ties by latent id) when ``scores.parquet`` exists,
+else the lowest latent ids. Latents whose explanation is missing (``failed`` or ``skipped`` by
+the explain stage) are excluded and reported in ``simulate.json``, or stop the run
+(``missing_explanations = "error"``). Latents the explain stage never looked at are not
+reported; the evaluation keeps their true values.
+
+**Output.** Parts of ``chunk_latents`` latents each (in latent id order), written atomically to
+``simulations.parts/part-NNNNNN.parquet`` (``latent, context_id, expected_value,
+digit_probs[10], digit_mass``); a killed run resumes from the parts on disk. When every part is
+there they are merged into ``simulations.parquet``, sorted by ``(latent, context_id)``, with
+``true_activation`` (the transcoder's activation from :func:`nlrw.contexts.true_activations`,
+not the simulator's), and ``simulate.json`` (provenance, digit tokenization, layout, dtype,
+throughput, excluded and low-mass latents). A finished stage with the same config and inputs
+is skipped.
+
+**Shards.** ``shard = "i/n"`` (0-based ``i``) runs only the chunks ``j`` with ``j mod n = i``
+of the same chunk list: ``n`` processes (or machines sharing the run directory, or whose parts
+are copied into one ``simulations.parts``) together write exactly the parts of one run, with
+the same prompts in the same batches, hence the same numbers. The shard that finds every part
+present merges; :func:`merge` does it explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import polars as pl
+
+from nlrw.backends.base import Backend, SplitPrompt, split_encode
+from nlrw.explain import PartStore, _remove_tree
+from nlrw.io import atomic_path, atomic_write_json
+from nlrw.prompts import simulation as prompt
+from nlrw.prompts.simulation import DigitTokens, Layout
+from nlrw.provenance import config_hash, stage_record
+
+__all__ = [
+    "PART_SCHEMA",
+    "SCHEMA",
+    "SimulateConfig",
+    "build_prompts",
+    "expected_values",
+    "merge",
+    "parse_shard",
+    "run",
+    "select_latents",
+    "shard_chunks",
+]
+
+log = logging.getLogger(__name__)
+
+EV = Literal["renormalized", "paper"]
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Options of the ``simulate`` stage (defaults: the paper's protocol, our simulator and
+    reading of the answer)."""
+
+    backend: Literal["transformers", "openai"] = "transformers"
+    """LLM backend of the simulator (see nlrw.backends)."""
+
+    model: str = "qwen2.5-coder-0.5b"
+    """Simulator model: an alias of the embedded default, a hub name, a local folder, or the
+    served model's name for the openai backend."""
+
+    base_url: str | None = None
+    """API root of the OpenAI-compatible server (openai backend), e.g.
+    http://127.0.0.1:8000/v1."""
+
+    dtype: str = "auto"
+    """Simulator weights' dtype (transformers backend): auto (bfloat16 on CUDA and on CPUs with
+    native bf16, else float32), float32, bfloat16 or float16."""
+
+    engine: Literal["shared-prefix", "padded", "single"] = "shared-prefix"
+    """How the transformers backend runs the prompts: shared-prefix (each distinct prefix's KV
+    cache computed once and reused by its suffixes), padded (batches of whole prompts) or
+    single (one forward per prompt, the reference)."""
+
+    batch_size: int = 16
+    """Prompts (suffixes) per forward pass; the transformers backend lowers it to fit memory."""
+
+    layout: Layout = "explanation-first"
+    """Prompt layout: explanation-first (the prefix ends with the explanation, shared by all
+    contexts of a latent) or context-first (the prefix ends with the context, shared by the
+    latents of a chunk)."""
+
+    ev: EV = "renormalized"
+    """Expected value of the rating: renormalized (sum d p_d / sum p_d over the ten digits) or
+    paper (sum d p_d, not renormalized, as the paper's code)."""
+
+    max_latents: int | None = None
+    """Simulate at most this many explained latents: the best by detection score when
+    scores.parquet exists, else the lowest ids (None: every explained latent)."""
+
+    chunk_latents: int = 4
+    """Latents per parquet part (a kill loses at most one part)."""
+
+    missing_explanations: Literal["exclude", "error"] = "exclude"
+    """Latents without a usable explanation (failed or skipped by explain): exclude them and
+    report them in simulate.json, or stop with an error naming them."""
+
+    min_digit_mass: float = 0.5
+    """Warn about a latent whose median digit mass (probability of the ten digit tokens) is
+    below this: the simulator is not answering in the expected format."""
+
+    shard: str | None = None
+    """Run only shard "i/n" (0-based i) of the chunks: n shards together write the parts of
+    one run; the last to finish merges them (None: all chunks)."""
+
+    seed: int = 0
+    """Recorded for provenance: the stage draws nothing at random (answers are read, not
+    sampled)."""
+
+    progress: bool = True
+    """Show a progress bar (prompts/s and ETA)."""
+
+    backend_options: tuple[tuple[str, str], ...] = ()
+    """Extra keyword options for the backend's constructor, as (name, value) pairs."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "chunk_latents"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_latents is not None and self.max_latents < 0:
+            raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
+        if self.layout not in prompt.LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}: expected one of {prompt.LAYOUTS}")
+        if self.ev not in ("renormalized", "paper"):
+            raise ValueError(f"unknown ev {self.ev!r}: expected 'renormalized' or 'paper'")
+        if self.missing_explanations not in ("exclude", "error"):
+            raise ValueError(
+                f"missing_explanations must be 'exclude' or 'error', not "
+                f"{self.missing_explanations!r}"
+            )
+        if not 0.0 <= self.min_digit_mass <= 1.0:
+            raise ValueError(f"min_digit_mass must be in [0, 1], got {self.min_digit_mass}")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("the openai backend needs base_url (the server's API root)")
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+
+_RUN_ONLY_FIELDS = ("shard", "progress")
+"""Options that do not change the results (excluded from the stage's identity)."""
+
+PART_SCHEMA: dict[str, Any] = {
+    "latent": pl.Int32,
+    "context_id": pl.Int32,
+    "expected_value": pl.Float32,
+    "digit_probs": pl.List(pl.Float32),
+    "digit_mass": pl.Float32,
+}
+"""Columns of a part file."""
+
+SCHEMA: dict[str, Any] = {**PART_SCHEMA, "true_activation": pl.Float32}
+"""Columns of ``simulations.parquet``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small pure pieces
+# --------------------------------------------------------------------------------------------
+
+
+def expected_values(probs: np.ndarray, ev: EV = "renormalized") -> np.ndarray:
+    """Expected rating of each row of digit probabilities ``[n, 10]`` (module docstring):
+    ``Σ d p_d / Σ p_d`` (0 where the mass is 0) or, for ``"paper"``, ``Σ d p_d``."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != 10:
+        raise ValueError(f"digit probabilities must be [n, 10], got {probs.shape}")
+    weighted = probs @ np.arange(10, dtype=np.float64)
+    if ev == "paper":
+        return weighted
+    if ev != "renormalized":
+        raise ValueError(f"unknown ev {ev!r}: expected 'renormalized' or 'paper'")
+    mass = probs.sum(1)
+    return np.divide(weighted, mass, out=np.zeros_like(weighted), where=mass > 0)
+
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    m = _SHARD.match(shard)
+    if m is None:
+        raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), got {shard!r}")
+    i, n = int(m[1]), int(m[2])
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {shard!r}: need n >= 1 and 0 <= i < n (i is 0-based)")
+    return i, n
+
+
+def shard_chunks(n_chunks: int, shard: str | None) -> list[int]:
+    """The chunk indices shard ``"i/n"`` runs: ``j`` with ``j mod n = i`` (all for None)."""
+    if shard is None:
+        return list(range(n_chunks))
+    i, n = parse_shard(shard)
+    return list(range(i, n_chunks, n))
+
+
+def select_latents(
+    explained: Sequence[int], scores: pl.DataFrame | None, max_latents: int | None
+) -> list[int]:
+    """The latents to simulate, ascending (module docstring: by detection score when
+    ``scores`` is given and ``max_latents`` cuts, else by id)."""
+    ids = sorted(int(x) for x in explained)
+    if max_latents is None or max_latents >= len(ids):
+        return ids
+    if scores is None or "balanced_accuracy" not in scores.columns:
+        return ids[:max_latents]
+    score_of: dict[int, float] = {
+        int(lat): float(ba) if ba is not None else float("nan")
+        for lat, ba in scores.select("latent", "balanced_accuracy").iter_rows()
+    }
+
+    def key(lat: int) -> tuple[int, float, int]:
+        s = score_of.get(lat, float("nan"))
+        return (1, 0.0, lat) if np.isnan(s) else (0, -s, lat)
+
+    return sorted(sorted(ids, key=key)[:max_latents])
+
+
+def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+    """Everything the stage reads, resolved: what to simulate and the identity of the result."""
+
+    run_dir: Path
+    latents: list[int]
+    explanations: dict[int, str]
+    contexts: pl.DataFrame  # context_id, split, input_ids (sorted by context_id)
+    missing: dict[str, list[int]]  # status -> latents without a usable explanation
+    chunks: list[list[int]]
+    key: str
+
+
+def _read_inputs(cfg: SimulateConfig, run_dir: Path) -> _Plan:
+    from nlrw.contexts import read_contexts
+
+    ctx_path = run_dir / "contexts.parquet"
+    if not ctx_path.is_file():
+        raise FileNotFoundError(
+            f"{ctx_path} is missing: run the contexts stage first (`nlrw contexts` or "
+            "nlrw.contexts.run)"
+        )
+    expl_path = run_dir / "explanations.parquet"
+    if not expl_path.is_file():
+        raise FileNotFoundError(
+            f"{expl_path} is missing: run the explain stage first (`nlrw explain`)"
+        )
+    contexts = read_contexts(run_dir).sort("context_id")
+    _check_contexts(contexts, run_dir)
+
+    table = pl.read_parquet(expl_path, columns=["latent", "explanation", "status"])
+    usable = (
+        (pl.col("status") == "ok")
+        & pl.col("explanation").is_not_null()
+        & (pl.col("explanation").str.strip_chars() != "")
+    )
+    ok = table.filter(usable).sort("latent")
+    bad = table.filter(~usable).sort("latent")
+    missing: dict[str, list[int]] = {}
+    for lat, status in bad.select("latent", "status").iter_rows():
+        missing.setdefault(str(status), []).append(int(lat))
+    if missing and cfg.missing_explanations == "error":
+        listed = "; ".join(f"{status}: {_few(lats)}" for status, lats in sorted(missing.items()))
+        raise ValueError(
+            f"{expl_path}: {bad.height} latents have no usable explanation ({listed}); "
+            "re-run explain for them, or pass missing_explanations='exclude' to simulate "
+            "the others"
+        )
+    explanations = {int(k): str(v) for k, v in ok.select("latent", "explanation").iter_rows()}
+    scores_path = run_dir / "scores.parquet"
+    scores = pl.read_parquet(scores_path) if scores_path.is_file() else None
+    latents = select_latents(list(explanations), scores, cfg.max_latents)
+    digest = config_hash([contexts["context_id"].to_list(), contexts["input_ids"].to_list()])
+    identity = {
+        "config": {k: v for k, v in cfg.__dict__.items() if k not in _RUN_ONLY_FIELDS},
+        "prompt_hash": prompt.PROMPT_HASH,
+        "latents": [(lat, explanations[lat]) for lat in latents],
+        "contexts": digest,
+    }
+    return _Plan(
+        run_dir=run_dir,
+        latents=latents,
+        explanations={lat: explanations[lat] for lat in latents},
+        contexts=contexts.select("context_id", "split", "input_ids"),
+        missing=missing,
+        chunks=_chunks(latents, cfg.chunk_latents),
+        key=config_hash(identity),
+    )
+
+
+def _few(items: Sequence[int], n: int = 20) -> str:
+    shown = ", ".join(str(i) for i in items[:n])
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})"
+
+
+def _check_contexts(contexts: pl.DataFrame, run_dir: Path) -> None:
+    """Every context has the same number of tokens, the ``ctx_len`` of ``contexts.json``."""
+    lengths = contexts["input_ids"].list.len()
+    record = run_dir / "contexts.json"
+    want: int | None = None
+    if record.is_file():
+        want = json.loads(record.read_text()).get("config", {}).get("ctx_len")
+    if want is None:
+        want = int(lengths.max()) if len(lengths) else 0  # pyright: ignore[reportArgumentType]
+    bad = contexts.filter(lengths != want)["context_id"].to_list()
+    if bad or want < 1:
+        raise ValueError(
+            f"{run_dir / 'contexts.parquet'}: contexts {_few(bad)} do not have ctx_len = {want} "
+            "tokens; re-run the contexts stage"
+        )
+
+
+def _subject_tokenizer(run_dir: Path) -> Any:
+    from nlrw.explain import CacheSource
+
+    return CacheSource(run_dir).tokenizer
+
+
+def _load_backend(cfg: SimulateConfig) -> Backend:
+    from nlrw.backends.base import load_backend
+
+    options: dict[str, Any] = {}
+    if cfg.backend == "transformers":
+        options = {"dtype": cfg.dtype, "engine": cfg.engine, "engine_batch_size": cfg.batch_size}
+    elif cfg.backend == "openai":
+        options = {"base_url": cfg.base_url}
+    return load_backend(cfg.backend, cfg.model, **{**options, **dict(cfg.backend_options)})
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+
+def build_prompts(
+    tokenizer: Any,
+    layout: Layout,
+    explanations: dict[int, str],
+    texts: dict[int, str],
+    latents: Sequence[int],
+    context_ids: Sequence[int],
+    answer_prefix: str,
+) -> tuple[list[tuple[int, int]], list[SplitPrompt]]:
+    """``(keys, prompts)`` for every (latent, context) pair, ordered for prefix sharing:
+    latent by latent for ``"explanation-first"``, context by context for ``"context-first"``.
+    Equal prefixes are the same tuple object (they are compared and hashed a lot)."""
+    if layout == "explanation-first":
+        keys = [(lat, c) for lat in latents for c in context_ids]
+    else:
+        keys = [(lat, c) for c in context_ids for lat in latents]
+    shared: dict[tuple[int, ...], tuple[int, ...]] = {}
+    prompts: list[SplitPrompt] = []
+    for lat, c in keys:
+        chat = prompt.render_chat(explanations[lat], texts[c], layout, split=True)
+        p = split_encode(tokenizer, chat, prompt.SPLIT, answer_prefix)
+        prompts.append(SplitPrompt(shared.setdefault(p.prefix, p.prefix), p.suffix))
+    return keys, prompts
+
+
+def _slices(keys: list[tuple[int, int]], layout: Layout, at_least: int) -> list[range]:
+    """Consecutive ranges of whole prefix groups holding at least ``at_least`` prompts each
+    (the last may hold fewer): one backend call each, so progress moves and prefixes stay
+    whole."""
+    group = (lambda k: k[0]) if layout == "explanation-first" else (lambda k: k[1])
+    out: list[range] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        end_of_group = i == len(keys) or group(keys[i]) != group(keys[i - 1])
+        if (end_of_group and i - start >= at_least) or i == len(keys):
+            out.append(range(start, i))
+            start = i
+    return [r for r in out if len(r)]
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _outputs_done(run_dir: Path, key: str) -> pl.DataFrame | None:
+    try:
+        record = json.loads((run_dir / "simulate.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    path = run_dir / "simulations.parquet"
+    if record.get("key") != key or not path.is_file():
+        return None
+    return pl.read_parquet(path)
+
+
+def run(
+    cfg: SimulateConfig,
+    run_dir: str | Path,
+    *,
+    backend: Backend | None = None,
+    overwrite: bool = False,
+    subject_tokenizer: Any = None,
+) -> pl.DataFrame:
+    """Simulate the run's explained latents on its contexts; writes ``simulations.parquet`` and
+    ``simulate.json`` (module docstring).
+
+    ``backend`` defaults to the one ``cfg`` names and ``subject_tokenizer`` to the tokenizer of
+    the model in ``activations/collect.json``; both are parameters so tests can pass their own.
+    Returns the merged table, or with ``shard`` while other shards' parts are still missing,
+    the rows of this shard's parts.
+
+    Raises:
+        FileNotFoundError: no ``contexts.parquet`` or ``explanations.parquet`` (naming the file
+            and the stage to run).
+        ValueError: contexts of different lengths, latents without an explanation with
+            ``missing_explanations = "error"`` (naming them), a simulator whose digits are not
+            single tokens, ``overwrite`` with ``shard``.
+    """
+    run_dir = Path(run_dir)
+    plan = _read_inputs(cfg, run_dir)
+    parts_dir = run_dir / "simulations.parts"
+    if overwrite:
+        if cfg.shard is not None:
+            raise ValueError(
+                "overwrite=True with a shard would delete the other shards' parts: delete "
+                f"{parts_dir} once, then run the shards without overwrite"
+            )
+        _remove_tree(parts_dir)
+        for name in ("simulations.parquet", "simulate.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    elif (done := _outputs_done(run_dir, plan.key)) is not None:
+        log.info("simulate: %s is up to date", run_dir / "simulations.parquet")
+        return done
+
+    store = PartStore(parts_dir, plan.key)
+    mine = shard_chunks(len(plan.chunks), cfg.shard)
+    todo = [i for i in mine if not store.done(i)]
+    n_ctx = plan.contexts.height
+    own_backend = backend is None
+    started = time.perf_counter()
+    n_prompts, busy = 0, 0.0
+    try:
+        if todo:
+            if backend is None:
+                backend = _load_backend(cfg)
+            digits = prompt.digit_tokens(_tokenizer_of(backend))
+            _write_simulator(parts_dir, digits, _dtype_of(backend, cfg))
+            tokenizer = (
+                subject_tokenizer if subject_tokenizer is not None else _subject_tokenizer(run_dir)
+            )
+            ids = plan.contexts["input_ids"].to_list()
+            context_ids = [int(c) for c in plan.contexts["context_id"]]
+            texts = {
+                c: prompt.context_text(tokenizer, row)
+                for c, row in zip(context_ids, ids, strict=True)
+            }
+            bar = _progress(sum(len(plan.chunks[i]) for i in mine) * n_ctx, cfg)
+            if bar is not None:
+                bar.update(sum(len(plan.chunks[i]) for i in mine if i not in todo) * n_ctx)
+            for index in todo:
+                t0 = time.perf_counter()
+                frame = _simulate_chunk(
+                    cfg, backend, digits, plan, plan.chunks[index], texts, context_ids, bar
+                )
+                busy += time.perf_counter() - t0
+                n_prompts += frame.height
+                with atomic_path(store.path(index)) as tmp:
+                    frame.write_parquet(tmp)
+            if bar is not None:
+                bar.close()
+    finally:
+        if own_backend and backend is not None:
+            backend.close()
+    throughput = {
+        "prompts": n_prompts,
+        "seconds": busy,
+        "prompts_per_second": n_prompts / busy if busy > 0 else None,
+    }
+    absent = [i for i in range(len(plan.chunks)) if not store.done(i)]
+    if absent:
+        log.info(
+            "simulate: shard %s done; %d of %d parts still missing (other shards), merge when "
+            "they finish",
+            cfg.shard,
+            len(absent),
+            len(plan.chunks),
+        )
+        frames = [pl.read_parquet(store.path(i)) for i in mine]
+        return pl.concat(frames) if frames else pl.DataFrame(schema=PART_SCHEMA)
+    throughput["wall_seconds"] = time.perf_counter() - started
+    return _finish(cfg, plan, store, throughput=throughput)
+
+
+def merge(cfg: SimulateConfig, run_dir: str | Path) -> pl.DataFrame:
+    """Merge the parts of every shard into ``simulations.parquet`` and ``simulate.json``.
+
+    Raises:
+        FileNotFoundError: parts are missing (naming the chunks and their shards).
+    """
+    run_dir = Path(run_dir)
+    plan = _read_inputs(cfg, run_dir)
+    store = PartStore(run_dir / "simulations.parts", plan.key)
+    absent = [i for i in range(len(plan.chunks)) if not store.done(i)]
+    if absent:
+        _, n = parse_shard(cfg.shard) if cfg.shard else (0, 1)
+        raise FileNotFoundError(
+            f"{store.folder} lacks {len(absent)} of {len(plan.chunks)} parts: chunks "
+            f"{_few(absent)}, of shards {sorted({i % n for i in absent})} (of {n}); run them "
+            "before merging"
+        )
+    return _finish(cfg, plan, store, throughput=None)
+
+
+def _tokenizer_of(backend: Backend) -> Any:
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            f"backend {backend.name!r} exposes no tokenizer: the simulator's prompts are "
+            "tokenized locally"
+        )
+    return tokenizer
+
+
+def _dtype_of(backend: Backend | None, cfg: SimulateConfig) -> str | None:
+    dtype = getattr(backend, "dtype", None)
+    if dtype is not None:
+        return str(dtype).removeprefix("torch.")
+    return None if cfg.backend == "transformers" else "server"
+
+
+def _write_simulator(parts_dir: Path, digits: DigitTokens, dtype: str | None) -> None:
+    """``simulations.parts/simulator.json``: the digit tokenization and dtype, for the record
+    written at the merge (which may run in another process)."""
+    atomic_write_json(
+        parts_dir / "simulator.json", {"digit_tokens": digits.record(), "dtype": dtype}
+    )
+
+
+def _progress(total: int, cfg: SimulateConfig) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="simulate", unit="prompt", dynamic_ncols=True, smoothing=0.1)
+
+
+def _simulate_chunk(
+    cfg: SimulateConfig,
+    backend: Backend,
+    digits: DigitTokens,
+    plan: _Plan,
+    chunk: list[int],
+    texts: dict[int, str],
+    context_ids: list[int],
+    bar: Any,
+) -> pl.DataFrame:
+    """One part: every (latent of ``chunk``, context) prompt, in backend calls of whole prefix
+    groups; rows sorted by (latent, context_id)."""
+    tokenizer = _tokenizer_of(backend)
+    if cfg.layout == "explanation-first":
+        keys = [(lat, c) for lat in chunk for c in context_ids]
+    else:
+        keys = [(lat, c) for c in context_ids for lat in chunk]
+    probs = np.zeros((len(keys), 10), dtype=np.float64)
+    for span in _slices(keys, cfg.layout, 8 * cfg.batch_size):
+        part = [keys[i] for i in span]
+        lats = sorted({k[0] for k in part})
+        ctxs = list(dict.fromkeys(k[1] for k in part))
+        got, prompts = build_prompts(
+            tokenizer, cfg.layout, plan.explanations, texts, lats, ctxs, digits.answer_prefix
+        )
+        assert got == part  # the same order as the keys
+        answer = backend.answer_distribution_ids(prompts, list(digits.ids))
+        probs[span.start : span.stop] = answer.probs
+        if bar is not None:
+            bar.update(len(span))
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    probs = probs[order]
+    mass = probs.sum(1)
+    frame = pl.DataFrame(
+        {
+            "latent": [keys[i][0] for i in order],
+            "context_id": [keys[i][1] for i in order],
+            "expected_value": expected_values(probs, cfg.ev),
+            "digit_probs": probs.astype(np.float32),
+            "digit_mass": mass,
+        },
+        schema=PART_SCHEMA,
+    )
+    n = len(context_ids)
+    for r, lat in enumerate(sorted(chunk)):
+        median = float(np.median(mass[r * n : (r + 1) * n])) if n else float("nan")
+        if median < cfg.min_digit_mass:
+            log.warning(
+                "simulate: latent %d has median digit mass %.3f < min_digit_mass %.2f "
+                "(prompt %s, simulator %s): the simulator rarely answers with a digit, its "
+                "ratings mean little",
+                lat,
+                median,
+                cfg.min_digit_mass,
+                prompt.PROMPT_HASH,
+                cfg.model,
+            )
+    return frame
+
+
+def _finish(
+    cfg: SimulateConfig,
+    plan: _Plan,
+    store: PartStore,
+    *,
+    throughput: dict[str, Any] | None,
+) -> pl.DataFrame:
+    """Merge the parts, add the true activations, write the table and the record."""
+    from nlrw.contexts import true_activations
+
+    run_dir = plan.run_dir
+    frames = [pl.read_parquet(store.path(i)) for i in range(len(plan.chunks))]
+    table = (pl.concat(frames) if frames else pl.DataFrame(schema=PART_SCHEMA)).sort(
+        "latent", "context_id"
+    )
+    context_ids = plan.contexts["context_id"].to_numpy()
+    latents = np.asarray(plan.latents, dtype=np.int64)
+    expected = len(latents) * len(context_ids)
+    if table.height != expected:
+        raise RuntimeError(
+            f"{store.folder}: the parts hold {table.height} rows, expected {expected} "
+            f"({len(latents)} latents x {len(context_ids)} contexts); delete the folder and re-run"
+        )
+    if len(latents) and len(context_ids):
+        true = true_activations(run_dir, latents, context_ids)  # [latents, contexts]
+        # the table is sorted by (latent, context_id) and context_ids ascending
+        true_column = true.reshape(-1)
+    else:
+        true_column = np.zeros(0, np.float32)
+    table = table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
+    with atomic_path(run_dir / "simulations.parquet") as tmp:
+        table.write_parquet(tmp)
+
+    info_path = store.folder / "simulator.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    medians = table.group_by("latent").agg(pl.col("digit_mass").median().alias("m")).sort("latent")
+    low = medians.filter(pl.col("m") < cfg.min_digit_mass)["latent"].to_list()
+    splits = {str(s): int(n) for s, n in plan.contexts["split"].value_counts().iter_rows()}
+    mass = table["digit_mass"]
+    atomic_write_json(
+        run_dir / "simulate.json",
+        stage_record(
+            "simulate",
+            replace(cfg, shard=None),
+            key=plan.key,
+            prompt_hash=prompt.PROMPT_HASH,
+            layout=cfg.layout,
+            ev=cfg.ev,
+            digit_tokens=info.get("digit_tokens"),
+            dtype=info.get("dtype"),
+            n_latents=len(plan.latents),
+            n_contexts=len(context_ids),
+            contexts_per_split=splits,
+            n_prompts=table.height,
+            throughput=throughput,
+            mean_digit_mass=float(mass.mean()) if len(mass) else None,  # pyright: ignore
+            low_mass_latents=low,
+            missing_explanations={
+                "count": sum(len(v) for v in plan.missing.values()),
+                "policy": cfg.missing_explanations,
+                "by_status": plan.missing,
+            },
+        ),
+    )
+    return table

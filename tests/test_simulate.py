@@ -1,0 +1,647 @@
+"""Tests of the simulate stage: the simulator's prompt text (golden, both layouts, with a chat
+template and the plain fallback), the marked context, the digit tokenization, the expected
+value, latent selection and shards, then the stage on a smoke run directory (tiny random
+models): output schema, true activations, skip/overwrite, resume after a kill, 3 shards merged
+== one run byte for byte, engines agreeing, and each bad input. One slow test runs the default
+simulator (Qwen2.5-Coder-0.5B)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from nlrw import simulate
+from nlrw.backends.base import AnswerDistribution, SplitPrompt, encode_prompt, render
+from nlrw.contexts import read_contexts, true_activations
+from nlrw.pipeline import load_preset
+from nlrw.pipeline import run as run_pipeline
+from nlrw.prompts import simulation as prompt
+from nlrw.simulate import (
+    SimulateConfig,
+    expected_values,
+    merge,
+    parse_shard,
+    select_latents,
+    shard_chunks,
+)
+from test_backends import tiny_tokenizer
+
+torch.set_num_threads(1)
+
+SYSTEM = (
+    "We're studying latents (neurons) of a language model. Each latent looks for one particular "
+    "thing in a short text. You will read an explanation of what a latent looks for and a text "
+    "whose LAST token is marked <<like this>>.\n"
+    "\n"
+    "Predict how strongly the latent fires on the marked last token, on a scale from 0 to 9: 0 "
+    "means it does not fire at all, 9 means it fires as strongly as it ever does. Judge only the "
+    "marked token, using the text before it as context: the latent may fire on other tokens of "
+    "the text, which does not count. Most latents fire on very few tokens, so 0 is by far the "
+    "most common answer.\n"
+    "\n"
+    'Answer with "Rating: " and one digit.'
+)
+QUESTION = "How strongly does the latent fire on the marked last token?"
+SHOTS = [
+    (
+        "Mentions of animals, especially pets",
+        "When she came back from her walk, the children were playing in the garden with their "
+        "<<dog>>",
+        "8",
+    ),
+    (
+        "Words about money, wealth and income",
+        "He had a good fortune and a fine house in town, and everyone agreed that he was very "
+        "<<generous>>",
+        "3",
+    ),
+    (
+        "Closing quotation marks at the end of spoken dialogue",
+        '"I shall write to her tomorrow," said Mr. Elliot, taking up his <<pen>>',
+        "0",
+    ),
+]
+
+
+def _user(explanation: str, text: str, layout: str, cut: str = "") -> str:
+    if layout == "explanation-first":
+        return f"Feature explanation: {explanation}.\n\n{cut}Text: {text}\n\n{QUESTION}"
+    return f"Text: {text}\n\n{cut}Feature explanation: {explanation}.\n\n{QUESTION}"
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt text (golden)
+# --------------------------------------------------------------------------------------------
+
+
+def test_golden_simulation_chat_explanation_first() -> None:
+    chat = prompt.render_chat("Words about cats.", "the big <<cat>>", "explanation-first")
+    assert chat == [
+        {"role": "system", "content": SYSTEM},
+        {
+            "role": "user",
+            "content": "Feature explanation: Mentions of animals, especially pets.\n\nText: When "
+            "she came back from her walk, the children were playing in the garden with their "
+            "<<dog>>\n\nHow strongly does the latent fire on the marked last token?",
+        },
+        {"role": "assistant", "content": "Rating: 8"},
+        {
+            "role": "user",
+            "content": "Feature explanation: Words about money, wealth and income.\n\nText: He "
+            "had a good fortune and a fine house in town, and everyone agreed that he was very "
+            "<<generous>>\n\nHow strongly does the latent fire on the marked last token?",
+        },
+        {"role": "assistant", "content": "Rating: 3"},
+        {
+            "role": "user",
+            "content": "Feature explanation: Closing quotation marks at the end of spoken "
+            'dialogue.\n\nText: "I shall write to her tomorrow," said Mr. Elliot, taking up his '
+            "<<pen>>\n\nHow strongly does the latent fire on the marked last token?",
+        },
+        {"role": "assistant", "content": "Rating: 0"},
+        {
+            "role": "user",
+            # one final period, whether or not the explanation had one
+            "content": "Feature explanation: Words about cats.\n\nText: the big <<cat>>\n\n"
+            "How strongly does the latent fire on the marked last token?",
+        },
+    ]
+    assert len(prompt.PROMPT_HASH) == 16
+
+
+def test_golden_simulation_text_with_chat_template() -> None:
+    tok = tiny_tokenizer(chat_template=True)
+    chat = prompt.render_chat(
+        "Words about cats", "the big <<cat>>", "explanation-first", split=True
+    )
+    text = render(tok, chat, answer_prefix="Rating: ")
+    expected = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+    for expl, shot_text, rating in SHOTS:
+        expected += f"<|im_start|>user\n{_user(expl, shot_text, 'explanation-first')}<|im_end|>\n"
+        expected += f"<|im_start|>assistant\nRating: {rating}<|im_end|>\n"
+    expected += (
+        "<|im_start|>user\nFeature explanation: Words about cats.\n\n\x00Text: the big <<cat>>"
+        "\n\nHow strongly does the latent fire on the marked last token?<|im_end|>\n"
+        "<|im_start|>assistant\nRating: "
+    )
+    assert text == expected
+
+
+def test_golden_simulation_text_plain_fallback_context_first() -> None:
+    tok = tiny_tokenizer(chat_template=False)
+    chat = prompt.render_chat("Words about cats", "the big <<cat>>", "context-first", split=True)
+    text = render(tok, chat, answer_prefix="Rating: ")
+    expected = f"System: {SYSTEM}\n\n"
+    for expl, shot_text, rating in SHOTS:
+        expected += f"User: {_user(expl, shot_text, 'context-first')}\n\n"
+        expected += f"Assistant: Rating: {rating}\n\n"
+    expected += (
+        "User: Text: the big <<cat>>\n\n\x00Feature explanation: Words about cats.\n\n"
+        "How strongly does the latent fire on the marked last token?\n\nAssistant: Rating: "
+    )
+    assert text == expected
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+@pytest.mark.parametrize("layout", prompt.LAYOUTS)
+def test_split_is_at_the_layout_boundary_and_tokenizes_like_the_whole(
+    chat_template: bool, layout: prompt.Layout
+) -> None:
+    from nlrw.backends.base import split_encode
+
+    tok = tiny_tokenizer(chat_template=chat_template)
+    texts = ["the big <<cat>>", "a small <<dog>>"]
+    expls = ["Words about cats", "Words about dogs"]
+    got: dict[tuple[int, int], SplitPrompt] = {}
+    for i, e in enumerate(expls):
+        for j, t in enumerate(texts):
+            chat = prompt.render_chat(e, t, layout, split=True)
+            got[i, j] = split_encode(tok, chat, prompt.SPLIT, "Rating: ")
+            whole = render(tok, prompt.render_chat(e, t, layout), answer_prefix="Rating: ")
+            assert [*got[i, j].prefix, *got[i, j].suffix] == encode_prompt(tok, whole)
+            suffix_text = str(tok.decode(list(got[i, j].suffix)))
+            head = "Text: " if layout == "explanation-first" else "Feature explanation: "
+            assert suffix_text.startswith(head)
+            assert suffix_text.endswith("Rating: ")
+    if layout == "explanation-first":  # contexts of a latent share the prefix
+        assert got[0, 0].prefix == got[0, 1].prefix != got[1, 0].prefix
+    else:  # latents of a context share it
+        assert got[0, 0].prefix == got[1, 0].prefix != got[0, 1].prefix
+
+
+def test_mark_last_keeps_leading_space_outside_and_escapes() -> None:
+    assert prompt.mark_last("the big", " cat") == "the big <<cat>>"
+    assert prompt.mark_last("the big ", "cat") == "the big <<cat>>"
+    assert prompt.mark_last("line one", "\n") == "line one<<\\n>>"
+    assert prompt.mark_last("a\tb", " \nx") == "a\\tb <<\\nx>>"
+    assert prompt.mark_last("two", "  ") == "two<<  >>"  # all spaces: marked as it is
+    assert prompt.mark_last("", "Hello") == "<<Hello>>"
+
+
+def test_context_text_decodes_with_the_subject_tokenizer() -> None:
+    from transformers import AutoTokenizer
+
+    from nlrw.assets import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("tiny-random-llama"))
+    ids = tok("Oh No", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[-1] == "ĠNo"
+    assert prompt.context_text(tok, ids) == "Oh <<No>>"
+    ids = tok("said he.\nYes", add_special_tokens=False)["input_ids"]
+    assert prompt.context_text(tok, ids) == "said he.\\n<<Yes>>"
+    with pytest.raises(ValueError, match="at least one token"):
+        prompt.context_text(tok, [])
+
+
+# --------------------------------------------------------------------------------------------
+# Digit tokens
+# --------------------------------------------------------------------------------------------
+
+
+def _bpe(merges: list[tuple[str, str]], name: str) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the 256 bytes plus ``merges``, no chat template."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # pyright: ignore
+    tok.decoder = decoders.ByteLevel()  # pyright: ignore
+    t = PreTrainedTokenizerFast(tokenizer_object=tok)
+    t.name_or_path = name
+    return t
+
+
+def test_digit_tokens_bare_after_rating_space() -> None:
+    digits = prompt.digit_tokens(tiny_tokenizer())
+    assert digits.answer_prefix == "Rating: "
+    assert digits.tokens == tuple(str(d) for d in range(10))
+    assert digits.record()["tokens"] == [str(d) for d in range(10)]
+
+
+def test_digit_tokens_space_digit_after_rating_colon() -> None:
+    # Llama-3 style: a space merges into the digit after it, so "Rating: " cannot be used.
+    tok = _bpe([("Ġ", str(d)) for d in range(10)], "space-digits")
+    digits = prompt.digit_tokens(tok)
+    assert digits.answer_prefix == "Rating:"
+    assert digits.tokens == tuple(f"Ġ{d}" for d in range(10))
+    assert [tok.decode([i]) for i in digits.ids] == [f" {d}" for d in range(10)]
+
+
+def test_digit_tokens_that_merge_with_the_prefix_are_refused() -> None:
+    merges = [(":", "Ġ")] + [(":Ġ", str(d)) for d in range(10)] + [(":", str(d)) for d in range(10)]
+    tok = _bpe(merges, "merging-digits")
+    with pytest.raises(ValueError, match="Rating: ") as err:
+        prompt.digit_tokens(tok)
+    message = str(err.value)
+    assert "after 'Rating: '" in message and "after 'Rating:'" in message
+    assert "merges with the prefix" in message
+
+
+# --------------------------------------------------------------------------------------------
+# Expected value, selection, shards
+# --------------------------------------------------------------------------------------------
+
+
+def test_expected_values_by_hand() -> None:
+    probs = np.zeros((3, 10))
+    probs[0, [0, 9]] = [0.25, 0.25]  # mass 0.5
+    probs[1, 3] = 0.8
+    # row 2: zero mass
+    assert expected_values(probs) == pytest.approx([4.5, 3.0, 0.0])
+    assert expected_values(probs, "paper") == pytest.approx([2.25, 2.4, 0.0])
+    with pytest.raises(ValueError, match=r"\[n, 10\]"):
+        expected_values(np.zeros((2, 9)))
+
+
+def test_select_latents_by_score_then_id() -> None:
+    scores = pl.DataFrame(
+        {"latent": [1, 2, 3, 4, 5], "balanced_accuracy": [0.6, float("nan"), 0.9, 0.6, 0.7]}
+    )
+    assert select_latents([5, 3, 1, 2, 4], scores, None) == [1, 2, 3, 4, 5]
+    assert select_latents([5, 3, 1, 2, 4], scores, 3) == [1, 3, 5]  # 0.9, 0.7, 0.6 (tie: id 1)
+    assert select_latents([5, 3, 1, 2, 4], scores, 5) == [1, 2, 3, 4, 5]
+    assert select_latents([5, 3, 1, 2, 4, 9], scores, 5) == [1, 2, 3, 4, 5]  # NaN, none: by id
+    assert select_latents([5, 3, 1], None, 2) == [1, 3]
+
+
+def test_shards_partition_the_chunks() -> None:
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "1", "-1/2", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+    parts = [shard_chunks(10, f"{i}/3") for i in range(3)]
+    assert sorted(c for part in parts for c in part) == list(range(10))
+    assert parts[0] == [0, 3, 6, 9]
+    assert shard_chunks(4, None) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="shard"):
+        SimulateConfig(shard="2/2")
+
+
+# --------------------------------------------------------------------------------------------
+# The stage on a smoke run directory
+# --------------------------------------------------------------------------------------------
+
+TINY = "tiny-random-llama"
+EXPLANATIONS = {41: "The letter e after a consonant", 85: "Commas in lists", 91: "Capital letters"}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke run up to score (contexts included), its explanations replaced by readable ones
+    for three latents (the others are 'skipped' by explain's min_count)."""
+    path = tmp_path_factory.mktemp("simulate") / "run"
+    run_pipeline(load_preset("smoke"), path, until="score", log=lambda _: None)
+    table = pl.read_parquet(path / "explanations.parquet")
+    assert set(EXPLANATIONS) <= set(table["latent"].to_list())
+    table = table.with_columns(
+        pl.col("latent")
+        .replace_strict(EXPLANATIONS, default=None, return_dtype=pl.String)
+        .alias("explanation"),
+        pl.when(pl.col("latent").is_in(list(EXPLANATIONS)))
+        .then(pl.lit("ok"))
+        .otherwise(pl.lit("skipped"))
+        .alias("status"),
+    )
+    table.write_parquet(path / "explanations.parquet")
+    return path
+
+
+@pytest.fixture
+def run_dir(base_dir: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(base_dir, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_backend() -> Any:
+    from nlrw.backends.transformers import TransformersBackend
+
+    return TransformersBackend(TINY, dtype="float32", device="cpu", engine_batch_size=8)
+
+
+class FakeSimulator:
+    """A backend whose digit probabilities are a deterministic function of the prompt's ids;
+    records the prompts of each call; raises KeyboardInterrupt after ``fail_after`` calls."""
+
+    name = "fake"
+    model = "fake-simulator"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        from nlrw.assets import resolve_model
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(TINY))
+        self.fail_after = fail_after
+        self.calls: list[list[SplitPrompt]] = []
+
+    def answer_distribution_ids(
+        self, prompts: Sequence[SplitPrompt], answer_ids: Sequence[int]
+    ) -> AnswerDistribution:
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(list(prompts))
+        probs = np.zeros((len(prompts), len(answer_ids)))
+        for r, p in enumerate(prompts):
+            rng = np.random.default_rng([len(p.prefix), *p.suffix])
+            probs[r] = rng.dirichlet(np.ones(len(answer_ids))) * 0.9
+        return AnswerDistribution(probs, probs.sum(1))
+
+    def generate(self, *a: Any, **k: Any) -> Any:
+        raise NotImplementedError
+
+    def answer_distribution(self, *a: Any, **k: Any) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _cfg(**kw: Any) -> SimulateConfig:
+    kw.setdefault("model", TINY)
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("progress", False)
+    kw.setdefault("chunk_latents", 1)
+    kw.setdefault("batch_size", 8)
+    return SimulateConfig(**kw)
+
+
+def test_stage_writes_the_table_and_the_record(
+    run_dir: Path, tiny_backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="nlrw.simulate"):
+        table = simulate.run(_cfg(), run_dir, backend=tiny_backend)
+    contexts = read_contexts(run_dir)
+    n_ctx = contexts.height
+    assert n_ctx == 18  # both splits
+    assert table.schema == pl.Schema(simulate.SCHEMA)
+    assert table.equals(pl.read_parquet(run_dir / "simulations.parquet"))
+    assert table.height == 3 * n_ctx
+    assert table.select("latent", "context_id").rows() == [
+        (lat, c) for lat in sorted(EXPLANATIONS) for c in range(n_ctx)
+    ]
+    probs = np.asarray(table["digit_probs"].to_list()).astype(np.float64)
+    assert probs.shape == (table.height, 10)
+    np.testing.assert_allclose(table["digit_mass"], probs.sum(1), rtol=1e-5)
+    np.testing.assert_allclose(table["expected_value"], expected_values(probs), atol=1e-4)
+    true = true_activations(run_dir, sorted(EXPLANATIONS), np.arange(n_ctx))
+    np.testing.assert_array_equal(table["true_activation"].to_numpy(), true.reshape(-1))
+    assert (table["true_activation"] > 0).any()
+
+    record = json.loads((run_dir / "simulate.json").read_text())
+    assert record["stage"] == "simulate"
+    assert record["digit_tokens"]["answer_prefix"] == "Rating: "
+    assert record["digit_tokens"]["tokens"] == [str(d) for d in range(10)]
+    assert record["layout"] == "explanation-first"
+    assert record["dtype"] == "float32"
+    assert record["prompt_hash"] == prompt.PROMPT_HASH
+    assert record["throughput"]["prompts"] == 3 * n_ctx
+    assert record["throughput"]["prompts_per_second"] > 0
+    assert record["missing_explanations"]["policy"] == "exclude"
+    assert set(record["missing_explanations"]["by_status"]) == {"skipped"}
+    assert record["contexts_per_split"] == {"eval": 12, "calibration": 6}
+    # A random tiny model barely answers with digits: each latent warned about, once.
+    assert record["low_mass_latents"] == sorted(EXPLANATIONS)
+    warnings = [r.getMessage() for r in caplog.records if "digit mass" in r.getMessage()]
+    assert len(warnings) == 3
+    for lat, message in zip(sorted(EXPLANATIONS), warnings, strict=True):
+        assert f"latent {lat} " in message and prompt.PROMPT_HASH in message
+
+
+def test_prompts_are_grouped_for_prefix_sharing(run_dir: Path) -> None:
+    n_ctx = read_contexts(run_dir).height
+    fake = FakeSimulator()
+    simulate.run(_cfg(chunk_latents=3), run_dir, backend=fake)
+    # calls hold whole prefix groups, at least 8 x batch_size prompts (64 > 3 x 18)
+    assert [len(c) for c in fake.calls] == [3 * n_ctx]
+    assert len({id(p.prefix) for p in fake.calls[0]}) == 3
+
+    fake = FakeSimulator()
+    first = simulate.run(_cfg(chunk_latents=3, batch_size=1), run_dir, backend=fake, overwrite=True)
+    # explanation-first: one call per latent (8 x batch_size <= n_ctx), one prefix each
+    assert [len(c) for c in fake.calls] == [n_ctx] * 3
+    assert all(len({id(p.prefix) for p in call}) == 1 for call in fake.calls)
+
+    fake = FakeSimulator()
+    second = simulate.run(
+        _cfg(chunk_latents=3, layout="context-first", batch_size=1),
+        run_dir,
+        backend=fake,
+        overwrite=True,
+    )
+    # context-first: calls of whole contexts (>= 8 prompts), each context's 3 latents together
+    for call in fake.calls:
+        assert (len(call) % 3 == 0 and len(call) >= 8) or call is fake.calls[-1]
+        prefixes = [p.prefix for p in call]
+        assert all(prefixes[i] == prefixes[i - i % 3] for i in range(len(call)))
+        assert len({id(p) for p in prefixes}) == len(call) // 3
+    assert sum(len(c) for c in fake.calls) == 3 * n_ctx
+    assert second.select("latent", "context_id").equals(first.select("latent", "context_id"))
+
+
+def test_rerun_skips_and_overwrite_reruns(run_dir: Path) -> None:
+    fake = FakeSimulator()
+    first = simulate.run(_cfg(), run_dir, backend=fake)
+    n_calls = len(fake.calls)
+    again = simulate.run(_cfg(), run_dir, backend=fake)
+    assert len(fake.calls) == n_calls and again.equals(first)
+    simulate.run(_cfg(progress=True), run_dir, backend=fake)  # progress: not part of the key
+    assert len(fake.calls) == n_calls
+    simulate.run(_cfg(), run_dir, backend=fake, overwrite=True)
+    assert len(fake.calls) == 2 * n_calls
+    with pytest.raises(FileExistsError, match="another config"):  # other parts, no overwrite
+        (run_dir / "simulate.json").unlink()
+        simulate.run(_cfg(ev="paper"), run_dir, backend=fake)
+    paper = simulate.run(_cfg(ev="paper"), run_dir, backend=fake, overwrite=True)
+    probs = np.asarray(paper["digit_probs"].to_list()).astype(np.float64)
+    np.testing.assert_allclose(paper["expected_value"], expected_values(probs, "paper"), atol=1e-5)
+    assert (paper["expected_value"] < first["expected_value"]).all()  # mass 0.9 < 1
+
+
+def test_killed_run_resumes_from_the_last_part(run_dir: Path, tmp_path: Path) -> None:
+    reference = simulate.run(_cfg(), run_dir, backend=FakeSimulator())
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    shutil.rmtree(other / "simulations.parts")
+    (other / "simulations.parquet").unlink()
+    (other / "simulate.json").unlink()
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate.run(_cfg(), other, backend=FakeSimulator(fail_after=2))
+    parts = sorted(p.name for p in (other / "simulations.parts").glob("part-*.parquet"))
+    assert parts == ["part-000000.parquet", "part-000001.parquet"]
+    assert not (other / "simulations.parquet").exists()
+    assert not list((other / "simulations.parts").glob(".*tmp"))  # nothing half-written
+
+    fake = FakeSimulator()
+    resumed = simulate.run(_cfg(), other, backend=fake)
+    assert len(fake.calls) == 1  # only the third latent
+    assert resumed.equals(reference)
+
+
+def test_three_shards_merged_equal_one_run_byte_for_byte(
+    run_dir: Path, tiny_backend: Any, tmp_path: Path
+) -> None:
+    sharded = tmp_path / "sharded"
+    shutil.copytree(run_dir, sharded)
+    one = simulate.run(_cfg(), run_dir, backend=tiny_backend)
+
+    for i in (2, 0):
+        rows = simulate.run(_cfg(shard=f"{i}/3"), sharded, backend=tiny_backend)
+        assert rows["latent"].unique().to_list() == [sorted(EXPLANATIONS)[i]]
+        assert not (sharded / "simulations.parquet").exists()
+    with pytest.raises(FileNotFoundError, match=r"lacks 1 of 3 parts.*shards \[1\]"):
+        merge(_cfg(shard="0/3"), sharded)
+    with pytest.raises(ValueError, match="other shards' parts"):
+        simulate.run(_cfg(shard="1/3"), sharded, backend=tiny_backend, overwrite=True)
+    merged = simulate.run(_cfg(shard="1/3"), sharded, backend=tiny_backend)  # the last merges
+    assert merged.equals(one)
+    a = (run_dir / "simulations.parquet").read_bytes()
+    assert a == (sharded / "simulations.parquet").read_bytes()
+    (sharded / "simulations.parquet").unlink()
+    assert merge(_cfg(), sharded).equals(one)
+    assert a == (sharded / "simulations.parquet").read_bytes()
+
+
+def test_shared_prefix_engine_matches_one_prompt_per_forward(run_dir: Path) -> None:
+    from nlrw.backends.transformers import TransformersBackend
+
+    results = {}
+    for engine in ("shared-prefix", "single"):
+        backend = TransformersBackend(TINY, dtype="float32", device="cpu", engine=engine)
+        results[engine] = simulate.run(
+            _cfg(engine=engine, max_latents=1), run_dir, backend=backend, overwrite=True
+        )
+    a, b = results["shared-prefix"], results["single"]
+    assert a.height == b.height == read_contexts(run_dir).height
+    diff = (a["expected_value"] - b["expected_value"]).abs().max()
+    assert diff is not None and float(diff) <= 1e-3  # pyright: ignore[reportArgumentType]
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_explanations_are_excluded_or_stop_the_run(run_dir: Path) -> None:
+    table = pl.read_parquet(run_dir / "explanations.parquet")
+    table = table.with_columns(
+        pl.when(pl.col("latent") == 85).then(pl.lit("failed")).otherwise("status").alias("status"),
+        pl.when(pl.col("latent") == 85).then(None).otherwise("explanation").alias("explanation"),
+    )
+    table.write_parquet(run_dir / "explanations.parquet")
+    skipped = sorted(set(table["latent"].to_list()) - set(EXPLANATIONS))
+    with pytest.raises(ValueError, match=r"failed: \[85\] \(1\)") as err:
+        simulate.run(_cfg(missing_explanations="error"), run_dir, backend=FakeSimulator())
+    assert f"skipped: [{', '.join(map(str, skipped))}]" in str(err.value)
+    assert not (run_dir / "simulations.parts").exists()
+
+    out = simulate.run(_cfg(), run_dir, backend=FakeSimulator())
+    assert out["latent"].unique().sort().to_list() == [41, 91]
+    record = json.loads((run_dir / "simulate.json").read_text())
+    assert record["missing_explanations"]["by_status"] == {"failed": [85], "skipped": skipped}
+    assert record["missing_explanations"]["count"] == 1 + len(skipped)
+
+
+def test_max_latents_takes_the_best_scored(run_dir: Path) -> None:
+    scores = pl.read_parquet(run_dir / "scores.parquet")
+    order = {41: 0.55, 85: 0.9, 91: 0.7}
+    scores = scores.with_columns(
+        pl.col("latent").replace_strict(order, return_dtype=pl.Float64).alias("balanced_accuracy")
+    )
+    scores.write_parquet(run_dir / "scores.parquet")
+    out = simulate.run(_cfg(max_latents=2), run_dir, backend=FakeSimulator())
+    assert out["latent"].unique().sort().to_list() == [85, 91]
+
+
+def test_no_contexts_names_the_file_and_the_stage(run_dir: Path) -> None:
+    (run_dir / "contexts.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"contexts\.parquet.*contexts stage"):
+        simulate.run(_cfg(), run_dir, backend=FakeSimulator())
+
+
+def test_no_explanations_names_the_file_and_the_stage(run_dir: Path) -> None:
+    (run_dir / "explanations.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"explanations\.parquet.*explain stage"):
+        simulate.run(_cfg(), run_dir, backend=FakeSimulator())
+
+
+def test_contexts_of_the_wrong_length_are_refused(run_dir: Path) -> None:
+    path = run_dir / "contexts.parquet"
+    table = pl.read_parquet(path)
+    short = table.with_columns(
+        pl.when(pl.col("context_id") == 3)
+        .then(pl.col("input_ids").list.head(5))
+        .otherwise("input_ids")
+        .alias("input_ids")
+    )
+    short.write_parquet(path)
+    with pytest.raises(ValueError, match="different lengths"):
+        simulate.run(_cfg(), run_dir, backend=FakeSimulator())
+    # all equally short: disagrees with contexts.json's ctx_len
+    table.with_columns(pl.col("input_ids").list.head(5)).write_parquet(path)
+    with pytest.raises(ValueError, match=r"ctx_len = 8"):
+        simulate.run(_cfg(), run_dir, backend=FakeSimulator())
+    assert not (run_dir / "simulations.parquet").exists()
+
+
+def test_digits_that_split_stop_the_run_before_any_output(run_dir: Path) -> None:
+    merges = [(":", "Ġ")] + [(":Ġ", str(d)) for d in range(10)] + [(":", str(d)) for d in range(10)]
+    fake = FakeSimulator()
+    fake.tokenizer = _bpe(merges, "merging-digits")
+    with pytest.raises(ValueError, match="single-token digit"):
+        simulate.run(_cfg(), run_dir, backend=fake)
+    assert not fake.calls
+    assert not list((run_dir / "simulations.parts").glob("part-*"))
+    assert not (run_dir / "simulations.parquet").exists()
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="layout"):
+        SimulateConfig(layout="sideways")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="ev"):
+        SimulateConfig(ev="max")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="base_url"):
+        SimulateConfig(backend="openai")
+    with pytest.raises(ValueError, match="chunk_latents"):
+        SimulateConfig(chunk_latents=0)
+    with pytest.raises(ValueError, match="min_digit_mass"):
+        SimulateConfig(min_digit_mass=2.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The default simulator
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_simulator_reads_digits_with_most_of_the_mass(run_dir: Path) -> None:
+    from nlrw.backends.transformers import TransformersBackend
+
+    path = run_dir / "contexts.parquet"
+    pl.read_parquet(path).head(3).write_parquet(path)
+    backend = TransformersBackend("qwen2.5-coder-0.5b", dtype="float32", device="cpu")
+    cfg = SimulateConfig(max_latents=1, dtype="float32", progress=False)
+    table = simulate.run(cfg, run_dir, backend=backend)
+    assert table.height == 3
+    record = json.loads((run_dir / "simulate.json").read_text())
+    assert record["digit_tokens"] == {
+        "answer_prefix": "Rating: ",
+        "ids": record["digit_tokens"]["ids"],
+        "tokens": [str(d) for d in range(10)],
+    }
+    assert (table["digit_mass"] > 0.5).all()
+    assert record["low_mass_latents"] == []
