@@ -1,0 +1,1126 @@
+"""The ``evaluate`` stage: how much next-token loss the subject loses when latents are rewritten
+from their explanations (Paulo & Belrose 2025, section "partially rewriting").
+
+**What is predicted.** An evaluation context is a window ``t_0 … t_{n-1}`` of ``n = ctx_len``
+tokens (``contexts.parquet``, split ``"eval"``; ``t_{n-1}`` is the token the simulator saw
+marked). The subject runs on the whole window; at the hookpoint the module's output **at the
+last position n-1 only** is replaced; the loss is the cross-entropy (nats) of the logits at
+position n-1 against ``target_id``, the token that follows the window in the source text,
+``t_n``::
+
+    CE = −log softmax(logits_{n-1})[t_n]
+
+(the paper's "prompt" is our window plus its target: they run on ``prompt[:-1]`` and score
+``prompt[-1]``, the same thing).
+
+**Conditions** (one row of ``eval/results.parquet`` each, per context). For a transcoder
+``ŷ(z) = W_dec z + b_dec + W_skip x`` with x the MLP input at that position; for an SAE on the
+residual stream ``ŷ(z) = W_dec z + b_dec`` with x the hookpoint's output:
+
+* ``clean`` — nothing replaced;
+* ``transcoder`` — ``ŷ(z)`` with z the true ``topk(relu(W_enc x + b_enc))``;
+* ``zero_ablation`` — ``ŷ(0)`` (``b_dec`` and the skip connection kept);
+* ``random_k`` — the true top-k values (descending) placed on k distinct latents drawn
+  uniformly at random, seeded by ``(seed, context_id)`` (nlrw's fix of the paper's buggy
+  "random active latents");
+* ``simulated`` — for each calibration in ``calibration.parquet``, each fraction f and each
+  choice: ``n_sel = max(1, ⌊f·N + ½⌋)`` of the N *simulated* latents (those present in
+  calibration.parquet) take their calibrated simulated value on the context, every other
+  latent keeps its true value, then top-k is re-applied (k of the coder) and decoded:
+  ``z' = topk(relu(z with z_l ← s_l for the chosen l))``, ``ŷ(z')``. Latents never simulated
+  (no explanation, or not simulated) always keep their true values; their number is recorded.
+  Choice ``"top"`` takes the n_sel best by ``balanced_accuracy`` (``scores.parquet``; ties by
+  latent id); ``"random"`` takes them from a seeded permutation of the simulated latents, one
+  per trial (``n_trials``), the same for every context (``random="fixed"``, so a trial is one
+  coherent rewrite, and the subsets of a trial are nested across fractions), or a fresh one
+  per (trial, context) with ``random="per-context"`` (the paper's code).
+
+The true latents are those of the coder applied to the activation the forward pass actually
+sees (recomputed in the splice, so the skip term and z use the same x); the latents stored by
+the contexts stage only validate the inputs (the agreement is recorded in ``eval.json``).
+Top-k re-application uses :func:`nlrw.topk.topk_replace` (Rust) on the CPU and a stable sort
+on other devices: ties go to the lower latent index in both.
+
+**Efficiency.** Attention is causal, so positions 0…n-2 are the same in every condition: per
+group of contexts the model runs once on ``t_0 … t_{n-2}`` (batched; all windows have the same
+length, so no padding), keeping the KV cache; then every condition of those contexts runs as one
+batch of single-token forwards of ``t_{n-1}`` against that cache, each row's cache selected
+from its context's (``Cache.batch_select_indices`` on a fresh copy per batch), with a
+:func:`nlrw.subject.splice` that gives row r condition r's replacement. This equals the
+naive way (a full forward per condition, :func:`grid_ce_full` with ``rows_per_forward=1``)
+to float32 rounding, and costs one token per condition instead of ``ctx_len``
+(``benches/bench_evaluate.py`` measures the ratio).
+
+**Statistics** (``eval/summary.parquet``, one row per condition x calibration x fraction x
+choice): mean CE over contexts (random choice: the trials are averaged per context first) with
+a percentile bootstrap 95 % CI (``n_bootstrap`` resamples of the contexts, seeded, the same
+resamples for every condition); the paired difference to zero ablation
+``mean_c(CE_c − CE_zero,c)`` with its bootstrap CI, and a two-sided sign-flip permutation test
+of that difference (``n_permutations`` random sign vectors, seeded;
+``p = (1 + #{|mean(s·d)| ≥ |mean(d)|}) / (1 + n_permutations)``).
+
+**Resume.** Contexts are evaluated in parts of ``part_size``, each written atomically to
+``eval/results.parts/part-NNNNNN.parquet``; a rerun skips finished parts (:class:`PartStore`,
+tagged with the config hash). ``eval/results.parquet``, ``eval/summary.parquet`` and
+``eval.json`` are written at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nlrw import topk as _topk
+from nlrw.explain import PartStore, _remove_tree
+from nlrw.io import atomic_path, atomic_write_json
+from nlrw.provenance import config_hash, stage_record
+from nlrw.sparse import SparseCoder
+from nlrw.subject import Subject, splice
+
+__all__ = [
+    "CONDITIONS",
+    "DEFAULT_FRACTIONS",
+    "EvaluateConfig",
+    "Grid",
+    "GridRow",
+    "grid_ce",
+    "grid_ce_full",
+    "n_selected",
+    "paired_sign_flip_p",
+    "run",
+    "summarize",
+    "topk_replace_torch",
+]
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = ("clean", "transcoder", "zero_ablation", "random_k", "simulated")
+"""Condition names, in the order of the grid and the summary."""
+
+DEFAULT_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+"""The paper's fractions of simulated latents."""
+
+Choice = Literal["top", "random"]
+RandomMode = Literal["fixed", "per-context"]
+
+_CLEAN, _TRUE, _ZERO, _RANDOM_K, _SIMULATED = range(5)
+# Seed-stream tags, so that the draws of different purposes never share a stream.
+_TAG_FIXED, _TAG_PER_CONTEXT, _TAG_RANDOM_K, _TAG_BOOTSTRAP, _TAG_PERMUTATION = range(5)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of the ``evaluate`` stage (defaults: the paper's grid, nlrw's fixed trials)."""
+
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    """Fractions f in (0, 1] of the simulated latents given simulated values
+    (n_sel = max(1, round(f x number simulated)))."""
+
+    choices: tuple[Choice, ...] = ("top", "random")
+    """How the n_sel latents are chosen: "top" by balanced accuracy (scores.parquet), "random"
+    seeded (see n_trials and random)."""
+
+    n_trials: int = 5
+    """Random choices drawn per fraction (seeded); their CE is averaged per context."""
+
+    random: RandomMode = "fixed"
+    """"fixed": one random subset per trial for every context (a coherent rewrite);
+    "per-context": a fresh subset per trial and context (the paper's code)."""
+
+    calibrations: tuple[str, ...] | None = None
+    """Calibrations of calibration.parquet to evaluate (None: all present)."""
+
+    missing_explanations: Literal["exclude", "error"] = "exclude"
+    """Latents active on eval contexts that were never simulated (no usable explanation), and
+    simulated latents without a balanced accuracy when "top" is a choice: "exclude" keeps their
+    true values (their number is recorded), "error" refuses to evaluate."""
+
+    max_contexts: int | None = None
+    """Evaluate only the first this many eval contexts (None: all)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Precision of the subject model (recorded; "auto" is bfloat16 on a GPU)."""
+
+    device: str = "auto"
+    """Device of the subject and the coder ("auto": the first GPU, else the CPU)."""
+
+    batch_size: int = 256
+    """Rows (context x condition) per single-token forward; contexts are grouped so that
+    their conditions fill a batch. Memory: each row holds its own copy of the prefix's KV
+    cache (2 x layers x ctx_len x kv width floats)."""
+
+    part_size: int = 16
+    """Contexts per checkpointed part (a kill loses at most one part)."""
+
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of the contexts for the 95 % confidence intervals."""
+
+    n_permutations: int = 10000
+    """Random sign flips of the paired sign-flip test against zero ablation."""
+
+    seed: int = 0
+    """Seed of the random choices, random_k latents, bootstrap and permutation test."""
+
+    progress: bool = True
+    """Show a progress bar (contexts/s)."""
+
+    def __post_init__(self) -> None:
+        if not self.fractions:
+            raise ValueError("fractions must not be empty")
+        for f in self.fractions:
+            if not (isinstance(f, int | float) and 0.0 < f <= 1.0):
+                raise ValueError(f"every fraction must be in (0, 1], got {f!r}")
+        if len(set(self.fractions)) != len(self.fractions):
+            raise ValueError(f"fractions must be distinct, got {self.fractions}")
+        if not self.choices or any(c not in ("top", "random") for c in self.choices):
+            raise ValueError(f"choices must be a non-empty subset of top, random: {self.choices}")
+        if len(set(self.choices)) != len(self.choices):
+            raise ValueError(f"choices must be distinct, got {self.choices}")
+        if self.random not in ("fixed", "per-context"):
+            raise ValueError(f"random must be 'fixed' or 'per-context', not {self.random!r}")
+        if self.missing_explanations not in ("exclude", "error"):
+            raise ValueError(
+                "missing_explanations must be 'exclude' or 'error', "
+                f"not {self.missing_explanations!r}"
+            )
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16: {self.dtype!r}")
+        for name in ("n_trials", "batch_size", "part_size", "n_bootstrap", "n_permutations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_contexts is not None and self.max_contexts < 1:
+            raise ValueError(f"max_contexts must be at least 1, got {self.max_contexts}")
+        if self.calibrations is not None and not self.calibrations:
+            raise ValueError("calibrations must be None (all) or name at least one")
+
+
+# --------------------------------------------------------------------------------------------
+# The grid of conditions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One condition evaluated on every context."""
+
+    condition: str
+    """One of :data:`CONDITIONS`."""
+    calibration: str | None = None
+    """The calibration whose values are used (simulated only)."""
+    fraction: float | None = None
+    """Fraction of the simulated latents rewritten (simulated only)."""
+    choice: str | None = None
+    """"top" or "random" (simulated only)."""
+    trial: int = 0
+    """Trial of a random choice (0 otherwise)."""
+    n_selected: int = 0
+    """Latents given simulated values (simulated only)."""
+
+
+def n_selected(fraction: float, n_simulated: int) -> int:
+    """``max(1, ⌊f·N + ½⌋)``: latents rewritten at fraction f of N simulated (half rounds up)."""
+    return max(1, math.floor(fraction * n_simulated + 0.5))
+
+
+def topk_replace_torch(
+    values: Tensor,
+    indices: Tensor,
+    rows: Tensor,
+    latents: Tensor,
+    new_values: Tensor,
+    k: int,
+    num_latents: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`nlrw.topk.topk_replace` in torch (any device), with the same contract.
+
+    Dense ``[n, num_latents]`` rows, the replacements written in (no duplicate (row, latent)
+    pairs may be given), then a **stable** descending sort: ties go to the lower latent index
+    and a row with fewer than k positive entries is padded with zeros at its lowest unused
+    indices, as the Rust kernel does.
+    """
+    dense = torch.zeros(values.shape[0], num_latents, dtype=torch.float32, device=values.device)
+    dense.scatter_(1, indices.long(), values.float().clamp_min(0))
+    # Padding entries (value 0) scattered above are harmless: zero is zero.
+    dense[rows.long(), latents.long()] = new_values.float()
+    dense.clamp_(min=0)
+    sorted_v, sorted_i = torch.sort(dense, dim=1, descending=True, stable=True)
+    return sorted_v[:, :k].contiguous(), sorted_i[:, :k].contiguous()
+
+
+class Grid:
+    """The conditions of an evaluation and everything they need per context.
+
+    Args:
+        rows: the conditions (see :meth:`build`).
+        latents: the N simulated latent ids, ascending.
+        values: calibration name -> float32 ``[n_contexts, N]`` calibrated simulated
+            activations, row i for ``context_ids[i]``, column j for ``latents[j]``.
+        context_ids: the contexts the value rows belong to.
+        top_order: positions into ``latents``, best balanced accuracy first (None without
+            "top").
+        random: "fixed" or "per-context".
+        seed: seed of every random draw.
+        k, num_latents: the coder's.
+
+    Attribute ``torch_topk``: re-apply top-k with :func:`topk_replace_torch` even on the CPU
+    (what a GPU always uses; the tests compare both paths).
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[GridRow],
+        latents: npt.ArrayLike,
+        values: dict[str, np.ndarray],
+        context_ids: npt.ArrayLike,
+        *,
+        top_order: np.ndarray | None,
+        random: RandomMode,
+        seed: int,
+        k: int,
+        num_latents: int,
+    ) -> None:
+        self.rows = list(rows)
+        self.latents = np.asarray(latents, dtype=np.int64)
+        self.values = values
+        self.context_ids = np.asarray(context_ids, dtype=np.int64)
+        self.top_order = top_order
+        self.random = random
+        self.seed = seed
+        self.k = k
+        self.num_latents = num_latents
+        self._ctx_pos = {int(c): i for i, c in enumerate(self.context_ids)}
+        self._kind = np.array([CONDITIONS.index(r.condition) for r in self.rows], dtype=np.int64)
+        self._fixed: dict[int, np.ndarray] = {}
+        self.torch_topk = False
+        n = len(self.latents)
+        for name, v in values.items():
+            if v.shape != (len(self.context_ids), n):
+                raise ValueError(
+                    f"values of calibration {name!r} have shape {v.shape}, expected "
+                    f"{(len(self.context_ids), n)}"
+                )
+
+    @classmethod
+    def build(
+        cls,
+        cfg: EvaluateConfig,
+        latents: npt.ArrayLike,
+        values: dict[str, np.ndarray],
+        context_ids: npt.ArrayLike,
+        *,
+        balanced_accuracy: npt.ArrayLike | None,
+        k: int,
+        num_latents: int,
+    ) -> Grid:
+        """The grid of ``cfg``: the four baselines, then for each calibration (sorted), choice
+        and fraction the simulated rows (``n_trials`` of them for "random").
+
+        ``balanced_accuracy[j]`` ranks ``latents[j]`` for the "top" choice (NaN ranks last).
+        """
+        lat = np.asarray(latents, dtype=np.int64)
+        if lat.ndim != 1 or len(lat) == 0:
+            raise ValueError("a grid needs at least one simulated latent")
+        rows = [GridRow(c) for c in CONDITIONS[:-1]]
+        for cal in sorted(values):
+            for choice in cfg.choices:
+                for f in cfg.fractions:
+                    trials = range(cfg.n_trials) if choice == "random" else range(1)
+                    for t in trials:
+                        rows.append(
+                            GridRow("simulated", cal, float(f), choice, t, n_selected(f, len(lat)))
+                        )
+        top_order = None
+        if "top" in cfg.choices:
+            if balanced_accuracy is None:
+                raise ValueError("the 'top' choice needs balanced accuracies")
+            ba = np.asarray(balanced_accuracy, dtype=np.float64)
+            key = np.where(np.isnan(ba), -np.inf, ba)
+            top_order = np.lexsort((lat, -key))
+        return cls(
+            rows,
+            lat,
+            values,
+            context_ids,
+            top_order=top_order,
+            random=cfg.random,
+            seed=cfg.seed,
+            k=k,
+            num_latents=num_latents,
+        )
+
+    # ---------------------------------------------------------------- draws
+    def order(self, choice: str, trial: int, context_id: int) -> np.ndarray:
+        """Positions into :attr:`latents` in the order a choice takes them (prefix = chosen)."""
+        if choice == "top":
+            assert self.top_order is not None
+            return self.top_order
+        n = len(self.latents)
+        if self.random == "fixed":
+            if trial not in self._fixed:
+                rng = np.random.default_rng([self.seed, _TAG_FIXED, trial])
+                self._fixed[trial] = rng.permutation(n)
+            return self._fixed[trial]
+        rng = np.random.default_rng([self.seed, _TAG_PER_CONTEXT, trial, context_id])
+        return rng.permutation(n)
+
+    def random_k_latents(self, context_id: int) -> np.ndarray:
+        """The k distinct random latents of ``random_k`` on a context (seeded by its id)."""
+        rng = np.random.default_rng([self.seed, _TAG_RANDOM_K, context_id])
+        return rng.choice(self.num_latents, size=self.k, replace=False)
+
+    # ---------------------------------------------------------------- replacement
+    def replacement(
+        self,
+        coder: SparseCoder,
+        src: Tensor,
+        y: Tensor,
+        row_index: np.ndarray,
+        context_ids: np.ndarray,
+    ) -> Tensor:
+        """The hookpoint's output at the last position for each row ``[R, d_out]``.
+
+        ``src`` ``[R, d_in]`` is the coder's input seen by row r (the MLP input for a
+        transcoder, the hookpoint output for an SAE), ``y`` ``[R, d_out]`` the real output,
+        ``row_index[r]`` the grid row and ``context_ids[r]`` the context of row r. The true
+        latents of a context are encoded once, from its first row.
+        """
+        kinds = self._kind[row_index]
+        out_dtype = y.dtype
+        uniq, first, inverse = np.unique(context_ids, return_index=True, return_inverse=True)
+        true_v, true_i = coder.encode(src[torch.as_tensor(first, device=src.device)])
+        true_v, true_i = true_v.float(), true_i.long()
+        inv = torch.as_tensor(inverse, device=true_v.device)
+        values, indices = true_v[inv].clone(), true_i[inv].clone()
+
+        zero = np.flatnonzero(kinds == _ZERO)
+        if len(zero):
+            values[torch.as_tensor(zero, device=values.device)] = 0.0
+        rand = np.flatnonzero(kinds == _RANDOM_K)
+        if len(rand):
+            drawn = np.stack([self.random_k_latents(int(context_ids[r])) for r in rand])
+            indices[torch.as_tensor(rand, device=indices.device)] = torch.as_tensor(
+                drawn, device=indices.device
+            )
+        sim = np.flatnonzero(kinds == _SIMULATED)
+        if len(sim):
+            new_v, new_i = self._simulated(
+                values[torch.as_tensor(sim, device=values.device)],
+                indices[torch.as_tensor(sim, device=values.device)],
+                row_index[sim],
+                context_ids[sim],
+                true_v,
+                true_i,
+                {int(c): j for j, c in enumerate(uniq)},
+            )
+            sim_t = torch.as_tensor(sim, device=values.device)
+            values[sim_t], indices[sim_t] = new_v, new_i
+
+        out = coder.decode(values, indices)
+        skip = coder.skip(src)
+        if skip is not None:
+            out = out + skip
+        out = out.to(out_dtype)
+        clean = np.flatnonzero(kinds == _CLEAN)
+        if len(clean):
+            c = torch.as_tensor(clean, device=out.device)
+            out[c] = y[c]
+        return out
+
+    def _simulated(
+        self,
+        values: Tensor,
+        indices: Tensor,
+        row_index: np.ndarray,
+        context_ids: np.ndarray,
+        true_v: Tensor,
+        true_i: Tensor,
+        slot: dict[int, int],
+    ) -> tuple[Tensor, Tensor]:
+        """Top-k after the chosen latents of each simulated row take their simulated values.
+
+        A replacement by 0 of a latent that is not active on the context changes nothing, so
+        only nonzero values and currently active latents are passed to the top-k kernel.
+        """
+        tv, ti = true_v.cpu().numpy(), true_i.cpu().numpy()
+        active = np.zeros((len(tv), self.num_latents), dtype=bool)
+        for j in range(len(tv)):
+            active[j, ti[j][tv[j] > 0]] = True
+        prepared: dict[tuple[int, str, str, int], tuple[np.ndarray, ...]] = {}
+        rows_m: list[np.ndarray] = []
+        lat_m: list[np.ndarray] = []
+        val_m: list[np.ndarray] = []
+        for r, (g, ctx) in enumerate(zip(row_index.tolist(), context_ids.tolist(), strict=True)):
+            row = self.rows[g]
+            assert row.calibration is not None and row.choice is not None
+            key = (ctx, row.calibration, row.choice, row.trial)
+            if key not in prepared:
+                order = self.order(row.choice, row.trial, ctx)
+                vals = self.values[row.calibration][self._ctx_pos[ctx], order]
+                lat = self.latents[order]
+                keep = np.flatnonzero((vals != 0) | active[slot[ctx], lat])
+                prepared[key] = (keep, lat[keep], vals[keep])
+            keep, lat, vals = prepared[key]
+            m = int(np.searchsorted(keep, row.n_selected))
+            rows_m.append(np.full(m, r, dtype=np.int64))
+            lat_m.append(lat[:m])
+            val_m.append(vals[:m])
+        rows_a, lat_a, val_a = (np.concatenate(a) for a in (rows_m, lat_m, val_m))
+        if values.device.type == "cpu" and not self.torch_topk:
+            out_v, out_i = _topk.topk_replace(
+                values.numpy(), indices.numpy(), rows_a, lat_a, val_a, self.k, self.num_latents
+            )
+            return torch.from_numpy(np.asarray(out_v)), torch.from_numpy(
+                np.asarray(out_i).astype(np.int64)
+            )
+        dev = values.device
+        return topk_replace_torch(
+            values,
+            indices,
+            torch.as_tensor(rows_a, device=dev),
+            torch.as_tensor(lat_a, device=dev),
+            torch.as_tensor(val_a, device=dev),
+            self.k,
+            self.num_latents,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes
+# --------------------------------------------------------------------------------------------
+
+
+def _cache_kwarg(fn: Callable[..., Any]) -> str:
+    """The name under which this transformers version passes a KV cache (``cache`` since
+    transformers 5, ``past_key_values`` before)."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _prefix_cache(model: Any, prefix: Tensor) -> Any:
+    """The KV cache of ``prefix`` ``[B, T]`` (the base model only: no logits are needed)."""
+    base = model.base_model
+    out = base(input_ids=prefix, use_cache=True, **{_cache_kwarg(base.forward): None})
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise RuntimeError(f"{type(base).__name__} returned no KV cache with use_cache=True")
+    return cache
+
+
+def _rows_of_cache(prefix: Any, rows: Tensor) -> Any:
+    """A fresh cache whose batch row r is row ``rows[r]`` of ``prefix`` (left untouched).
+
+    Dynamic cache layers (transformers >= 4.56) rebind their tensors on selection and on
+    update, so shallow copies of the layers suffice; older caches keep key/value lists that
+    are modified in place, and are deep-copied.
+    """
+    layers = getattr(prefix, "layers", None)
+    if isinstance(layers, list):
+        cache = copy.copy(prefix)
+        cache.layers = [copy.copy(layer) for layer in layers]
+    else:
+        cache = copy.deepcopy(prefix)
+    cache.batch_select_indices(rows)
+    return cache
+
+
+def _last_position_splice(
+    grid: Grid,
+    coder: SparseCoder,
+    row_index: np.ndarray,
+    context_ids: np.ndarray,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """A :func:`nlrw.subject.splice` function replacing the last position of row r."""
+    sae = coder.cfg.kind == "sae"
+
+    def fn(x: Tensor, y: Tensor) -> Tensor:
+        src = (y if sae else x)[:, -1]
+        rep = grid.replacement(coder, src, y[:, -1], row_index, context_ids)
+        new = y.clone()
+        new[:, -1] = rep.to(y.dtype)
+        return new
+
+    return fn
+
+
+def _as_ids(input_ids: Tensor | np.ndarray, device: torch.device) -> Tensor:
+    ids = input_ids if isinstance(input_ids, Tensor) else torch.from_numpy(np.asarray(input_ids))
+    return ids.long().to(device)
+
+
+def grid_ce(
+    model: Any,
+    coder: SparseCoder,
+    hookpoint: str,
+    grid: Grid,
+    input_ids: Tensor | np.ndarray,
+    targets: Tensor | np.ndarray,
+    context_ids: npt.ArrayLike,
+    *,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """CE ``[n_contexts, n_rows]`` of every grid row on every context, sharing the prefix.
+
+    ``input_ids`` ``[n, ctx_len]``, ``targets`` ``[n]`` (the token after each window),
+    ``context_ids`` ``[n]`` (for the per-context seeds and values). See the module docstring.
+    """
+    device = next(model.parameters()).device
+    ids, tgt = _as_ids(input_ids, device), _as_ids(targets, device)
+    ctx = np.asarray(context_ids, dtype=np.int64)
+    n, length = ids.shape
+    n_rows = len(grid.rows)
+    out = np.empty((n, n_rows), dtype=np.float64)
+    per_group = max(1, batch_size // n_rows)
+    kw = _cache_kwarg(model.forward)
+    with torch.inference_mode():
+        for g0 in range(0, n, per_group):
+            group = ids[g0 : g0 + per_group]
+            b = group.shape[0]
+            prefix = _prefix_cache(model, group[:, :-1]) if length > 1 else None
+            row_ctx = np.repeat(np.arange(b), n_rows)
+            row_idx = np.tile(np.arange(n_rows), b)
+            for c0 in range(0, b * n_rows, batch_size):
+                rc, ri = row_ctx[c0 : c0 + batch_size], row_idx[c0 : c0 + batch_size]
+                select = torch.as_tensor(rc, device=device)
+                cache = None if prefix is None else _rows_of_cache(prefix, select)
+                fn = _last_position_splice(grid, coder, ri, ctx[g0 + rc])
+                with splice(model, hookpoint, fn):
+                    logits = model(input_ids=group[select, -1:], use_cache=True, **{kw: cache})
+                ce = F.cross_entropy(
+                    logits.logits[:, -1].float(), tgt[g0 + select], reduction="none"
+                )
+                out[g0 + rc, ri] = ce.double().cpu().numpy()
+    return out
+
+
+def grid_ce_full(
+    model: Any,
+    coder: SparseCoder,
+    hookpoint: str,
+    grid: Grid,
+    input_ids: Tensor | np.ndarray,
+    targets: Tensor | np.ndarray,
+    context_ids: npt.ArrayLike,
+    *,
+    rows_per_forward: int | None = 1,
+) -> np.ndarray:
+    """The reference for :func:`grid_ce`: full forward passes over the whole window.
+
+    ``rows_per_forward=1`` is the naive way, one forward per condition and context;
+    ``None`` batches all conditions of a context as copies of its window (no KV sharing).
+    """
+    device = next(model.parameters()).device
+    ids, tgt = _as_ids(input_ids, device), _as_ids(targets, device)
+    ctx = np.asarray(context_ids, dtype=np.int64)
+    n_rows = len(grid.rows)
+    step = n_rows if rows_per_forward is None else rows_per_forward
+    out = np.empty((ids.shape[0], n_rows), dtype=np.float64)
+    with torch.inference_mode():
+        for i in range(ids.shape[0]):
+            for r0 in range(0, n_rows, step):
+                ri = np.arange(r0, min(r0 + step, n_rows))
+                batch = ids[i : i + 1].expand(len(ri), -1)
+                fn = _last_position_splice(grid, coder, ri, np.full(len(ri), ctx[i]))
+                with splice(model, hookpoint, fn):
+                    logits = model(input_ids=batch, use_cache=False).logits
+                ce = F.cross_entropy(
+                    logits[:, -1].float(), tgt[i].expand(len(ri)), reduction="none"
+                )
+                out[i, ri] = ce.double().cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def paired_sign_flip_p(diff: np.ndarray, signs: np.ndarray) -> float:
+    """Two-sided p-value of a sign-flip permutation test of ``mean(diff) = 0``.
+
+    ``signs`` ``[n_permutations, n]`` of ±1: ``p = (1 + #{|mean(s·d)| ≥ |mean(d)|}) /
+    (1 + n_permutations)`` (a relative tolerance of 1e-12 counts ties as extreme).
+    """
+    d = np.asarray(diff, dtype=np.float64)
+    observed = abs(d.mean())
+    flipped = np.abs(signs @ d) / len(d)
+    extreme = int(np.count_nonzero(flipped >= observed * (1 - 1e-12)))
+    return (1 + extreme) / (1 + signs.shape[0])
+
+
+_SUMMARY_KEYS = ("condition", "calibration", "fraction", "choice")
+
+
+def summarize(
+    results: pl.DataFrame,
+    *,
+    n_bootstrap: int = 1000,
+    n_permutations: int = 10000,
+    seed: int = 0,
+    n_selected_of: dict[tuple[Any, ...], int] | None = None,
+) -> pl.DataFrame:
+    """``eval/summary.parquet`` from ``eval/results.parquet`` (see the module docstring).
+
+    Trials are averaged per context first; contexts missing from a condition are an error
+    (every condition must have been evaluated on the same contexts, for the paired test).
+    """
+    per_ctx = (
+        results.group_by([*_SUMMARY_KEYS, "context_id"])
+        .agg(pl.col("ce").mean(), pl.col("trial").n_unique().alias("n_trials"))
+        .sort("context_id")
+    )
+    contexts = np.sort(results["context_id"].unique().to_numpy())
+    n = len(contexts)
+    zero = per_ctx.filter(pl.col("condition") == "zero_ablation").sort("context_id")
+    if zero.height != n:
+        raise ValueError("results lack the zero_ablation condition on some contexts")
+    ce_zero = zero["ce"].to_numpy()
+    boot = np.random.default_rng([seed, _TAG_BOOTSTRAP]).integers(0, n, size=(n_bootstrap, n))
+    signs = np.random.default_rng([seed, _TAG_PERMUTATION]).choice(
+        np.array([-1.0, 1.0]), size=(n_permutations, n)
+    )
+    rows: list[dict[str, Any]] = []
+    for key, group in per_ctx.group_by(list(_SUMMARY_KEYS), maintain_order=True):
+        group = group.sort("context_id")
+        if group.height != n or not np.array_equal(group["context_id"].to_numpy(), contexts):
+            raise ValueError(f"condition {key} was not evaluated on every context")
+        ce = group["ce"].to_numpy()
+        diff = ce - ce_zero
+        means = ce[boot].mean(axis=1)
+        diff_means = diff[boot].mean(axis=1)
+        condition, calibration, fraction, choice = key
+        rows.append(
+            {
+                "condition": condition,
+                "calibration": calibration,
+                "fraction": fraction,
+                "choice": choice,
+                "n_trials": int(group["n_trials"].max()),  # pyright: ignore[reportArgumentType]
+                "n_contexts": n,
+                "n_simulated_latents": (n_selected_of or {}).get(tuple(key), 0),
+                "mean_ce": float(ce.mean()),
+                "ci_low": float(np.percentile(means, 2.5)),
+                "ci_high": float(np.percentile(means, 97.5)),
+                "diff_vs_zero": float(diff.mean()),
+                "diff_ci_low": float(np.percentile(diff_means, 2.5)),
+                "diff_ci_high": float(np.percentile(diff_means, 97.5)),
+                "p_value": paired_sign_flip_p(diff, signs),
+            }
+        )
+    table = pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    return (
+        table.with_columns(
+            pl.col("condition").replace_strict(order, return_dtype=pl.Int32).alias("_order")
+        )
+        .sort("_order", "calibration", "choice", "fraction", nulls_last=False)
+        .drop("_order")
+    )
+
+
+RESULTS_SCHEMA: dict[str, Any] = {
+    "condition": pl.String,
+    "calibration": pl.String,
+    "fraction": pl.Float64,
+    "choice": pl.String,
+    "trial": pl.Int32,
+    "context_id": pl.Int32,
+    "ce": pl.Float64,
+}
+
+SUMMARY_SCHEMA: dict[str, Any] = {
+    "condition": pl.String,
+    "calibration": pl.String,
+    "fraction": pl.Float64,
+    "choice": pl.String,
+    "n_trials": pl.Int32,
+    "n_contexts": pl.Int32,
+    "n_simulated_latents": pl.Int32,
+    "mean_ce": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "diff_vs_zero": pl.Float64,
+    "diff_ci_low": pl.Float64,
+    "diff_ci_high": pl.Float64,
+    "p_value": pl.Float64,
+}
+
+
+def _results_frame(grid: Grid, ce: np.ndarray, context_ids: np.ndarray) -> pl.DataFrame:
+    """Long table of a ``[n_contexts, n_rows]`` CE matrix (context-major)."""
+    n_ctx, n_rows = ce.shape
+    col = {name: [getattr(r, name) for r in grid.rows] for name in GridRow.__dataclass_fields__}
+    return pl.DataFrame(
+        {
+            "condition": col["condition"] * n_ctx,
+            "calibration": col["calibration"] * n_ctx,
+            "fraction": col["fraction"] * n_ctx,
+            "choice": col["choice"] * n_ctx,
+            "trial": col["trial"] * n_ctx,
+            "context_id": np.repeat(context_ids, n_rows).tolist(),
+            "ce": ce.reshape(-1),
+        },
+        schema=RESULTS_SCHEMA,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs from the run directory
+# --------------------------------------------------------------------------------------------
+
+
+class _Inputs:
+    """What :func:`run` reads and validates before any forward pass."""
+
+    def __init__(self) -> None:
+        self.context_ids = np.zeros(0, np.int64)
+        self.input_ids = np.zeros((0, 0), np.int64)
+        self.targets = np.zeros(0, np.int64)
+        self.latents = np.zeros(0, np.int64)
+        self.values: dict[str, np.ndarray] = {}
+        self.balanced_accuracy: np.ndarray | None = None
+        self.notes: dict[str, Any] = {}
+
+
+def _ctx_len(run_dir: Path, lengths: np.ndarray) -> int:
+    """ctx_len as the contexts stage recorded it, else the longest eval context."""
+    record = run_dir / "contexts.json"
+    if record.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            value = json.loads(record.read_text()).get("config", {}).get("ctx_len")
+            if isinstance(value, int) and value > 0:
+                return value
+    return int(lengths.max())
+
+
+def _read_eval_contexts(run_dir: Path, cfg: EvaluateConfig, inputs: _Inputs) -> None:
+    from nlrw.contexts import read_contexts
+
+    table = read_contexts(run_dir, "eval").sort("context_id")
+    if table.height == 0:
+        raise ValueError(f"{run_dir / 'contexts.parquet'} holds no eval contexts")
+    if cfg.max_contexts is not None:
+        table = table.head(cfg.max_contexts)
+    lengths = table["input_ids"].list.len().to_numpy()
+    ctx_len = _ctx_len(run_dir, lengths)
+    bad = np.flatnonzero(lengths != ctx_len)
+    if len(bad):
+        i = int(bad[0])
+        what = "shorter than" if lengths[i] < ctx_len else "longer than"
+        raise ValueError(
+            f"context {table['context_id'][i]} of {run_dir / 'contexts.parquet'} has "
+            f"{lengths[i]} tokens, {what} ctx_len {ctx_len} ({len(bad)} such contexts): "
+            "re-run the contexts stage"
+        )
+    if table["target_id"].null_count():
+        raise ValueError(f"{run_dir / 'contexts.parquet'}: some eval contexts have no target_id")
+    inputs.context_ids = table["context_id"].to_numpy().astype(np.int64)
+    inputs.input_ids = np.array(table["input_ids"].to_list(), dtype=np.int64).reshape(
+        table.height, ctx_len
+    )
+    inputs.targets = table["target_id"].to_numpy().astype(np.int64)
+    inputs.notes["ctx_len"] = ctx_len
+
+
+def _read_calibration(run_dir: Path, cfg: EvaluateConfig, inputs: _Inputs) -> None:
+    path = run_dir / "calibration.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: run simulate and calibrate first (nlrw simulate, nlrw calibrate)"
+        )
+    table = pl.read_parquet(path)
+    missing = {"latent", "context_id", "calibration", "activation"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}")
+    present = sorted(table["calibration"].unique().drop_nulls().to_list())
+    names = present if cfg.calibrations is None else list(cfg.calibrations)
+    unknown = [c for c in names if c not in present]
+    if unknown:
+        raise ValueError(f"{path} has no calibration {unknown}; it has {present}")
+    if not names:
+        raise ValueError(f"{path} holds no calibrations")
+    table = table.filter(
+        pl.col("calibration").is_in(names) & pl.col("context_id").is_in(inputs.context_ids)
+    )
+    latents = np.sort(table["latent"].unique().to_numpy().astype(np.int64))
+    if len(latents) == 0:
+        raise ValueError(f"{path} holds no latent simulated on the eval contexts")
+    act = table["activation"].to_numpy()
+    if table["activation"].null_count() or not np.isfinite(act).all() or (act < 0).any():
+        raise ValueError(f"{path}: activations must be finite and >= 0 (found null/NaN/<0)")
+    values: dict[str, np.ndarray] = {}
+    n_ctx = len(inputs.context_ids)
+    for name in names:
+        part = table.filter(pl.col("calibration") == name)
+        lat = part["latent"].to_numpy().astype(np.int64)
+        ctx = part["context_id"].to_numpy().astype(np.int64)
+        col = np.searchsorted(latents, lat)
+        row = np.searchsorted(inputs.context_ids, ctx)
+        filled = np.bincount(row * len(latents) + col, minlength=n_ctx * len(latents))
+        filled = filled.reshape(n_ctx, len(latents))
+        if (filled != 1).any():
+            r, c = np.argwhere(filled != 1)[0]
+            state = "missing" if filled[r, c] == 0 else "duplicated"
+            raise ValueError(
+                f"{path}: calibration {name!r} has latent {latents[c]} on context "
+                f"{inputs.context_ids[r]} {state} ({int((filled == 0).sum())} missing, "
+                f"{int((filled > 1).sum())} duplicated pairs); every simulated latent needs one "
+                "value per eval context"
+            )
+        dense = np.zeros((n_ctx, len(latents)), dtype=np.float32)
+        dense[row, col] = part["activation"].to_numpy().astype(np.float32)
+        values[name] = dense
+    inputs.latents = latents
+    inputs.values = values
+
+
+def _read_scores(run_dir: Path, cfg: EvaluateConfig, inputs: _Inputs) -> None:
+    if "top" not in cfg.choices:
+        return
+    path = run_dir / "scores.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the 'top' choice needs the score stage")
+    scores = pl.read_parquet(path, columns=["latent", "balanced_accuracy"])
+    ba_of = {
+        int(lat): float(ba)
+        for lat, ba in scores.iter_rows()
+        if ba is not None and not math.isnan(ba)
+    }
+    unscored = [int(lat) for lat in inputs.latents if int(lat) not in ba_of]
+    if unscored:
+        if cfg.missing_explanations == "error":
+            raise ValueError(
+                f"{len(unscored)} simulated latents have no balanced_accuracy in {path} "
+                f"(e.g. {unscored[:5]}): score them, drop 'top' from choices, or pass "
+                "missing_explanations='exclude'"
+            )
+        keep = np.isin(inputs.latents, unscored, invert=True)
+        if not keep.any():
+            raise ValueError(f"no simulated latent has a balanced_accuracy in {path}")
+        inputs.latents = inputs.latents[keep]
+        inputs.values = {k: v[:, keep] for k, v in inputs.values.items()}
+        log.warning("evaluate: %d simulated latents without a score excluded", len(unscored))
+    inputs.notes["n_unscored_excluded"] = len(unscored)
+    inputs.balanced_accuracy = np.array([ba_of[int(lat)] for lat in inputs.latents])
+
+
+def _check_coder(run_dir: Path, coder: SparseCoder, hookpoint: str, inputs: _Inputs) -> None:
+    """The coder must be the one whose latents the contexts stage stored."""
+    from nlrw.contexts import load_context_activations
+
+    where = run_dir / "contexts" / "activations.safetensors"
+    acts = load_context_activations(run_dir)
+    values, indices, x = acts.values, acts.indices, acts.x
+    if values.shape[1] != coder.k:
+        raise ValueError(
+            f"the coder at {hookpoint!r} has k = {coder.k} but {where} stores "
+            f"{values.shape[1]} latents per context: re-run the contexts stage with this coder"
+        )
+    if x.shape[1] != coder.d_in:
+        raise ValueError(
+            f"the coder at {hookpoint!r} reads width d_in = {coder.d_in} but {where} stores "
+            f"x of width {x.shape[1]}: re-run the contexts stage with this coder"
+        )
+    if indices.numel() and int(indices.max()) >= coder.num_latents:
+        raise ValueError(
+            f"{where} stores latent {int(indices.max())}, but the coder at {hookpoint!r} has "
+            f"{coder.num_latents} latents: re-run the contexts stage with this coder"
+        )
+    if max(inputs.context_ids) >= values.shape[0]:
+        raise ValueError(f"{where} has {values.shape[0]} rows, fewer than the contexts")
+    rows = torch.as_tensor(inputs.context_ids)
+    v, i = values[rows].float(), indices[rows].long()
+    with torch.inference_mode():
+        ev, ei = coder.encode(x[rows].to(coder.device, coder.dtype))
+    ev, ei = ev.float().cpu(), ei.long().cpu()
+    same = [
+        set(i[j][v[j] > 0].tolist()) == set(ei[j][ev[j] > 0].tolist()) for j in range(len(rows))
+    ]
+    agreement = float(np.mean(same))
+    inputs.notes["stored_latents_agreement"] = agreement
+    if agreement < 0.5:
+        raise ValueError(
+            f"the coder at {hookpoint!r} does not reproduce the latents stored in {where} "
+            f"(same top-k on {agreement:.0%} of eval contexts): the contexts were built with "
+            "another coder; re-run the contexts stage"
+        )
+    active = i[v > 0].numpy()
+    never = np.setdiff1d(np.unique(active), inputs.latents)
+    inputs.notes["n_never_simulated_active_latents"] = len(never)
+    inputs.notes["never_simulated_active_fraction"] = (
+        float(np.isin(active, never).mean()) if len(active) else 0.0
+    )
+    inputs.notes["n_active_latents"] = len(np.unique(active))
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def _parts_hash(cfg: EvaluateConfig, hookpoint: str, model: str, inputs: _Inputs) -> str:
+    # Options that cannot change a result (up to float rounding) stay out of the hash, so a
+    # resumed run may change them.
+    stable = replace(cfg, progress=True, batch_size=1)
+    return config_hash(
+        {
+            "config": stable,
+            "hookpoint": hookpoint,
+            "model": model,
+            "latents": inputs.latents.tolist(),
+            "contexts": inputs.context_ids.tolist(),
+        }
+    )
+
+
+@contextlib.contextmanager
+def _progress(total: int, done: int, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=done, desc="evaluate", unit="ctx", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def run(
+    cfg: EvaluateConfig,
+    run_dir: str | Path,
+    *,
+    hookpoint: str,
+    model: str,
+    overwrite: bool = False,
+    subject: Subject | None = None,
+) -> pl.DataFrame:
+    """Evaluate the grid on the run's eval contexts; returns the summary.
+
+    Reads ``contexts.parquet`` + ``contexts/activations.safetensors``, ``calibration.parquet``,
+    ``scores.parquet`` (for "top"), the coder at ``transcoder/<hookpoint>``; writes
+    ``eval/results.parquet``, ``eval/summary.parquet`` and ``eval.json``. ``subject`` may be
+    passed already loaded (else ``load_subject(model, dtype=cfg.dtype)``).
+    """
+    from nlrw import sparse
+    from nlrw.pipeline import transcoder_dir
+    from nlrw.subject import load_subject
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "eval"
+    parts_dir = out_dir / "results.parts"
+    if overwrite:
+        _remove_tree(parts_dir)
+    inputs = _Inputs()
+    _read_eval_contexts(run_dir, cfg, inputs)
+    _read_calibration(run_dir, cfg, inputs)
+    _read_scores(run_dir, cfg, inputs)
+    coder = sparse.load(transcoder_dir(run_dir) / hookpoint)
+    _check_coder(run_dir, coder, hookpoint, inputs)
+    never = inputs.notes["n_never_simulated_active_latents"]
+    if never and cfg.missing_explanations == "error":
+        raise ValueError(
+            f"{never} latents active on eval contexts were never simulated (no usable "
+            "explanation, or left out of simulate): pass missing_explanations='exclude' to "
+            "keep their true values"
+        )
+    grid = Grid.build(
+        cfg,
+        inputs.latents,
+        inputs.values,
+        inputs.context_ids,
+        balanced_accuracy=inputs.balanced_accuracy,
+        k=coder.k,
+        num_latents=coder.num_latents,
+    )
+    store = PartStore(parts_dir, _parts_hash(cfg, hookpoint, model, inputs))
+    n = len(inputs.context_ids)
+    starts = list(range(0, n, cfg.part_size))
+    todo = [p for p in range(len(starts)) if not store.done(p)]
+    done = n - sum(min(cfg.part_size, n - starts[p]) for p in todo)
+    if subject is None and todo:
+        device = None if cfg.device == "auto" else cfg.device
+        subject = load_subject(model, dtype=cfg.dtype, device=device)
+    if subject is not None:
+        coder = coder.to(subject.device)
+    started = time.perf_counter()
+    evaluated = 0
+    with _progress(n, done, cfg.progress) as bar:
+        for p in todo:
+            sl = slice(starts[p], starts[p] + cfg.part_size)
+            assert subject is not None
+            ce = grid_ce(
+                subject.model,
+                coder,
+                hookpoint,
+                grid,
+                inputs.input_ids[sl],
+                inputs.targets[sl],
+                inputs.context_ids[sl],
+                batch_size=cfg.batch_size,
+            )
+            frame = _results_frame(grid, ce, inputs.context_ids[sl])
+            with atomic_path(store.path(p)) as tmp:
+                frame.write_parquet(tmp)
+            evaluated += ce.shape[0]
+            if bar is not None:
+                bar.update(ce.shape[0])
+    seconds = time.perf_counter() - started
+    results = store.merge(RESULTS_SCHEMA).sort("context_id", maintain_order=True)
+    selected = {(r.condition, r.calibration, r.fraction, r.choice): r.n_selected for r in grid.rows}
+    summary = summarize(
+        results,
+        n_bootstrap=cfg.n_bootstrap,
+        n_permutations=cfg.n_permutations,
+        seed=cfg.seed,
+        n_selected_of=selected,
+    )
+    with atomic_path(out_dir / "results.parquet") as tmp:
+        results.write_parquet(tmp)
+    with atomic_path(out_dir / "summary.parquet") as tmp:
+        summary.write_parquet(tmp)
+    atomic_write_json(
+        run_dir / "eval.json",
+        stage_record(
+            "evaluate",
+            cfg,
+            hookpoint=hookpoint,
+            model=model,
+            coder_kind=coder.cfg.kind,
+            k=coder.k,
+            num_latents=coder.num_latents,
+            dtype=cfg.dtype if subject is None else str(subject.dtype).removeprefix("torch."),
+            device=cfg.device if subject is None else str(subject.device),
+            predicted_token=(
+                "target_id: the token after the ctx_len window, predicted from the logits at "
+                "the window's last position (where the hookpoint output is replaced)"
+            ),
+            n_contexts=n,
+            n_conditions_per_context=len(grid.rows),
+            calibrations=sorted(inputs.values),
+            n_simulated_latents=len(inputs.latents),
+            contexts_evaluated_now=evaluated,
+            seconds=seconds,
+            contexts_per_s=evaluated / seconds if evaluated and seconds > 0 else None,
+            **inputs.notes,
+        ),
+    )
+    return summary

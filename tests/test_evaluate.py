@@ -1,0 +1,661 @@
+"""The evaluate stage on tiny random models: every condition against an independent splice, the
+KV-shared grid against full forward passes, statistics, resume and bad inputs.
+
+The run directories are built here directly (no collect/train): a tiny Llama saved as a local
+folder, a random coder saved where the pipeline puts it, hand-drawn windows written as
+``contexts.parquet`` with their true latents from :func:`nlrw.contexts.context_activations`,
+and a ``calibration.parquet`` made from the true activations (``exact``) and from perturbed
+ones (``noisy``): legitimate inputs of the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from nlrw import evaluate
+from nlrw.contexts import SCHEMA as CONTEXTS_SCHEMA
+from nlrw.contexts import ContextsConfig, context_activations, true_activations
+from nlrw.evaluate import EvaluateConfig, Grid, grid_ce, grid_ce_full, topk_replace_torch
+from nlrw.io import atomic_write_json
+from nlrw.pipeline import transcoder_dir
+from nlrw.provenance import stage_record
+from nlrw.sparse import SparseCoder, SparseCoderConfig
+from nlrw.subject import Subject, get_hookpoint, load_subject
+from nlrw.topk import topk_replace
+from test_subject import LAYER, MLP, VOCAB, save_tiny
+
+torch.set_num_threads(1)
+
+N_EVAL, N_CAL, CTX_LEN = 6, 2, 8
+HOOK = {"transcoder": MLP["llama"].format(1), "sae": LAYER["llama"].format(1)}
+
+
+def hookpoint_of(kind: str, arch: str) -> str:
+    return (MLP if kind == "transcoder" else LAYER)[arch].format(1)
+
+
+SIMULATED = np.arange(0, 64, 2)  # half the latents were "explained and simulated"
+FAST = EvaluateConfig(
+    fractions=(0.1, 0.5, 1.0),
+    n_trials=2,
+    n_bootstrap=200,
+    n_permutations=500,
+    part_size=4,
+    batch_size=64,
+    progress=False,
+)
+
+
+def random_coder(kind: str, d: int, *, k: int = 4, num_latents: int = 64, seed: int = 0):
+    cfg = SparseCoderConfig(
+        kind=kind,  # pyright: ignore[reportArgumentType]
+        d_in=d,
+        d_out=d,
+        num_latents=num_latents,
+        k=k,
+        skip_connection=kind == "transcoder",
+        encoder_subtracts_b_dec=kind == "sae",
+    )
+    coder = SparseCoder(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in coder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return coder.eval()
+
+
+def make_run(
+    root: Path, kind: str = "transcoder", arch: str = "llama"
+) -> tuple[Path, Subject, SparseCoder]:
+    """A run directory with everything evaluate reads (see the module docstring)."""
+    run_dir = root / "run"
+    subject = load_subject(save_tiny(root / "model", arch), dtype="float32", device="cpu")
+    hookpoint = hookpoint_of(kind, arch)
+    coder = random_coder(kind, subject.model.config.hidden_size)
+    coder.save(transcoder_dir(run_dir) / hookpoint)
+    g = torch.Generator().manual_seed(1)
+    n = N_EVAL + N_CAL
+    windows = torch.randint(3, VOCAB, (n, CTX_LEN + 1), generator=g)
+    table = pl.DataFrame(
+        {
+            "context_id": list(range(n)),
+            "split": ["eval"] * N_EVAL + ["calibration"] * N_CAL,
+            "input_ids": windows[:, :-1].tolist(),
+            "target_id": windows[:, -1].tolist(),
+            "source": ["held-out"] * n,
+            "document": list(range(n)),
+            "offset": [0] * n,
+        },
+        schema=CONTEXTS_SCHEMA,
+    )
+    table.write_parquet(run_dir / "contexts.parquet")
+    acts = context_activations(subject, coder, hookpoint, windows[:, :-1], batch_size=3)
+    (run_dir / "contexts").mkdir()
+    save_file(
+        {
+            "x": acts.x.contiguous(),
+            "y": acts.y.contiguous(),
+            "values": acts.values.contiguous(),
+            "indices": acts.indices.to(torch.int32).contiguous(),
+        },
+        str(run_dir / "contexts" / "activations.safetensors"),
+    )
+    cfg = ContextsConfig(n_contexts=N_EVAL, n_calibration=N_CAL, ctx_len=CTX_LEN, sequence_len=32)
+    atomic_write_json(run_dir / "contexts.json", stage_record("contexts", cfg))
+    write_calibration(run_dir, SIMULATED)
+    rng = np.random.default_rng(2)
+    pl.DataFrame(
+        {"latent": SIMULATED, "balanced_accuracy": rng.random(len(SIMULATED))}
+    ).write_parquet(run_dir / "scores.parquet")
+    return run_dir, subject, coder
+
+
+def write_calibration(run_dir: Path, latents: np.ndarray) -> None:
+    """``exact``: the true activations; ``noisy``: a third of them zeroed, plus false positives."""
+    ctx = np.arange(N_EVAL)
+    true = true_activations(run_dir, latents, ctx)  # [latents, contexts]
+    rng = np.random.default_rng(3)
+    noisy = np.where(rng.random(true.shape) < 0.33, 0, true)
+    noisy = noisy + (rng.random(true.shape) < 0.2) * rng.exponential(2.0, true.shape)
+    frames = [
+        pl.DataFrame(
+            {
+                "latent": np.repeat(latents, len(ctx)),
+                "context_id": np.tile(ctx, len(latents)),
+                "calibration": name,
+                "activation": values.reshape(-1),
+            },
+            schema={
+                "latent": pl.Int32,
+                "context_id": pl.Int32,
+                "calibration": pl.String,
+                "activation": pl.Float32,
+            },
+        )
+        for name, values in (("exact", true), ("noisy", noisy.astype(np.float32)))
+    ]
+    pl.concat(frames).write_parquet(run_dir / "calibration.parquet")
+
+
+@pytest.fixture(scope="module")
+def tc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Subject, SparseCoder]:
+    run_dir, subject, coder = make_run(tmp_path_factory.mktemp("eval_tc"))
+    evaluate.run(FAST, run_dir, hookpoint=HOOK["transcoder"], model="tiny", subject=subject)
+    return run_dir, subject, coder
+
+
+def results_of(run_dir: Path) -> pl.DataFrame:
+    return pl.read_parquet(run_dir / "eval" / "results.parquet")
+
+
+def ce_of(results: pl.DataFrame, condition: str, **keys: Any) -> np.ndarray:
+    rows = results.filter(pl.col("condition") == condition)
+    for name, value in keys.items():
+        rows = rows.filter(pl.col(name) == value)
+    return rows.sort("context_id", "trial")["ce"].to_numpy()
+
+
+def eval_windows(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    table = pl.read_parquet(run_dir / "contexts.parquet").filter(pl.col("split") == "eval")
+    table = table.sort("context_id")
+    return torch.tensor(table["input_ids"].to_list()), torch.tensor(table["target_id"].to_list())
+
+
+def hooked_last_ce(
+    subject: Subject, hookpoint: str, replace: Any, ids: torch.Tensor, targets: torch.Tensor
+) -> np.ndarray:
+    """CE at the last position with a plain forward hook: ``replace(x_last, y_last)`` becomes
+    the module's output at the last position (``None``: no hook)."""
+
+    def hook(_m: Any, args: tuple[Any, ...], output: Any) -> Any:
+        y = output[0] if isinstance(output, tuple) else output
+        new = y.clone()
+        new[:, -1] = replace(args[0][:, -1], y[:, -1])
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = (
+        get_hookpoint(subject.model, hookpoint).register_forward_hook(hook)
+        if replace is not None
+        else None
+    )
+    try:
+        with torch.no_grad():
+            logits = subject.model(input_ids=ids).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return F.cross_entropy(logits[:, -1], targets, reduction="none").double().numpy()
+
+
+# ------------------------------------------------------------------------------------------
+# Conditions against independent computations
+# ------------------------------------------------------------------------------------------
+
+
+def test_clean_ce_is_the_transformers_loss_on_the_target(tc_run) -> None:
+    run_dir, subject, _ = tc_run
+    ids, targets = eval_windows(run_dir)
+    full = torch.cat([ids, targets[:, None]], dim=1)
+    expected = []
+    for row in full:
+        labels = torch.full_like(row, -100)
+        labels[-1] = row[-1]  # only the target counts: predicted at the window's last token
+        with torch.no_grad():
+            out = subject.model(input_ids=row[None], labels=labels[None])
+        expected.append(float(out.loss))
+    np.testing.assert_allclose(ce_of(results_of(run_dir), "clean"), expected, rtol=1e-5)
+
+
+def test_transcoder_and_zero_ablation_equal_plain_forward_hooks(tc_run) -> None:
+    run_dir, subject, coder = tc_run
+    ids, targets = eval_windows(run_dir)
+    results = results_of(run_dir)
+    hook = HOOK["transcoder"]
+    with torch.no_grad():
+        tc = hooked_last_ce(subject, hook, lambda x, y: coder(x), ids, targets)
+        skip = coder.W_skip
+        assert skip is not None
+        zero = hooked_last_ce(subject, hook, lambda x, y: coder.b_dec + x @ skip.T, ids, targets)
+    np.testing.assert_allclose(ce_of(results, "transcoder"), tc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ce_of(results, "zero_ablation"), zero, rtol=1e-5, atol=1e-6)
+    clean = ce_of(results, "clean")
+    assert np.abs(tc - clean).max() > 1e-3 and np.abs(zero - tc).max() > 1e-3
+
+
+def _manual_z(coder: SparseCoder, x: torch.Tensor) -> np.ndarray:
+    """Dense true latents: relu(W_enc x + b_enc), all but the k largest set to zero."""
+    pre = torch.relu(x @ coder.encoder.weight.T + coder.encoder.bias).numpy()
+    z = np.zeros_like(pre)
+    top = np.argsort(-pre, kind="stable")[: coder.k]
+    z[top] = pre[top]
+    return z
+
+
+def _decode(coder: SparseCoder, z: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    assert coder.W_skip is not None
+    return torch.from_numpy(z) @ coder.W_dec + coder.b_dec + x @ coder.W_skip.T
+
+
+@pytest.mark.parametrize(
+    ("calibration", "fraction", "choice"),
+    [("noisy", 0.5, "top"), ("noisy", 1.0, "top"), ("noisy", 0.1, "random")],
+)
+def test_simulated_rows_equal_a_manual_rewrite(tc_run, calibration, fraction, choice) -> None:
+    run_dir, subject, coder = tc_run
+    ids, targets = eval_windows(run_dir)
+    cal = pl.read_parquet(run_dir / "calibration.parquet").filter(
+        pl.col("calibration") == calibration
+    )
+    scores = pl.read_parquet(run_dir / "scores.parquet")
+    n_sel = max(1, int(np.floor(fraction * len(SIMULATED) + 0.5)))
+    if choice == "top":  # best balanced accuracy first, ties by latent id
+        chosen = scores.sort(["balanced_accuracy", "latent"], descending=[True, False])
+        chosen_sets = [chosen["latent"].to_numpy()[:n_sel]]
+    else:
+        grid = Grid.build(
+            dataclasses.replace(FAST, choices=("random",)),
+            SIMULATED,
+            {},
+            np.arange(N_EVAL),
+            balanced_accuracy=None,
+            k=coder.k,
+            num_latents=coder.num_latents,
+        )
+        chosen_sets = [SIMULATED[grid.order("random", t, 0)[:n_sel]] for t in range(2)]
+    expected = np.zeros(len(ids))
+    for chosen in chosen_sets:
+        for c in range(len(ids)):
+            sim = cal.filter(pl.col("context_id") == c)
+            sim_of = dict(zip(sim["latent"].to_list(), sim["activation"].to_list(), strict=True))
+
+            def rewrite(x: torch.Tensor, y: torch.Tensor, chosen=chosen, sim_of=sim_of):
+                z = _manual_z(coder, x[0])
+                for lat in chosen:
+                    z[lat] = sim_of[int(lat)]
+                keep = np.argsort(-z, kind="stable")[: coder.k]
+                z2 = np.zeros_like(z)
+                z2[keep] = np.maximum(z[keep], 0)
+                return _decode(coder, z2, x[0])[None]
+
+            with torch.no_grad():
+                expected[c] += hooked_last_ce(
+                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
+                )[0]
+    expected /= len(chosen_sets)
+    got = (
+        results_of(run_dir)
+        .filter(
+            (pl.col("condition") == "simulated")
+            & (pl.col("calibration") == calibration)
+            & (pl.col("fraction") == fraction)
+            & (pl.col("choice") == choice)
+        )
+        .group_by("context_id")
+        .agg(pl.col("ce").mean())
+        .sort("context_id")["ce"]
+        .to_numpy()
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - ce_of(results_of(run_dir), "transcoder")).max() > 1e-4
+
+
+def test_random_k_puts_the_true_values_on_seeded_random_latents(tc_run) -> None:
+    run_dir, subject, coder = tc_run
+    ids, targets = eval_windows(run_dir)
+    cfg = dataclasses.replace(FAST, choices=("random",))
+    grid = Grid.build(
+        cfg, SIMULATED, {}, np.arange(N_EVAL), balanced_accuracy=None, k=4, num_latents=64
+    )
+    expected = []
+    for c in range(len(ids)):
+        drawn = grid.random_k_latents(c)
+        assert len(set(drawn.tolist())) == coder.k
+
+        def rewrite(x: torch.Tensor, y: torch.Tensor, drawn=drawn):
+            z = _manual_z(coder, x[0])
+            values = np.sort(z)[::-1][: coder.k]
+            z2 = np.zeros_like(z)
+            z2[drawn] = values
+            return _decode(coder, z2, x[0])[None]
+
+        with torch.no_grad():
+            expected.append(
+                hooked_last_ce(
+                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
+                )[0]
+            )
+    np.testing.assert_allclose(ce_of(results_of(run_dir), "random_k"), expected, rtol=1e-5)
+
+
+def test_true_values_as_calibration_reproduce_the_transcoder(tc_run) -> None:
+    run_dir, _, _ = tc_run
+    results = results_of(run_dir)
+    tc = ce_of(results, "transcoder")
+    exact = results.filter(pl.col("calibration") == "exact")
+    assert exact.height == N_EVAL * len(FAST.fractions) * (1 + FAST.n_trials)
+    for (fraction, choice, trial), rows in exact.group_by(["fraction", "choice", "trial"]):
+        np.testing.assert_allclose(
+            rows.sort("context_id")["ce"].to_numpy(),
+            tc,
+            rtol=1e-6,
+            err_msg=str((fraction, choice, trial)),
+        )
+    # ... and a wrong calibration at fraction 1 does not.
+    noisy = ce_of(results, "simulated", calibration="noisy", fraction=1.0, choice="top")
+    assert np.abs(noisy - tc).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# The KV-shared grid against full forward passes
+# ------------------------------------------------------------------------------------------
+
+
+def _grid(run_dir: Path, cfg: EvaluateConfig, coder: SparseCoder) -> Grid:
+    cal = pl.read_parquet(run_dir / "calibration.parquet")
+    values = {}
+    for name in ("exact", "noisy"):
+        part = cal.filter(pl.col("calibration") == name).sort("context_id", "latent")
+        values[name] = part["activation"].to_numpy().reshape(N_EVAL, len(SIMULATED))
+    return Grid.build(
+        cfg,
+        SIMULATED,
+        values,
+        np.arange(N_EVAL),
+        balanced_accuracy=np.random.default_rng(0).random(len(SIMULATED)),
+        k=coder.k,
+        num_latents=coder.num_latents,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "arch"),
+    [("transcoder", "llama"), ("sae", "llama"), ("transcoder", "neox"), ("transcoder", "gpt2")],
+)
+def test_kv_grid_equals_naive_full_forwards(tmp_path: Path, kind: str, arch: str) -> None:
+    """Llama, GPT-NeoX (the paper's Pythia: parallel residual) and GPT-2 (Conv1D, own cache)."""
+    run_dir, subject, coder = make_run(tmp_path, kind, arch)
+    hook = hookpoint_of(kind, arch)
+    ids, targets = eval_windows(run_dir)
+    for random in ("fixed", "per-context"):
+        grid = _grid(run_dir, dataclasses.replace(FAST, random=random), coder)
+        ctx = np.arange(N_EVAL)
+        naive = grid_ce_full(subject.model, coder, hook, grid, ids, targets, ctx)
+        batched = grid_ce_full(
+            subject.model, coder, hook, grid, ids, targets, ctx, rows_per_forward=None
+        )
+        np.testing.assert_allclose(batched, naive, atol=1e-5, rtol=0)
+        n_rows = len(grid.rows)
+        # one context split over several batches; several contexts per batch, one partial
+        for batch_size in (7, n_rows, 2 * n_rows + 5, 10_000):
+            got = grid_ce(
+                subject.model, coder, hook, grid, ids, targets, ctx, batch_size=batch_size
+            )
+            np.testing.assert_allclose(got, naive, atol=1e-5, rtol=0, err_msg=str(batch_size))
+        grid.torch_topk = True  # the path a GPU takes
+        got = grid_ce(subject.model, coder, hook, grid, ids, targets, ctx, batch_size=50)
+        np.testing.assert_allclose(got, naive, atol=1e-5, rtol=0)
+        assert np.ptp(naive, axis=1).min() > 1e-4  # the conditions really differ
+
+
+def test_sae_conditions_equal_plain_forward_hooks(tmp_path: Path) -> None:
+    run_dir, subject, coder = make_run(tmp_path, "sae")
+    summary = evaluate.run(FAST, run_dir, hookpoint=HOOK["sae"], model="tiny", subject=subject)
+    ids, targets = eval_windows(run_dir)
+    results = results_of(run_dir)
+    with torch.no_grad():
+        # The residual stream after layer 1 at the last position: replaced by its SAE
+        # reconstruction W_dec topk(relu(W_enc (y - b_dec) + b_enc)) + b_dec, or by b_dec.
+        def recon(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            pre = torch.relu((y - coder.b_dec) @ coder.encoder.weight.T + coder.encoder.bias)
+            top = torch.topk(pre, coder.k, dim=-1)
+            z = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+            return z @ coder.W_dec + coder.b_dec
+
+        sae = hooked_last_ce(subject, HOOK["sae"], recon, ids, targets)
+        zero = hooked_last_ce(
+            subject, HOOK["sae"], lambda x, y: coder.b_dec.expand_as(y), ids, targets
+        )
+        clean = hooked_last_ce(subject, HOOK["sae"], None, ids, targets)
+    np.testing.assert_allclose(ce_of(results, "transcoder"), sae, rtol=1e-5)
+    np.testing.assert_allclose(ce_of(results, "zero_ablation"), zero, rtol=1e-5)
+    np.testing.assert_allclose(ce_of(results, "clean"), clean, rtol=1e-5)
+    exact = ce_of(results, "simulated", calibration="exact", fraction=1.0, choice="top")
+    np.testing.assert_allclose(exact, sae, rtol=1e-6)
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["coder_kind"] == "sae" and summary.height > 4
+
+
+def test_topk_replace_torch_matches_the_rust_kernel() -> None:
+    rng = np.random.default_rng(0)
+    n, k, d = 20, 5, 30
+    pre = np.round(rng.normal(size=(n, d)), 1).astype(np.float32)  # rounding makes ties
+    pre[3] = -1  # a row with no positive entry: padded
+    order = np.argsort(-np.maximum(pre, 0), axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(np.maximum(pre, 0), order, 1)
+    indices = order.astype(np.uint32)
+    pairs = [(r, lat) for r in range(n) for lat in rng.choice(d, 6, replace=False)]
+    rows = np.array([p[0] for p in pairs])
+    lats = np.array([p[1] for p in pairs])
+    new = np.round(rng.normal(size=len(pairs)), 1).astype(np.float32)
+    ref_v, ref_i = topk_replace(values, indices, rows, lats, new, k, d)
+    got_v, got_i = topk_replace_torch(
+        torch.from_numpy(values),
+        torch.from_numpy(indices.astype(np.int64)),
+        torch.from_numpy(rows),
+        torch.from_numpy(lats),
+        torch.from_numpy(new),
+        k,
+        d,
+    )
+    np.testing.assert_array_equal(got_v.numpy(), ref_v)
+    np.testing.assert_array_equal(got_i.numpy(), np.asarray(ref_i).astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------
+# Outputs, statistics, resume
+# ------------------------------------------------------------------------------------------
+
+
+def test_outputs_schema_grid_and_record(tc_run) -> None:
+    run_dir, _, _ = tc_run
+    results = results_of(run_dir)
+    assert results.schema == pl.Schema(evaluate.RESULTS_SCHEMA)
+    per_ctx = 4 + 2 * len(FAST.fractions) * (1 + FAST.n_trials)
+    assert results.height == N_EVAL * per_ctx
+    assert results["context_id"].unique().sort().to_list() == list(range(N_EVAL))
+    base = results.filter(pl.col("condition") != "simulated")
+    assert base["calibration"].null_count() == base.height and base["fraction"].null_count()
+    summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    assert summary.schema == pl.Schema(evaluate.SUMMARY_SCHEMA)
+    assert summary.height == 4 + 2 * len(FAST.fractions) * 2
+    assert summary["condition"].to_list()[:4] == [
+        "clean",
+        "transcoder",
+        "zero_ablation",
+        "random_k",
+    ]
+    sim = summary.filter(pl.col("condition") == "simulated")
+    assert sorted(set(sim["n_simulated_latents"].to_list())) == [3, 16, 32]  # of 32 simulated
+    assert set(sim.filter(pl.col("choice") == "random")["n_trials"].to_list()) == {2}
+    record = json.loads((run_dir / "eval.json").read_text())
+    assert record["stage"] == "evaluate" and record["config"]["fractions"] == [0.1, 0.5, 1.0]
+    assert record["n_simulated_latents"] == len(SIMULATED)
+    assert record["stored_latents_agreement"] == 1.0
+    assert record["dtype"] == "float32" and "target_id" in record["predicted_token"]
+    # latents never simulated (odd ids) that are active on eval contexts are counted
+    acts = true_activations(run_dir, np.arange(64), np.arange(N_EVAL))
+    active = np.flatnonzero((acts > 0).any(1))
+    assert record["n_never_simulated_active_latents"] == int((active % 2 == 1).sum()) > 0
+
+
+def test_summary_statistics(tc_run) -> None:
+    run_dir, _, _ = tc_run
+    results = results_of(run_dir)
+    summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    zero = ce_of(results, "zero_ablation")
+    row = summary.filter(
+        (pl.col("calibration") == "noisy")
+        & (pl.col("fraction") == 0.5)
+        & (pl.col("choice") == "random")
+    ).row(0, named=True)
+    per_ctx = (
+        ce_of(results, "simulated", calibration="noisy", fraction=0.5, choice="random")
+        .reshape(N_EVAL, FAST.n_trials)
+        .mean(1)
+    )  # trials averaged per context first
+    assert row["mean_ce"] == pytest.approx(per_ctx.mean())
+    assert row["diff_vs_zero"] == pytest.approx((per_ctx - zero).mean())
+    assert row["ci_low"] <= row["mean_ce"] <= row["ci_high"]
+    assert row["diff_ci_low"] <= row["diff_vs_zero"] <= row["diff_ci_high"]
+    assert 0 < row["p_value"] <= 1 and row["n_contexts"] == N_EVAL
+    z = summary.filter(pl.col("condition") == "zero_ablation").row(0, named=True)
+    assert z["diff_vs_zero"] == 0 and z["p_value"] == 1.0
+
+
+def test_sign_flip_p_value_equals_exact_enumeration() -> None:
+    rng = np.random.default_rng(0)
+    diff = rng.normal(0.3, 1.0, size=8)
+    signs = np.array(list(itertools.product([-1.0, 1.0], repeat=8)))
+    observed = abs(diff.mean())
+    exact = np.mean([abs((s * diff).mean()) >= observed - 1e-12 for s in signs])
+    p = evaluate.paired_sign_flip_p(diff, signs)
+    assert p == pytest.approx((1 + exact * len(signs)) / (1 + len(signs)))
+    assert evaluate.paired_sign_flip_p(np.full(10, 2.0), signs[:0].reshape(0, 10) + 1) == 1.0
+    always = np.full(12, 1.0)
+    flips = np.random.default_rng(1).choice([-1.0, 1.0], size=(2000, 12))
+    assert evaluate.paired_sign_flip_p(always, flips) < 0.01
+
+
+def test_resume_after_a_kill_evaluates_only_the_missing_part(tc_run, monkeypatch) -> None:
+    run_dir, subject, _ = tc_run
+    before = results_of(run_dir)
+    summary_before = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    parts = sorted((run_dir / "eval" / "results.parts").glob("part-*.parquet"))
+    assert len(parts) == 2  # 6 contexts in parts of 4
+    parts[-1].unlink()  # killed while writing the last part
+    (run_dir / "eval" / "results.parquet").unlink()
+    seen: list[int] = []
+    real = evaluate.grid_ce
+
+    def counting(*args: Any, **kwargs: Any) -> np.ndarray:
+        seen.append(len(args[6]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "grid_ce", counting)
+    again = evaluate.run(FAST, run_dir, hookpoint=HOOK["transcoder"], model="tiny", subject=subject)
+    assert seen == [N_EVAL - 4]
+    after = results_of(run_dir)
+    assert after.select(pl.exclude("ce")).equals(before.select(pl.exclude("ce")))
+    np.testing.assert_allclose(after["ce"].to_numpy(), before["ce"].to_numpy(), rtol=1e-6)
+    assert again.equals(summary_before)
+    assert json.loads((run_dir / "eval.json").read_text())["contexts_evaluated_now"] == 2
+    # Parts of another config are refused, not mixed in.
+    with pytest.raises(FileExistsError, match="another config"):
+        evaluate.run(
+            dataclasses.replace(FAST, seed=1),
+            run_dir,
+            hookpoint=HOOK["transcoder"],
+            model="tiny",
+            subject=subject,
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# Bad inputs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"fractions": (0.0, 0.5)}, r"in \(0, 1\]"),
+        ({"fractions": (1.5,)}, r"in \(0, 1\]"),
+        ({"fractions": ()}, "must not be empty"),
+        ({"choices": ("best",)}, "subset of top, random"),
+        ({"random": "always"}, "'fixed' or 'per-context'"),
+        ({"n_trials": 0}, "n_trials must be at least 1"),
+        ({"missing_explanations": "skip"}, "'exclude' or 'error'"),
+    ],
+)
+def test_config_validation(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EvaluateConfig(**change)
+
+
+def _copy_run(src: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("eval", "eval.json"))
+    return dest
+
+
+def _run(run_dir: Path, subject: Subject, cfg: EvaluateConfig = FAST) -> pl.DataFrame:
+    return evaluate.run(cfg, run_dir, hookpoint=HOOK["transcoder"], model="tiny", subject=subject)
+
+
+def test_missing_calibration_names_the_stages_to_run(tc_run, tmp_path: Path) -> None:
+    run_dir, subject, _ = tc_run
+    copy = _copy_run(run_dir, tmp_path / "run")
+    (copy / "calibration.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="run simulate and calibrate first"):
+        _run(copy, subject)
+    assert not (copy / "eval").exists()
+
+
+@pytest.mark.parametrize(("k", "num_latents"), [(8, 64), (4, 48)])
+def test_coder_disagreeing_with_stored_latents(tc_run, tmp_path: Path, k, num_latents) -> None:
+    run_dir, subject, _ = tc_run
+    copy = _copy_run(run_dir, tmp_path / "run")
+    other = random_coder("transcoder", 32, k=k, num_latents=num_latents, seed=5)
+    other.save(transcoder_dir(copy) / HOOK["transcoder"])
+    message = "k = 8" if k == 8 else "re-run the contexts stage"
+    with pytest.raises(ValueError, match=message):
+        _run(copy, subject)
+    assert not (copy / "eval" / "results.parquet").exists()
+
+
+def test_short_contexts_and_incomplete_calibration(tc_run, tmp_path: Path) -> None:
+    run_dir, subject, _ = tc_run
+    copy = _copy_run(run_dir, tmp_path / "run")
+    table = pl.read_parquet(copy / "contexts.parquet")
+    table.with_columns(pl.col("input_ids").list.head(CTX_LEN - 1)).write_parquet(
+        copy / "contexts.parquet"
+    )
+    with pytest.raises(ValueError, match=r"context 0 .* 7 tokens, shorter than ctx_len 8"):
+        _run(copy, subject)
+
+    copy2 = _copy_run(run_dir, tmp_path / "run2")
+    cal = pl.read_parquet(copy2 / "calibration.parquet")
+    cal.filter(~((pl.col("latent") == 4) & (pl.col("context_id") == 2))).write_parquet(
+        copy2 / "calibration.parquet"
+    )
+    with pytest.raises(ValueError, match="latent 4 on context 2 missing"):
+        _run(copy2, subject)
+
+
+def test_missing_explanations_error_mode(tc_run, tmp_path: Path) -> None:
+    run_dir, subject, _ = tc_run
+    copy = _copy_run(run_dir, tmp_path / "run")
+    strict = dataclasses.replace(FAST, missing_explanations="error")
+    with pytest.raises(ValueError, match="never simulated"):
+        _run(copy, subject, strict)
+    scores = pl.read_parquet(copy / "scores.parquet")
+    scores.filter(pl.col("latent") != 6).write_parquet(copy / "scores.parquet")
+    with pytest.raises(ValueError, match=r"no balanced_accuracy .*\[6\]"):
+        _run(copy, subject, strict)
+    # exclude mode: latent 6 leaves the simulated set, and is counted
+    _run(copy, subject, dataclasses.replace(FAST, choices=("top",)))
+    record = json.loads((copy / "eval.json").read_text())
+    assert record["n_simulated_latents"] == len(SIMULATED) - 1
+    assert record["n_unscored_excluded"] == 1
