@@ -378,7 +378,7 @@ def test_resume_after_a_kill(tmp_path: Path) -> None:
     )
     assert fresh.equals(table)
     # a different config refuses the old parts instead of mixing them
-    with pytest.raises(RuntimeError, match="another config"):
+    with pytest.raises(FileExistsError, match="another config"):
         explain.run(
             ExplainConfig(n_bins=3, min_count=10, part_size=1),
             tmp_path,

@@ -24,10 +24,12 @@ from nlrw.cache import CacheConfig
 from nlrw.calibrate import CalibrateConfig
 from nlrw.collect import CollectConfig
 from nlrw.contexts import ContextsConfig
+from nlrw.evaluate import EvaluateConfig
 from nlrw.explain import ExplainConfig
 from nlrw.pipeline import RunConfig, load_preset, preset_names
 from nlrw.report import ReportConfig
 from nlrw.score import ScoreConfig
+from nlrw.simulate import SimulateConfig
 from nlrw.train import TrainConfig
 
 # Config dataclasses appear without a prefix: `nlrw collect --n-tokens 1000`.
@@ -118,6 +120,28 @@ def contexts(cfg: Annotated[ContextsConfig, _Flat], run_dir: Path, overwrite: bo
     print(table.group_by("split", maintain_order=True).len())
 
 
+def simulate(
+    cfg: Annotated[SimulateConfig, _Flat],
+    run_dir: Path,
+    overwrite: bool = False,
+    merge: bool = False,
+) -> None:
+    """Simulate RUN_DIR's explained latents on its contexts with an LLM
+    (RUN_DIR/simulations.parquet). With --shard i/n only part i runs; once every shard has
+    finished, --merge (same options) writes the merged table.
+
+    Args:
+        merge: only merge the parts the shards wrote (names any that are missing).
+    """
+    from nlrw import simulate as stage
+
+    table = stage.merge(cfg, run_dir) if merge else stage.run(cfg, run_dir, overwrite=overwrite)
+    print(
+        f"{table.height} (latent, context) prompts, {table['latent'].n_unique()} latents, "
+        f"mean digit mass {table['digit_mass'].mean()}"
+    )
+
+
 def calibrate(
     cfg: Annotated[CalibrateConfig, _Flat], run_dir: Path, overwrite: bool = False
 ) -> None:
@@ -131,6 +155,59 @@ def calibrate(
     print(
         metrics.group_by("calibration", maintain_order=True).agg(
             pl.col("pearson", "specificity", "sensitivity", "auroc").fill_nan(None).mean()
+        )
+    )
+
+
+def _collected(run_dir: Path) -> CollectConfig:
+    """The collect config a run directory was built with (its activations/collect.json)."""
+    import json
+
+    from nlrw.pipeline import _from_dict
+
+    path = run_dir / "activations" / "collect.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path} is missing: is {run_dir} a run directory?") from e
+    return _from_dict(CollectConfig, record["config"], str(path))
+
+
+def evaluate(
+    cfg: Annotated[EvaluateConfig, _Flat],
+    run_dir: Path,
+    hookpoint: str | None = None,
+    model: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Measure RUN_DIR's next-token CE with latents rewritten from their calibrated
+    simulations (RUN_DIR/eval/), against clean, transcoder, zero-ablation and random-k.
+
+    Args:
+        hookpoint: where the coder is spliced (default: the run's collect hookpoint).
+        model: the subject model (default: the run's collect model).
+    """
+    from nlrw import evaluate as stage
+
+    collected = _collected(run_dir)
+    summary = stage.run(
+        cfg,
+        run_dir,
+        hookpoint=hookpoint or collected.hookpoint,
+        model=model or collected.model,
+        overwrite=overwrite,
+    )
+    print(
+        summary.select(
+            "condition",
+            "calibration",
+            "fraction",
+            "choice",
+            "mean_ce",
+            "ci_low",
+            "ci_high",
+            "diff_vs_zero",
+            "p_value",
         )
     )
 
@@ -225,7 +302,9 @@ def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
         "contexts": contexts,
         "explain": explain,
         "score": score,
+        "simulate": simulate,
         "calibrate": calibrate,
+        "evaluate": evaluate,
         "report": report,
         "info": info,
         "shards-verify": shards_verify,

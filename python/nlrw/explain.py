@@ -439,7 +439,7 @@ class PartStore:
         if meta.is_file():
             found = json.loads(meta.read_text()).get("config_hash")
             if found != config_hash:
-                raise RuntimeError(
+                raise FileExistsError(
                     f"{folder} holds parts of another config (hash {found}, now {config_hash}); "
                     "delete it or pass overwrite=True"
                 )

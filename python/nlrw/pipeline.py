@@ -39,13 +39,17 @@ from nlrw.cache import CacheConfig
 from nlrw.calibrate import CalibrateConfig
 from nlrw.collect import CollectConfig
 from nlrw.contexts import ContextsConfig
+from nlrw.evaluate import EvaluateConfig
 from nlrw.explain import ExplainConfig
 from nlrw.io import atomic_write_json
 from nlrw.prompts import detection as detection_prompt
 from nlrw.prompts import explain as explain_prompt
+from nlrw.prompts import simulation as simulation_prompt
 from nlrw.provenance import config_hash, git_revision, to_jsonable, versions
 from nlrw.recovery import RecoveryConfig
+from nlrw.report import ReportConfig
 from nlrw.score import ScoreConfig
+from nlrw.simulate import SimulateConfig
 from nlrw.train import TrainConfig
 
 __all__ = [
@@ -92,9 +96,18 @@ class RunConfig:
     """Explanations of the cached latents by an LLM, one sentence each."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """Detection scoring of the explanations, with a shuffled-explanation baseline."""
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    """LLM simulation: each explained latent's expected 0-9 rating on each context."""
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     """Calibration of simulated scores into activations (uncalibrated, quantile, isotonic,
     gate), with per-latent specificity/sensitivity/correlation on the eval contexts."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Next-token CE when latents are rewritten from their calibrated simulations, next to
+    the clean, transcoder, zero-ablation and random-k baselines (bootstrap CIs, paired test
+    against zero ablation)."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """The report: headline figure, conditions table, diagnosis figures and latent browser in
+    RUN_DIR/report (self-contained index.html, report.md, PNGs)."""
 
     def __post_init__(self) -> None:
         if self.collect.kind != self.train.kind:
@@ -204,6 +217,39 @@ def _score(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     }
 
 
+def _simulate(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import simulate
+
+    table = simulate.run(cfg.simulate, run_dir, overwrite=overwrite)
+    return {
+        "prompts": table.height,
+        "latents": table["latent"].n_unique(),
+        "mean_digit_mass": float(table["digit_mass"].mean() or 0.0),  # pyright: ignore[reportArgumentType]
+    }
+
+
+def _evaluate(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    import polars as pl
+
+    from nlrw import evaluate
+
+    summary = evaluate.run(
+        cfg.evaluate,
+        run_dir,
+        hookpoint=cfg.collect.hookpoint,
+        model=cfg.collect.model,
+        overwrite=overwrite,
+    )
+    baselines = summary.filter(pl.col("condition") != "simulated")
+    return {r["condition"]: r["mean_ce"] for r in baselines.iter_rows(named=True)}
+
+
+def _report(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw import report
+
+    return {"index": str(report.run(cfg.report, run_dir, overwrite=overwrite))}
+
+
 def _calibrate(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     import polars as pl
 
@@ -232,6 +278,15 @@ STAGES: tuple[Stage, ...] = (
         "explain", _explain, lambda c: {"config": c.explain, "prompt": explain_prompt.PROMPT_HASH}
     ),
     Stage("score", _score, lambda c: {"config": c.score, "prompt": detection_prompt.PROMPT_HASH}),
+    # After score: max_latents simulates the best-scored latents first.
+    Stage(
+        "simulate",
+        _simulate,
+        lambda c: {"config": c.simulate, "prompt": simulation_prompt.PROMPT_HASH},
+    ),
+    Stage("calibrate", _calibrate, lambda c: c.calibrate),
+    Stage("evaluate", _evaluate, lambda c: c.evaluate),
+    Stage("report", _report, lambda c: c.report),
 )
 
 
@@ -506,7 +561,7 @@ _PARTS = {
     "explain": "explanations.parts",
     "score": "scores.parts",
     "simulate": "simulations.parts",
-    "evaluate": "eval/parts",
+    "evaluate": "eval/results.parts",
 }
 """Where a stage checkpoints its parquet parts: a partial stage's progress."""
 
