@@ -223,3 +223,39 @@ def test_score_resumes_after_a_kill(tmp_path: Path) -> None:
     )
     fresh = score.run(cfg, fresh_dir, backend=KeywordScorer(), source=source, progress=False)
     assert fresh.equals(scores)
+
+
+class _OneAnswerAtATime:
+    """The same real backend with its split-prompt path hidden: every example's answer is then
+    a whole-prompt forward (the reference for the shared-prefix path)."""
+
+    def __init__(self, backend: object) -> None:
+        self._backend = backend
+        self.name, self.model = "reference", "reference"
+
+    def answer_distribution(self, chats, answer_prefix, answers):
+        return self._backend.answer_distribution(chats, answer_prefix, answers)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_shared_prefix_scoring_equals_one_forward_per_answer(chat_template: bool) -> None:
+    from nlrw.backends.transformers import TransformersBackend
+    from test_backends import tiny_model, tiny_tokenizer
+
+    backend = TransformersBackend(
+        "tiny",
+        dtype="float32",
+        device="cpu",
+        tokenizer=tiny_tokenizer(chat_template=chat_template),
+        model_obj=tiny_model("qwen2"),
+        max_length=2048,  # rotary positions: the tiny config's 256 is no hard limit
+    )
+    jobs = [
+        ("The word cat", ["a cat sat", "the dog ran", "cats and dogs", "no", "it rained"]),
+        ("Words about rain", ["it rained", "a cat sat", "wet"]),
+    ]
+    fast = score.score_texts(backend, jobs, examples_per_prompt=2)
+    slow = score.score_texts(_OneAnswerAtATime(backend), jobs, examples_per_prompt=2)  # type: ignore[arg-type]
+    for (py_fast, mass_fast), (py_slow, mass_slow) in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(py_fast, py_slow, atol=1e-5)
+        np.testing.assert_allclose(mass_fast, mass_slow, atol=1e-5)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from nlrw.backends.base import Backend, Message
+from nlrw.backends.base import Backend, Message, SplitPrompt, answer_token_ids, split_encode
 from nlrw.explain import (
     CacheSource,
     LatentSource,
@@ -204,19 +204,47 @@ def _groups(n: int, size: int) -> list[range]:
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+_CUT = "\x00"  # never in a prompt: example texts have their control characters escaped
+
+
 def score_texts(
     backend: Backend,
     jobs: Sequence[tuple[str, Sequence[str]]],
     examples_per_prompt: int,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each job ``(explanation, texts)``: ``(p_yes, mass)`` per text. The texts are cut into
-    prompts of ``examples_per_prompt``; position i of every prompt of every job is read in one
-    ``answer_distribution`` call with prefix ``"Example {i}:"``."""
+    prompts of ``examples_per_prompt``; example i of a prompt is read after the prefilled
+    answer ``"Example {i}:"``.
+
+    The i answers of one prompt differ only after the chat, so with a backend that takes split
+    prompts (``answer_distribution_ids``) the chat is the shared prefix and each
+    ``<end of turn><assistant>Example {i}:`` a suffix: the chat's KV cache is computed once
+    for its ``examples_per_prompt`` answers instead of once per answer.
+    """
     chats: list[tuple[int, range, list[Message]]] = []
     for j, (explanation, texts) in enumerate(jobs):
         for group in _groups(len(texts), examples_per_prompt):
             chats.append((j, group, prompt.render_chat(explanation, [texts[k] for k in group])))
     out = [(np.full(len(t), np.nan), np.full(len(t), np.nan)) for _, t in jobs]
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is not None and hasattr(backend, "answer_distribution_ids"):
+        split: list[SplitPrompt] = []
+        where: list[tuple[int, int]] = []
+        ids_of: dict[int, list[int]] = {}
+        for j, group, chat in chats:
+            cut = [*chat[:-1], {**chat[-1], "content": chat[-1]["content"] + _CUT}]
+            for pos, k in enumerate(group):
+                answer = prompt.answer_prefix(pos + 1)
+                ids_of.setdefault(pos, answer_token_ids(tokenizer, prompt.ANSWERS, prefix=answer))
+                split.append(split_encode(tokenizer, cut, _CUT, answer))
+                where.append((j, k))
+        if all(ids == ids_of[0] for ids in ids_of.values()):
+            dist = backend.answer_distribution_ids(split, ids_of[0])
+            py = p_yes(dist.probs)
+            for row, (j, k) in enumerate(where):
+                out[j][0][k] = py[row]
+                out[j][1][k] = dist.mass[row]
+            return out
     for pos in range(examples_per_prompt):
         batch = [(j, g[pos], chat) for j, g, chat in chats if pos < len(g)]
         if not batch:
