@@ -138,21 +138,18 @@ def test_golden_explainer_prompt() -> None:
     # Three demonstrations as earlier turns, rendered like the latent's own examples.
     assert [m["role"] for m in chat] == ["system"] + ["user", "assistant"] * 3 + ["user"]
     assert chat[1]["content"] == (
-        "Example 1: and then<< Mr>> Darcy came in\n"
-        'Activations: (" Mr", 9)\n'
+        "Example 1: for i in<< range>>(10):\n"
+        'Activations: (" range", 9)\n'
         "\n"
-        "Example 2: she wrote to<< Mrs>> Jennings at once\n"
-        'Activations: (" Mrs", 8)\n'
+        "Example 2: total = sum(x for x in<< range>>(n))\n"
+        'Activations: (" range", 8)\n'
         "\n"
-        "Example 3: he told<< Miss>> Bennet that\n"
-        'Activations: (" Miss", 7)\n'
+        "Example 3: for k in<< range>>(len(items)):\n"
+        'Activations: (" range", 9)\n'
         "\n"
         "What does the feature detect? Answer with one short phrase."
     )
-    assert chat[2] == {
-        "role": "assistant",
-        "content": 'Titles "Mr", "Mrs" and "Miss" before a family name',
-    }
+    assert chat[2] == {"role": "assistant", "content": 'The word "range"'}
     assert chat[-1] == {
         "role": "user",
         "content": (

@@ -39,30 +39,33 @@ EXAMPLE = "Example {index}: {text}\nActivations: {activations}"
 FEW_SHOT: tuple[tuple[tuple[tuple[str, tuple[tuple[str, int], ...]], ...], str], ...] = (
     (
         (
-            ("and then<< Mr>> Darcy came in", ((" Mr", 9),)),
-            ("she wrote to<< Mrs>> Jennings at once", ((" Mrs", 8),)),
-            ("he told<< Miss>> Bennet that", ((" Miss", 7),)),
+            ("for i in<< range>>(10):", ((" range", 9),)),
+            ("total = sum(x for x in<< range>>(n))", ((" range", 8),)),
+            ("for k in<< range>>(len(items)):", ((" range", 9),)),
         ),
-        'Titles "Mr", "Mrs" and "Miss" before a family name',
+        'The word "range"',
     ),
     (
         (
-            ("she had<< walked>> all the way", ((" walked", 9),)),
-            ("he had<< been>> there before", ((" been", 6),)),
-            ("we had<< left>> the house early", ((" left", 8),)),
+            ("he was born in<< 1815>> near", ((" 1815", 9),)),
+            ("the census of<< 1901>> counted", ((" 1901", 7),)),
+            ("prices fell after<< 2008>>, and", ((" 2008", 8),)),
         ),
-        'Past participles right after "had"',
+        "Four-digit years",
     ),
     (
         (
-            ('"I am sure of it<<,">> said Emma', ((',"', 9),)),
-            ('"Not at all<<,">> replied he', ((',"', 8),)),
+            ("the dog<< barked>> at the gate", ((" barked", 9),)),
+            ("a fox<< barked>> twice<< and>> ran", ((" barked", 8), (" and", 2))),
+            ("no dog ever<< barks>> here", ((" barks", 7),)),
         ),
-        "The comma and quotation mark that close a line of dialogue before the speaker",
+        'The word "barked" and other forms of "bark"',
     ),
 )
 """Three demonstrations (examples, answer), shown as earlier turns of the chat: a 0.5B
-explainer without them echoes the instructions ("The marked tokens share a pattern…")."""
+explainer without them echoes the instructions ("The marked tokens share a pattern…"). Their
+topics (code, years, dogs) are far from the demo's novels on purpose: a small explainer copies
+demonstrations that could plausibly fit ("past participles after 'had'" for every latent)."""
 
 PROMPT_HASH = hashlib.sha256(
     "\x00".join([SYSTEM, USER, EXAMPLE, repr(FEW_SHOT)]).encode()
