@@ -19,9 +19,9 @@ run: $(VENV)/.built $(VENV)/.assets
 test: $(VENV)/.built lint cargo-test pytest
 
 # Runtime + dev requirements; pip keeps its cache in ~/.cache/pip and skips what is installed.
-$(VENV)/.deps: pyproject.toml tools/requirements.py
+$(VENV)/.deps: pyproject.toml tools/requirements.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tools/requirements.py dev > $(VENV)/requirements.txt
+	$(PY) tools/requirements.py dev ray > $(VENV)/requirements.txt
 	$(PIP) install --upgrade-strategy only-if-needed -r $(VENV)/requirements.txt
 	touch $@
 

@@ -142,6 +142,43 @@ def simulate(
     )
 
 
+def simulate_distributed(
+    run_dir: Path,
+    /,
+    cfg: Annotated[SimulateConfig, _Flat],
+    n_workers: int = 2,
+    address: str | None = None,
+    max_retries: int = 2,
+    num_gpus_per_worker: float = 0.0,
+) -> None:
+    """Run the simulate stage on a Ray cluster (the nlrw[ray] extra): one worker process (a Ray
+    actor with its own simulator) per shard i/N, Ray's retries for dead workers, then the parts
+    merged into RUN_DIR/simulations.parquet. On several nodes RUN_DIR must be on a filesystem
+    every node mounts at the same path.
+
+    Args:
+        n_workers: worker processes (Ray actors), one shard each.
+        address: Ray cluster to join: auto (started by `ray start` on this machine), HOST:6379
+            or ray://HOST:10001; omitted: a local Ray instance for this command.
+        max_retries: restarts of a dead worker (its shard resumes from its finished parts).
+        num_gpus_per_worker: GPUs each worker reserves (1: one worker per GPU).
+    """
+    from nlrw.distributed import simulate_distributed as run_distributed
+
+    table = run_distributed(
+        cfg,
+        run_dir,
+        n_workers=n_workers,
+        address=address,
+        max_retries=max_retries,
+        num_gpus_per_worker=num_gpus_per_worker,
+    )
+    print(
+        f"{table.height} (latent, context) prompts, {table['latent'].n_unique()} latents, "
+        f"mean digit mass {table['digit_mass'].mean()}"
+    )
+
+
 def calibrate(
     cfg: Annotated[CalibrateConfig, _Flat], run_dir: Path, overwrite: bool = False
 ) -> None:
@@ -303,6 +340,7 @@ def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
         "explain": explain,
         "score": score,
         "simulate": simulate,
+        "simulate-distributed": simulate_distributed,
         "calibrate": calibrate,
         "evaluate": evaluate,
         "report": report,
@@ -321,7 +359,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             description="Partially rewrite a transformer in natural language.",
             args=args,
         )
-    except (ShardError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (
+        ShardError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        ImportError,
+        ConnectionError,
+    ) as e:
         print(f"nlrw: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -325,7 +325,7 @@ def run(cfg: ContextsConfig, run_dir: str | Path, *, overwrite: bool = False) ->
 
     subject = load_subject(collect_cfg.model, dtype="float32", device=None)
     coder = sparse.load(coder_path, device=subject.device)
-    ids = torch.tensor(np.stack(table["input_ids"].to_numpy()), dtype=torch.long)
+    ids = torch.tensor(table["input_ids"].to_list(), dtype=torch.long)
     acts = context_activations(subject, coder, hookpoint, ids, cfg.batch_size)
     if acts.x.shape[1] != coder.d_in:
         raise ValueError(

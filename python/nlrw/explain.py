@@ -80,7 +80,7 @@ Selection = Literal["frequent", "random"]
 class ExplainConfig:
     """Options of the ``explain`` stage (defaults: the paper's protocol, our explainer)."""
 
-    backend: Literal["transformers", "openai"] = "transformers"
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
     """LLM backend of the explainer (see nlrw.backends)."""
 
     model: str = "qwen2.5-coder-0.5b"

@@ -70,7 +70,7 @@ __all__ = [
 class ScoreConfig:
     """Options of the ``score`` stage (defaults: the paper's detection scoring)."""
 
-    backend: Literal["transformers", "openai"] = "transformers"
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
     """LLM backend of the scorer (see nlrw.backends)."""
 
     model: str = "qwen2.5-coder-0.5b"

@@ -102,7 +102,7 @@ class SimulateConfig:
     """Options of the ``simulate`` stage (defaults: the paper's protocol, our simulator and
     reading of the answer)."""
 
-    backend: Literal["transformers", "openai"] = "transformers"
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
     """LLM backend of the simulator (see nlrw.backends)."""
 
     model: str = "qwen2.5-coder-0.5b"
@@ -380,6 +380,8 @@ def _load_backend(cfg: SimulateConfig) -> Backend:
         options = {"dtype": cfg.dtype, "engine": cfg.engine, "engine_batch_size": cfg.batch_size}
     elif cfg.backend == "openai":
         options = {"base_url": cfg.base_url}
+    elif cfg.backend == "vllm":
+        options = {"dtype": cfg.dtype}
     return load_backend(cfg.backend, cfg.model, **{**options, **dict(cfg.backend_options)})
 
 

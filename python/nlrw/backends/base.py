@@ -336,9 +336,12 @@ def answer_token_ids(
 # --------------------------------------------------------------------------------------------
 
 
-def load_backend(name: Literal["transformers", "openai"], model: str, **options: Any) -> Backend:
-    """A backend by name: ``"transformers"`` (:class:`TransformersBackend`) or ``"openai"``
-    (:class:`OpenAIBackend`); ``options`` go to its constructor."""
+def load_backend(
+    name: Literal["transformers", "openai", "vllm"], model: str, **options: Any
+) -> Backend:
+    """A backend by name: ``"transformers"`` (:class:`TransformersBackend`), ``"openai"``
+    (:class:`OpenAIBackend`) or ``"vllm"`` (:class:`VLLMBackend`, the ``nlrw[vllm]`` extra);
+    ``options`` go to its constructor."""
     if name == "transformers":
         from nlrw.backends.transformers import TransformersBackend
 
@@ -347,4 +350,8 @@ def load_backend(name: Literal["transformers", "openai"], model: str, **options:
         from nlrw.backends.openai import OpenAIBackend
 
         return OpenAIBackend(model, **options)
-    raise ValueError(f"unknown backend {name!r}: expected 'transformers' or 'openai'")
+    if name == "vllm":
+        from nlrw.backends.vllm import VLLMBackend
+
+        return VLLMBackend(model, **options)
+    raise ValueError(f"unknown backend {name!r}: expected 'transformers', 'openai' or 'vllm'")

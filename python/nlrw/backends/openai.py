@@ -15,10 +15,11 @@ workers, one request per prompt):
   request, read the same way. ``prompt_format="ids"`` sends the token ids as the ``prompt``
   (the OpenAI API and vLLM accept a list of ids: no re-tokenization); ``"text"`` sends
   ``tokenizer.decode(ids)`` (the server re-tokenizes; llama.cpp's server accepts only text);
-  ``"auto"`` (default) tries ids on the first request and switches to text for good when the
-  server refuses them with an HTTP 4xx (logged). Requests are submitted grouped by prefix
-  (groups in order of first appearance) so that a server's prefix cache (vLLM's automatic
-  prefix caching, llama.cpp's reuse of the last prompt) hits; results come back in input order.
+  ``"auto"`` (default) first sends a 1-token id prompt and switches to text for good when the
+  server answers it with any HTTP error status (logged).
+  Requests are submitted grouped by prefix (groups in order of first appearance) so that a
+  server's prefix cache (vLLM's automatic prefix caching, llama.cpp's reuse of the last
+  prompt) hits; results come back in input order.
 * ``generate`` posts each chat to **chat completions** (the server applies its own template).
 
 Failures: connection errors, timeouts and HTTP 408/429/5xx are retried ``max_retries`` times
@@ -156,8 +157,9 @@ class OpenAIBackend:
     # ----------------------------------------------------------------------------------------
     # HTTP
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` as JSON with retries; the decoded JSON answer."""
+    def _post(self, path: str, body: dict[str, Any], *, retry_http: bool = True) -> dict[str, Any]:
+        """POST ``body`` as JSON with retries; the decoded JSON answer. ``retry_http=False``:
+        any HTTP error status raises at once (connection errors and timeouts still retry)."""
         url = f"{self.base_url}/{path}"
         data = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
@@ -175,7 +177,7 @@ class OpenAIBackend:
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:500]
                 last = f"HTTP {e.code} {e.reason}: {detail}"
-                if e.code not in _RETRY_STATUS:
+                if e.code not in _RETRY_STATUS or not retry_http:
                     raise _Refused(f"POST {url} failed: {last}", e.code) from e
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
@@ -261,14 +263,28 @@ class OpenAIBackend:
             return np.array([math.exp(top[p]) if p in top else 0.0 for p in pieces])
 
         probs = np.zeros((len(prompts), len(pieces)), dtype=np.float64)
-        done = 0
-        if order and self.prompt_format == "auto":  # settle the format on one request
-            probs[order[0]] = one(order[0])
-            done = 1
-        rest = order[done:]
-        for i, row in zip(rest, self._pool.map(one, rest), strict=True):
+        if order and self.prompt_format == "auto":
+            self._settle_prompt_format(tokens[order[0]][:1])
+        for i, row in zip(order, self._pool.map(one, order), strict=True):
             probs[i] = row
         return AnswerDistribution(probs, probs.sum(1))
+
+    def _settle_prompt_format(self, probe: list[int]) -> None:
+        """``"auto"``: one 1-token request with a token-id prompt; any HTTP error status
+        (llama.cpp's server answers 500 with a validation message) settles it to ``"text"``."""
+        body = {"model": self.model, "prompt": probe, "max_tokens": 1, "temperature": 0}
+        try:
+            self._post("completions", body, retry_http=False)
+        except _Refused as refused:
+            self.prompt_format = "text"
+            log.warning(
+                "%s refuses token-id prompts (%s): sending decoded text instead; the server "
+                "re-tokenizes it",
+                self.base_url,
+                str(refused)[:300],
+            )
+        else:
+            self.prompt_format = "ids"
 
     def _complete_ids(self, ids: list[int]) -> dict[str, Any]:
         """One ``max_tokens=1`` completion of the prompt ``ids`` (as ids or decoded text)."""
@@ -279,21 +295,7 @@ class OpenAIBackend:
             "logprobs": self.logprobs,
         }
         if self.prompt_format != "text":
-            try:
-                answer = self._post("completions", {**body, "prompt": ids})
-            except _Refused as e:
-                if self.prompt_format == "ids" or not 400 <= e.status < 500:
-                    raise
-                self.prompt_format = "text"
-                log.warning(
-                    "%s refuses token-id prompts (%s): sending decoded text instead; the "
-                    "server re-tokenizes it",
-                    self.base_url,
-                    e,
-                )
-            else:
-                self.prompt_format = "ids"  # "auto" settled: the server takes ids
-                return answer
+            return self._post("completions", {**body, "prompt": ids})
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         answer = self._post("completions", {**body, "prompt": text})
         n = (answer.get("usage") or {}).get("prompt_tokens")

@@ -16,15 +16,22 @@ a per-prompt ``suffix`` (:class:`~nlrw.backends.base.SplitPrompt`), with one of 
 * ``"shared-prefix"`` (default): prompts are grouped by prefix (groups in order of first
   appearance; results in input order). Each distinct prefix runs **once** with a
   :class:`transformers.DynamicCache`; its per-layer keys/values ``K_l, V_l`` ``[1, h, P, d]``
-  are broadcast (``expand``, a view) to the suffix batch and written into a fresh cache per
-  batch (the forward appends to the cache, so it cannot be reused). The suffixes of a batch
-  are **right**-padded to the longest; row ``r`` gets ``position_ids = P + [0, 1, ...]`` and
-  the mask ``[1]*P + [1]*len_r + [0]*pad``, so every real token attends to exactly the prefix
-  and its own earlier tokens (pads only come after it). The model body runs without its
-  head; the head is applied to the hidden state at each row's last real token only, i.e.
+  (``cache.layers[l].keys/.values``) are broadcast (``expand``, a view) to the suffix batch
+  and written with ``cache.update(K, V, l)`` into a fresh cache per batch (the forward appends
+  to the cache, so it cannot be reused; the cache's ``torch.cat`` materializes the
+  ``[B, h, P, d]`` copy a batched attention needs anyway, a few ms next to the forward). The
+  suffixes of a batch are **right**-padded to the longest; row ``r`` gets
+  ``position_ids = P + [0, 1, ...]`` and the mask ``[1]*P + [1]*len_r + [0]*pad``, so every
+  real token attends to exactly the prefix and its own earlier tokens (pads come after it).
+  The model body runs without its head; the head is applied to the hidden state at each
+  row's last real token only, i.e.
   ``p[r] = softmax(float32(W_out · h[r, len_r - 1]))[answer ids]``: the vocabulary logits of
   the other positions (151k per token for Qwen) are never computed. Per prompt this costs
-  ``len(suffix) + P / n_group`` tokens instead of ``P + len(suffix)``.
+  ``len(suffix) + P / n_group`` tokens instead of ``P + len(suffix)``. A 4-token check, once
+  per backend, compares ``head(body(x))`` with the model's own logits; a model that
+  post-processes its logits (soft-capping, scaling) gets the logits of every suffix position
+  from its own forward instead (logged). The cache is passed as ``cache=`` (transformers 5)
+  or ``past_key_values=`` (4.x), whichever the forward names.
 
   Batch size: ``engine_batch_size`` suffixes per forward (within a group, longest first). On
   CPU it is capped so that the batch's KV cache, activations and attention weights take at
