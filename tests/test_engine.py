@@ -338,8 +338,8 @@ class IdServer(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).bodies.append(body)
         prompt = body["prompt"]
-        if self.text_only and not isinstance(prompt, str):
-            self.send_response(422)
+        if self.text_only and not isinstance(prompt, str):  # as llama.cpp's server does
+            self.send_response(500)
             self.end_headers()
             self.wfile.write(b'{"detail": "prompt: Input should be a valid string"}')
             return
@@ -379,8 +379,10 @@ def test_openai_sends_token_ids_grouped_by_prefix_and_returns_input_order(id_ser
     ids = answer_token_ids(tok, DIGITS)
     got = backend.answer_distribution_ids(prompts, ids)
     assert backend.prompt_format == "ids"
-    sent = [b["prompt"] for b in IdServer.bodies]
-    assert all(b["max_tokens"] == 1 and b["temperature"] == 0 for b in IdServer.bodies)
+    probe, *asked = IdServer.bodies  # "auto" probes with a 1-token id prompt first
+    assert probe["prompt"] == [*prompts[0].prefix, *prompts[0].suffix][:1]
+    sent = [b["prompt"] for b in asked]
+    assert all(b["max_tokens"] == 1 and b["temperature"] == 0 for b in asked)
     # Grouped by prefix, groups in order of first appearance, stable within a group.
     want = [i for g in range(3) for i in range(7) if i % 3 == g]
     assert sent == [[*prompts[i].prefix, *prompts[i].suffix] for i in want]
@@ -412,8 +414,10 @@ def test_openai_falls_back_to_text_when_the_server_refuses_ids(
     texts = sorted(b["prompt"] for b in IdServer.bodies if isinstance(b["prompt"], str))
     assert texts == sorted(tok.decode([*p.prefix, *p.suffix]) for p in prompts)
     assert got.probs.shape == (4, 10)
-    strict = OpenAIBackend("m", base_url=id_server, tokenizer=tok, prompt_format="ids")
-    with pytest.raises(base.BackendError, match="HTTP 422"):
+    strict = OpenAIBackend(
+        "m", base_url=id_server, tokenizer=tok, prompt_format="ids", max_retries=1, retry_delay=0
+    )
+    with pytest.raises(base.BackendError, match="HTTP 500"):
         strict.answer_distribution_ids(prompts[:1], answer_token_ids(tok, DIGITS))
     same = OpenAIBackend("m", base_url=id_server, tokenizer=SameText())
     with pytest.raises(ValueError, match="decode to repeated texts"):
@@ -520,6 +524,7 @@ def test_openai_answer_distribution_ids_on_a_real_server_agrees_with_transformer
         assert qwen.tokenizer(text, add_special_tokens=False)["input_ids"] == [*p.prefix, *p.suffix]
     ids = answer_token_ids(qwen.tokenizer, DIGITS, prefix="Rating: ")
     theirs = backend.answer_distribution_ids(prompts, ids)
+    assert backend.prompt_format == "text"
     ours = qwen.answer_distribution_ids(prompts, ids)
     np.testing.assert_allclose(theirs.probs, ours.probs, rtol=0, atol=0.03)
     np.testing.assert_allclose(theirs.mass, ours.mass, rtol=0, atol=0.02)
