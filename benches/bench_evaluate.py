@@ -27,39 +27,15 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 
-from common import result
+from common import result, smollm2_subject
 from nlrw.evaluate import EvaluateConfig, Grid, grid_ce, grid_ce_full
 from nlrw.sparse import SparseCoder, SparseCoderConfig
 
 HOOKPOINT = "model.layers.15.mlp"
-
-
-def _subject() -> tuple[Any, str]:
-    try:
-        from nlrw.subject import load_subject
-
-        return load_subject("smollm2-135m", dtype="float32", device="cpu").model, "SmolLM2-135M"
-    except (ImportError, OSError, RuntimeError) as e:  # no asset package (AssetError et al.)
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        print(f"  embedded default unavailable ({type(e).__name__}: {e}); random weights")
-        config = LlamaConfig(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-        )
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval(), "random LlamaConfig of SmolLM2-135M's shape"
 
 
 def _coder(d: int) -> SparseCoder:
@@ -82,7 +58,7 @@ def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
 
 def run(quick: bool) -> list[dict]:
     torch.set_num_threads(2)
-    model, which = _subject()
+    model, which = smollm2_subject()
     d = model.config.hidden_size
     coder = _coder(d)
     n_ctx, ctx_len = (2, 32) if quick else (8, 32)

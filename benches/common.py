@@ -46,3 +46,31 @@ def result(
         row["target"] = target
     row.update(extra)
     return row
+
+
+def smollm2_subject() -> tuple[Any, str]:
+    """The embedded default subject in float32 on the CPU and its name; without the asset
+    package, a randomly initialised LlamaConfig of its shape (timings do not depend on the
+    weights) and a name that says so."""
+    import torch
+
+    try:
+        from nlrw.subject import load_subject
+
+        return load_subject("smollm2-135m", dtype="float32", device="cpu").model, "SmolLM2-135M"
+    except (ImportError, OSError, RuntimeError) as e:  # no asset package (AssetError et al.)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        print(f"  embedded default unavailable ({type(e).__name__}: {e}); random weights")
+        config = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).eval(), "random LlamaConfig of SmolLM2-135M's shape"

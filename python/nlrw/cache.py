@@ -88,7 +88,7 @@ import polars as pl
 import torch
 
 from nlrw import sparse
-from nlrw.io import atomic_path, atomic_write_json
+from nlrw.io import atomic_path, atomic_write_json, file_digest
 from nlrw.provenance import config_hash, stage_record
 from nlrw.quantiles import QuantileSketch, quantile_tables, save_tables
 from nlrw.shards import ShardReader
@@ -314,19 +314,11 @@ def _ranks(sorted_ids: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
 # ------------------------------------------------------------------------ parts
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_part(path: Path, row: np.ndarray, latent: np.ndarray, value: np.ndarray) -> str:
     frame = pl.DataFrame({"row": row, "latent": latent, "value": value})
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp, statistics=True, row_group_size=_ROW_GROUP_ENTRIES)
-    return _file_digest(path)
+    return file_digest(path)
 
 
 def _read_part(
@@ -334,7 +326,7 @@ def _read_part(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float32]] | None:
     """A listed part's arrays, or None (with a warning) when it is missing or corrupt."""
     try:
-        if _file_digest(path) != entry["digest"]:
+        if file_digest(path) != entry["digest"]:
             raise ValueError("checksum mismatch")
         frame = pl.read_parquet(path)
         if frame.height != entry["entries"]:
@@ -445,7 +437,7 @@ def _identity(
     return {
         "format": _PARTS_FORMAT,
         "options": options,
-        "coder": _file_digest(coder_path / sparse.WEIGHTS_FILE),
+        "coder": file_digest(coder_path / sparse.WEIGHTS_FILE),
         "activations": hashlib.blake2b(
             (src / "manifest.json").read_bytes(), digest_size=16
         ).hexdigest(),

@@ -93,7 +93,6 @@ Memory: the four needed columns of the simulations (≈ 16 bytes a row) plus the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -105,7 +104,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from nlrw.io import atomic_path, atomic_write_json
+from nlrw.io import atomic_path, atomic_write_json, file_digest
 from nlrw.provenance import config_hash, stage_record
 from nlrw.quantiles import quantile_normalize, quantile_tables, save_tables
 
@@ -488,14 +487,6 @@ def _read_input(run_dir: Path, name: str) -> pl.DataFrame:
         raise ValueError(f"{path}: not a readable parquet file (truncated or corrupt?): {e}") from e
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _Inputs(NamedTuple):
     latent: npt.NDArray[np.int64]  # per simulation row, sorted by (latent, context)
     context: npt.NDArray[np.int64]
@@ -678,7 +669,7 @@ _OUTPUTS = (OUTPUT_FILE, METRICS_FILE, FITS_FILE, TABLES_FILE)
 
 
 def _inputs_digest(run_dir: Path) -> dict[str, str]:
-    return {name: _file_digest(run_dir / name) for name in _NEEDED}
+    return {name: file_digest(run_dir / name) for name in _NEEDED}
 
 
 def _previous(run_dir: Path) -> dict[str, Any] | None:

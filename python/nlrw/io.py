@@ -8,6 +8,7 @@ and the directory is fsynced so the rename itself survives a power loss.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -70,3 +71,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write a JSON file atomically, pretty-printed with sorted keys."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """blake2b-128 hex digest of a file's bytes, read in 1 MiB blocks (an input's identity
+    in a stage's resume key)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
