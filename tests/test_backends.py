@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -477,13 +478,16 @@ def llama_server() -> Iterator[str]:
         "--n_ctx", "2048", "--n_threads", str(min(2, os.cpu_count() or 1)),
         "--logits_all", "True", "--verbose", "False",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: an unread pipe fills up and blocks a chatty server.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 90
     try:
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")
                 pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {err[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{base}/models", timeout=2) as r:
@@ -502,6 +506,7 @@ def llama_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@
 CPU or GPU) or ``load_backend("openai", name, base_url=...)`` (any OpenAI-compatible server).
 Every backend implements :class:`Backend`: ``generate`` (explanations) and
 ``answer_distribution`` (next-token probabilities of answer tokens after a prefilled answer
-prefix: scoring and simulation).
+prefix: scoring and simulation), and ``answer_distribution_ids`` for prompts split into a
+shared prefix and a suffix (:class:`SplitPrompt`, built by :func:`split_encode`), which lets
+a backend compute each prefix once. ``load_backend("vllm", ...)`` runs vLLM's offline engine.
 """
 
 from nlrw.backends.base import (
@@ -13,9 +15,11 @@ from nlrw.backends.base import (
     BackendError,
     Generation,
     Message,
+    SplitPrompt,
     answer_token_ids,
     load_backend,
     render,
+    split_encode,
 )
 
 __all__ = [
@@ -24,7 +28,9 @@ __all__ = [
     "BackendError",
     "Generation",
     "Message",
+    "SplitPrompt",
     "answer_token_ids",
     "load_backend",
     "render",
+    "split_encode",
 ]
