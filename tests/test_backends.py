@@ -15,8 +15,8 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -479,7 +479,7 @@ def llama_server() -> Iterator[str]:
         "--logits_all", "True", "--verbose", "False",
     ]  # fmt: skip
     # The server's log goes to a file: an unread pipe fills up and blocks a chatty server.
-    log = tempfile.TemporaryFile()
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 90
