@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_smoke_run_skips_finished_stages_and_reruns_only_downstream(tmp_path: Pa
 
     lines.clear()
     train = cfg.train.__class__(**{**cfg.train.__dict__, "k": 4})
-    run(RunConfig(cfg.collect, train), tmp_path, log=lines.append)
+    run(dataclasses.replace(cfg, train=train), tmp_path, log=lines.append)
     assert lines[0] == "[collect] done already" + lines[0].split("done already")[1]
     assert "[train] re-running (config changed)" in lines
     assert "[recovery] re-running (config changed)" in lines
