@@ -423,6 +423,7 @@ def test_report_renders_every_section_self_contained(run_dir: Path) -> None:
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {
         "headline.png",
+        "headline_paired.png",
         "simulated_scores.png",
         "calibration_metrics.png",
         "detection.png",
@@ -511,7 +512,7 @@ def test_missing_optional_inputs_leave_sections_out_with_notes(run_dir: Path) ->
     # The headline, the table and the calibration metrics stay; the browser falls back to
     # latent order with the explanations and top windows.
     assert "headline.png" not in page  # embedded, not linked
-    assert len(_images(page)) == 2
+    assert len(_images(page)) == 3  # headline, paired headline, calibration metrics
     assert page.count('class="latent"') == 3 and "unscored" in page
     assert 'class="tok act"' in page
 

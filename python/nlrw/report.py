@@ -371,10 +371,21 @@ def _thinned_labels(fractions: Sequence[float], min_gap: float = 0.15) -> set[fl
     return set(labelled)
 
 
-def headline_figure(summary: pl.DataFrame, dpi: int) -> bytes:
+def headline_figure(summary: pl.DataFrame, dpi: int, *, paired: bool = False) -> bytes:
     """Mean CE vs fraction simulated: one panel per choice of latents (top-by-score, random),
-    one line per calibration with its CI band, baselines as horizontal lines with CI bands."""
+    one line per calibration with its CI band, baselines as horizontal lines with CI bands.
+
+    ``paired``: the same plot of the paired difference to zero ablation
+    (``mean(CE_condition − CE_zero)`` per context, with its bootstrap CI): the spread of CE
+    across contexts cancels, so differences far smaller than the CIs of the means show.
+    """
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    value, low, high = (
+        ("diff_vs_zero", "diff_ci_low", "diff_ci_high")
+        if paired
+        else ("mean_ce", "ci_low", "ci_high")
+    )
 
     sim = (
         summary.filter((pl.col("condition") == "simulated") & pl.col("fraction").is_not_null())
@@ -383,7 +394,7 @@ def headline_figure(summary: pl.DataFrame, dpi: int) -> bytes:
         )
         # One point per (calibration, choice, fraction) even if a summary repeats a key.
         .group_by("calibration", "choice", "fraction")
-        .agg(pl.col("mean_ce", "ci_low", "ci_high").mean())
+        .agg(pl.col(value, low, high).mean())
     )
     calibrations = sorted(set(sim["calibration"].to_list()), key=_calibration_order)
     choices = sorted(
@@ -404,7 +415,7 @@ def headline_figure(summary: pl.DataFrame, dpi: int) -> bytes:
             color = _calibration_color(cal, calibrations)
             (line,) = ax.plot(
                 x,
-                rows["mean_ce"].to_numpy(),
+                rows[value].to_numpy(),
                 color=color,
                 marker="o",
                 markersize=4,
@@ -414,8 +425,8 @@ def headline_figure(summary: pl.DataFrame, dpi: int) -> bytes:
             handles.setdefault(cal, line)
             ax.fill_between(
                 x,
-                rows["ci_low"].fill_null(np.nan).to_numpy(),
-                rows["ci_high"].fill_null(np.nan).to_numpy(),
+                rows[low].fill_null(np.nan).to_numpy(),
+                rows[high].fill_null(np.nan).to_numpy(),
                 color=color,
                 alpha=0.18,
                 linewidth=0,
@@ -426,17 +437,19 @@ def headline_figure(summary: pl.DataFrame, dpi: int) -> bytes:
             if rows.height == 0:
                 continue
             row = rows.row(0, named=True)
+            if not _finite(row[value]):
+                continue
             color = _BASELINE_COLORS[condition]
-            if _finite(row["ci_low"]) and _finite(row["ci_high"]):
-                ax.axhspan(row["ci_low"], row["ci_high"], color=color, alpha=0.08, linewidth=0)
+            if _finite(row[low]) and _finite(row[high]) and row[low] != row[high]:
+                ax.axhspan(row[low], row[high], color=color, alpha=0.08, linewidth=0)
             line = ax.axhline(
-                row["mean_ce"],
+                row[value],
                 color=color,
                 linestyle=(0, (2, 2)) if condition == "random_k" else "-",
                 linewidth=1.1,
                 zorder=1,
             )
-            handles.setdefault(f"{_BASELINE_LABELS[condition]} ({_fmt(row['mean_ce'])})", line)
+            handles.setdefault(f"{_BASELINE_LABELS[condition]} ({_fmt(row[value])})", line)
         if fractions:
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(FixedLocator(fractions))
@@ -459,8 +472,12 @@ def headline_figure(summary: pl.DataFrame, dpi: int) -> bytes:
         ax.set_xlabel("fraction of latents simulated (log scale)")
         ax.set_title(f"latents chosen {_choice_label(choice)}" if choice else "simulated latents")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0].set_ylabel("mean next-token CE (nats)")
-    fig.suptitle("Mean CE on the eval contexts when latents are simulated from explanations")
+    if paired:
+        axes[0].set_ylabel("CE − CE(zero ablation), paired (nats)")
+        fig.suptitle("Paired difference to zero ablation when latents are simulated")
+    else:
+        axes[0].set_ylabel("mean next-token CE (nats)")
+        fig.suptitle("Mean CE on the eval contexts when latents are simulated from explanations")
     if handles:
         fig.legend(
             list(handles.values()),
@@ -1456,6 +1473,20 @@ def _figures(
         "bands: the baselines.",
     )
     diagnosis: list[_Figure] = []
+    if {"diff_vs_zero", "diff_ci_low", "diff_ci_high"} <= set(summary.columns) and (
+        summary.filter(pl.col("condition") == "simulated")["diff_vs_zero"].drop_nulls().len()
+    ):
+        diagnosis.append(
+            _Figure(
+                "headline_paired.png",
+                headline_figure(summary, cfg.dpi, paired=True),
+                "paired difference to zero ablation vs fraction of latents simulated",
+                "The headline as paired differences: per context, CE of the condition minus CE "
+                "with zero ablation, averaged, with its bootstrap 95% CI. Below 0: better than "
+                "zero ablation. The spread of CE across contexts cancels here, so small effects "
+                "that the CIs of the means above hide are visible.",
+            )
+        )
     sims = run.path("simulations.parquet")
     if sims.is_file():
         eval_ids = _eval_ids(contexts)
