@@ -215,17 +215,22 @@ class OpenAIBackend:
             }
             answer = self._post("completions", body)
             self._check_prompt_tokens(prompts[i], answer)
-            top = _top_logprobs(answer)
-            if top is None:
-                raise BackendError(
-                    f"POST {self.base_url}/completions: no top logprobs in the answer "
-                    f"(does the server support 'logprobs'?): {json.dumps(answer)[:300]}"
-                )
-            return np.array([math.exp(top[p]) if p in top else 0.0 for p in pieces])
+            return self._answer_probs(answer, pieces)
 
         rows = self._map(one, len(prompts))
         probs = np.stack(rows) if rows else np.zeros((0, len(ids)))
         return AnswerDistribution(probs.astype(np.float64), probs.sum(1))
+
+    def _answer_probs(self, answer: Any, pieces: Sequence[str]) -> np.ndarray:
+        """``exp(logprob)`` of each answer text among a completion's top logprobs (0 when
+        absent)."""
+        top = _top_logprobs(answer)
+        if top is None:
+            raise BackendError(
+                f"POST {self.base_url}/completions: no top logprobs in the answer "
+                f"(does the server support 'logprobs'?): {json.dumps(answer)[:300]}"
+            )
+        return np.array([math.exp(top[p]) if p in top else 0.0 for p in pieces])
 
     def answer_distribution_ids(
         self, prompts: Sequence[SplitPrompt], answer_ids: Sequence[int]
@@ -254,13 +259,7 @@ class OpenAIBackend:
 
         def one(i: int) -> np.ndarray:
             answer = self._complete_ids(tokens[i])
-            top = _top_logprobs(answer)
-            if top is None:
-                raise BackendError(
-                    f"POST {self.base_url}/completions: no top logprobs in the answer "
-                    f"(does the server support 'logprobs'?): {json.dumps(answer)[:300]}"
-                )
-            return np.array([math.exp(top[p]) if p in top else 0.0 for p in pieces])
+            return self._answer_probs(answer, pieces)
 
         probs = np.zeros((len(prompts), len(pieces)), dtype=np.float64)
         if order and self.prompt_format == "auto":
