@@ -196,20 +196,6 @@ def calibrate(
     )
 
 
-def _collected(run_dir: Path) -> CollectConfig:
-    """The collect config a run directory was built with (its activations/collect.json)."""
-    import json
-
-    from nlrw.pipeline import _from_dict
-
-    path = run_dir / "activations" / "collect.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path} is missing: is {run_dir} a run directory?") from e
-    return _from_dict(CollectConfig, record["config"], str(path))
-
-
 def evaluate(
     cfg: Annotated[EvaluateConfig, _Flat],
     run_dir: Path,
@@ -225,8 +211,9 @@ def evaluate(
         model: the subject model (default: the run's collect model).
     """
     from nlrw import evaluate as stage
+    from nlrw.pipeline import collected_config
 
-    collected = _collected(run_dir)
+    collected = collected_config(run_dir)
     summary = stage.run(
         cfg,
         run_dir,

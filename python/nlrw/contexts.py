@@ -296,8 +296,7 @@ def run(cfg: ContextsConfig, run_dir: str | Path, *, overwrite: bool = False) ->
     upstream; ``overwrite`` forces a re-run.
     """
     from nlrw import sparse
-    from nlrw.collect import CollectConfig
-    from nlrw.pipeline import _from_dict, transcoder_dir
+    from nlrw.pipeline import collected_config, transcoder_dir
     from nlrw.subject import load_subject
 
     run_dir = Path(run_dir)
@@ -311,14 +310,7 @@ def run(cfg: ContextsConfig, run_dir: str | Path, *, overwrite: bool = False) ->
             pass
     record_path.unlink(missing_ok=True)
 
-    collect_path = run_dir / "activations" / "collect.json"
-    try:
-        collect_record = json.loads(collect_path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{collect_path} is missing: run the collect stage before contexts"
-        ) from e
-    collect_cfg = _from_dict(CollectConfig, collect_record["config"], str(collect_path))
+    collect_cfg = collected_config(run_dir)
     hookpoint = collect_cfg.hookpoint
     coder_path = transcoder_dir(run_dir) / hookpoint
     table = build_contexts(cfg, run_dir, collect_cfg)

@@ -368,6 +368,19 @@ def _from_dict(cls: type[Any], data: dict[str, Any], source: str, where: str = "
         raise ValueError(f"{source}: {e}") from e
 
 
+def collected_config(run_dir: str | Path) -> CollectConfig:
+    """The collect config a run directory was built with (its ``activations/collect.json``),
+    for the stages and commands that run on a finished collection."""
+    path = Path(run_dir) / "activations" / "collect.json"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{path} is missing: run the collect stage first (is {run_dir} a run directory?)"
+        ) from e
+    return _from_dict(CollectConfig, record["config"], str(path))
+
+
 def _is_tuple(hint: Any) -> bool:
     # `tuple[str, ...]`, or a union holding one.
     return tuple in {typing.get_origin(h) for h in (hint, *typing.get_args(hint))}
