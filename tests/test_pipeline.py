@@ -65,6 +65,13 @@ def test_smoke_run_skips_finished_stages_and_reruns_only_downstream(tmp_path: Pa
     assert record["versions"]["torch"]
     assert record["config"]["collect"]["model"] == "tiny-random-llama"
     assert [s.state for s in status(tmp_path)] == ["done"] * len(STAGES)
+    # The report says how few latents the rewrite touched: the smoke preset simulates 3.
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    n_sim, n_all = evaluation["n_simulated_latents"], evaluation["num_latents"]
+    assert 0 < n_sim < n_all
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert f"{n_sim:,} of {n_all:,}" in page
+    assert f"all the {n_sim:,} simulated latents replaced" in page
 
     lines.clear()
     run(cfg, tmp_path, log=lines.append)

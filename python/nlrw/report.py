@@ -1537,9 +1537,13 @@ def _figures(
 
 
 def _headline_cards(
-    summary: pl.DataFrame, recovery: dict[str, Any] | None
+    summary: pl.DataFrame, recovery: dict[str, Any] | None, evaluation: dict[str, Any] | None
 ) -> list[tuple[str, str, str]]:
     cards: list[tuple[str, str, str]] = []
+    n_simulated = (evaluation or {}).get("n_simulated_latents")
+    num_latents = (evaluation or {}).get("num_latents")
+    partial = isinstance(n_simulated, int) and isinstance(num_latents, int)
+    partial = partial and n_simulated < num_latents
     for condition in ("clean", "transcoder", "zero_ablation"):
         rows = summary.filter(pl.col("condition") == condition)
         if rows.height:
@@ -1564,10 +1568,10 @@ def _headline_cards(
         )
         top = at.filter(pl.col("choice") == "top")
         at = top if top.height else at
+        # "Fraction" is of the simulated latents; say so when they are not every latent.
+        of = f"the {n_simulated:,} simulated latents" if partial else "latents"
         what = (
-            "all latents simulated"
-            if largest == 1.0
-            else f"{_fmt_fraction(largest)} of latents simulated"
+            f"all {of} replaced" if largest == 1.0 else f"{_fmt_fraction(largest)} of {of} replaced"
         )
         plain = at.filter(pl.col("calibration") == "uncalibrated")
         if plain.height:
@@ -1585,6 +1589,12 @@ def _headline_cards(
                     f"{r['calibration']} {_fmt_ci(r['ci_low'], r['ci_high'])}",
                 )
             )
+    if partial:
+        kept = (evaluation or {}).get("never_simulated_active_fraction")
+        detail = "every other latent keeps its true activation"
+        if _finite(kept):
+            detail += f", {100 * kept:.1f}% of the eval contexts' nonzero top-k activations"
+        cards.append(("latents simulated", f"{n_simulated:,} of {num_latents:,}", detail))
     result = (recovery or {}).get("result")
     if isinstance(result, dict) and _finite(result.get("loss_recovered")):
         cards.append(
@@ -1818,7 +1828,7 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
     headline, diagnosis = _figures(cfg, r, summary, contexts, scores, metrics)
     browser = _browser(cfg, r, scores, explanations, contexts, metrics, model)
     items = _config_items(config, contexts)
-    cards = _headline_cards(summary, recovery)
+    cards = _headline_cards(summary, recovery, r.json("eval.json"))
     times = _stage_times(r)
     notes = list(dict.fromkeys(r.notes))
 
