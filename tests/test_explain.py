@@ -19,6 +19,7 @@ from nlrw.explain import (
     activation_digits,
     bin_ranks,
     clean_explanation,
+    copied_word,
     draw_from_bins,
     highlight,
     render_examples,
@@ -353,6 +354,71 @@ def test_retry_then_recorded_failure(tmp_path: Path) -> None:
     assert rows[1]["status"] == "failed" and rows[1]["explanation"] is None
     assert rows[1]["attempts"] == 3 and "after 3 attempts" in rows[1]["reason"]
     assert backend.calls == [3, 2, 1]  # only the pending chats are asked again
+
+
+@pytest.mark.parametrize(
+    ("explanation", "copied"),
+    [
+        ('The word "barked" and other forms of "bark"', "barked"),
+        ("The word “range” in loops", "range"),
+        ('The word "Cat"', None),  # in the examples (case-insensitive)
+        ('The word "ca"', None),  # a substring of a shown word counts
+        ('Forms of "bark" after "cat"', None),  # one quoted word in the examples is enough
+        ('The word "fancy"', None),  # in neither: a poor explanation, not a copy
+        ("Nouns for pets", None),  # nothing quoted: nothing to check
+        ('Quotes ""', None),
+    ],
+)
+def test_copied_word_is_quoted_from_the_demonstrations_not_the_examples(
+    explanation: str, copied: str | None
+) -> None:
+    chat = prompt.render_chat(['Example 1: the<< cat>> sat\nActivations: (" cat", 9)'])
+    assert copied_word(explanation, chat) == copied
+
+
+def test_rotation_puts_another_demonstration_last() -> None:
+    chats = [prompt.render_chat(["Example 1: x"], r) for r in range(len(prompt.FEW_SHOT) + 1)]
+    last_answers = [chat[-2]["content"] for chat in chats]
+    assert last_answers[0] == prompt.FEW_SHOT[-1][1]  # rotation 0 is the plain prompt
+    assert len(set(last_answers[: len(prompt.FEW_SHOT)])) == len(prompt.FEW_SHOT)
+    assert chats[len(prompt.FEW_SHOT)] == chats[0]
+    for chat in chats:  # same messages, another order
+        assert sorted(m["content"] for m in chat) == sorted(m["content"] for m in chats[0])
+
+
+def test_a_copied_demonstration_is_retried_with_another_one_last(tmp_path: Path) -> None:
+    """An explainer that copies the demonstration next to the examples (what the 0.5B default
+    does): its reply quotes words absent from the examples until the rotation puts a
+    demonstration without quotes ("Four-digit years") last."""
+
+    def copy_last_demonstration(chat: Sequence[Message], seed: int) -> str:
+        if "<< dog>>" in chat[-1]["content"]:
+            return 'The word "dog"'  # grounded: kept at once
+        return chat[-2]["content"]
+
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, retries=3, part_size=8)
+    table = explain.run(
+        cfg, tmp_path, backend=FakeExplainer(copy_last_demonstration), source=source, progress=False
+    )
+    rows = {r["latent"]: r for r in table.iter_rows(named=True)}
+    assert rows[1]["explanation"] == 'The word "dog"' and rows[1]["attempts"] == 1
+    for latent in (0, 2):  # "barked" last, then "range", then the years
+        assert rows[latent]["status"] == "ok"
+        assert rows[latent]["explanation"] == "Four-digit years"
+        assert rows[latent]["attempts"] == 3
+
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, retries=0, part_size=8)
+    table = explain.run(
+        cfg,
+        tmp_path / "no-retry",
+        backend=FakeExplainer(copy_last_demonstration),
+        source=source,
+        progress=False,
+    )
+    row = table.filter(pl.col("latent") == 0).row(0, named=True)
+    assert row["status"] == "failed" and row["explanation"] is None
+    assert "copies 'barked' from the demonstrations, not in its examples" in row["reason"]
 
 
 def test_resume_after_a_kill(tmp_path: Path) -> None:

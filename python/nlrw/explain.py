@@ -25,6 +25,14 @@ final period: the simulator's template adds it, as the paper's does). An empty o
 reply is asked again with seed ``seed + attempt`` up to ``retries`` times; then the latent is
 recorded with ``status = "failed"`` and the last reply in ``reason``, and the stage goes on.
 
+**Copies.** A small explainer often answers with a demonstration's answer (``The word
+"barked" and other forms of "bark"`` for latents that never see a dog). A reply that quotes a
+word of the demonstrations or system prompt and no word of the latent's own examples counts
+as unusable (:func:`copied_word`), and the retry rotates the demonstrations (another one
+last, next to the examples) as well as moving the seed, so a greedy explainer does not just
+repeat itself; after the last attempt the latent is recorded as failed with the copy in
+``reason``.
+
 **Resume.** Latents are explained in parts of ``part_size`` (one batched ``generate`` call per
 attempt); each part is written atomically to ``explanations.parts/part-NNNNNN.parquet`` and a
 rerun skips the parts on disk, so a kill loses at most one part. The parts are merged into
@@ -40,7 +48,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -48,7 +56,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import polars as pl
 
-from nlrw.backends.base import Backend, Generation
+from nlrw.backends.base import Backend, Generation, Message
 from nlrw.io import atomic_path, atomic_write_json
 from nlrw.prompts import explain as prompt
 from nlrw.prompts.explain import escape
@@ -62,6 +70,7 @@ __all__ = [
     "activation_digits",
     "bin_ranks",
     "clean_explanation",
+    "copied_word",
     "draw_from_bins",
     "escape",
     "explainer_examples",
@@ -324,13 +333,17 @@ def explainer_examples(source: LatentSource, latent: int, cfg: ExplainConfig) ->
     return top[ranks]
 
 
-def build_chat(source: LatentSource, latent: int, windows: np.ndarray, cfg: ExplainConfig):
-    """The explainer chat for ``latent`` shown ``windows``."""
+def build_chat(
+    source: LatentSource, latent: int, windows: np.ndarray, cfg: ExplainConfig, rotation: int = 0
+):
+    """The explainer chat for ``latent`` shown ``windows``, the demonstrations rotated by
+    ``rotation`` (see :func:`nlrw.prompts.explain.render_chat`)."""
     ids = source.tokens(windows)
     acts = source.activations(latent, windows)
     strings = [source.token_strings(row) for row in ids]
     return prompt.render_chat(
-        render_examples(strings, acts, threshold=cfg.highlight_threshold, clip=cfg.clip_digits)
+        render_examples(strings, acts, threshold=cfg.highlight_threshold, clip=cfg.clip_digits),
+        rotation,
     )
 
 
@@ -389,6 +402,25 @@ def clean_explanation(text: str) -> str | None:
     if len(sentence) < 3 or not re.search(r"[A-Za-z]", sentence):
         return None
     return sentence[0].upper() + sentence[1:]
+
+
+_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
+
+
+def copied_word(explanation: str, chat: Sequence[Message]) -> str | None:
+    """A word ``explanation`` quotes from the chat's demonstrations (every message but the
+    last) when *none* of its quoted words occurs in the latent's examples (the last message);
+    None otherwise. Matching is a case-insensitive substring ("bark" is found in "barked").
+
+    Only words the demonstrations hold count: a quoted word found in neither (``"fancy"``
+    for an example's "fancied") is a poor explanation, not a copy, and is left to scoring.
+    """
+    quoted = [q for a, b in _QUOTED.findall(explanation) if (q := (a or b).strip())]
+    examples = chat[-1]["content"].casefold()
+    if not quoted or any(q.casefold() in examples for q in quoted):
+        return None
+    shown = " ".join(m["content"] for m in chat[:-1]).casefold()
+    return next((q for q in quoted if q.casefold() in shown), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,36 +533,43 @@ SCHEMA: dict[str, Any] = {
 
 
 def generate_with_retries(
-    backend: Backend, chats: Sequence[Any], cfg: ExplainConfig
-) -> list[tuple[str | None, Generation, int, int, int]]:
-    """For each chat ``(explanation or None, last reply, attempts, prompt tokens, completion
-    tokens)``: replies that are empty, malformed or clean to nothing are asked again (seed + r),
-    up to ``cfg.retries`` more times, all still-pending chats of the batch together."""
-    n = len(chats)
+    backend: Backend, chat_for: Callable[[int, int], Any], n: int, cfg: ExplainConfig
+) -> list[tuple[str | None, Generation, int, int, int, str | None]]:
+    """For each of ``n`` chats (``chat_for(i, attempt)``) ``(explanation or None, last reply,
+    attempts, prompt tokens, completion tokens, why the last reply was unusable)``: replies
+    that are empty, malformed, clean to nothing or copy a quoted word from the demonstrations
+    (:func:`copied_word`) are asked again (seed + r, chat ``chat_for(i, r)``), up to
+    ``cfg.retries`` more times, all still-pending chats of the batch together."""
     result: list[Any] = [None] * n
     used = [[0, 0] for _ in range(n)]
     pending = list(range(n))
     for attempt in range(cfg.retries + 1):
         if not pending:
             break
+        chats = [chat_for(i, attempt) for i in pending]
         replies = backend.generate(
-            [chats[i] for i in pending],
+            chats,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             seed=cfg.seed + attempt,
         )
         still: list[int] = []
-        for i, reply in zip(pending, replies, strict=True):
+        for i, chat, reply in zip(pending, chats, replies, strict=True):
             used[i][0] += reply.prompt_tokens
             used[i][1] += reply.completion_tokens
             text = clean_explanation(reply.text) if reply.ok else None
-            result[i] = (text, reply, attempt + 1)
+            copied = None if text is None else copied_word(text, chat)
+            why = None
+            if copied is not None:
+                why = f"copies {copied!r} from the demonstrations, not in its examples: {text!r}"
+                text = None
+            result[i] = (text, reply, attempt + 1, why)
             if text is None:
                 still.append(i)
         if still:
             log.info("explain: %d of %d replies unusable, attempt %d", len(still), n, attempt + 1)
         pending = still
-    return [(*result[i], used[i][0], used[i][1]) for i in range(n)]
+    return [(*result[i][:3], used[i][0], used[i][1], result[i][3]) for i in range(n)]
 
 
 def run(
@@ -603,10 +642,16 @@ def run(
             assert backend is not None
             chunk = chunks[index]
             windows = [explainer_examples(source, lat, cfg) for lat in chunk]
-            chats = [build_chat(source, lat, w, cfg) for lat, w in zip(chunk, windows, strict=True)]
-            answers = generate_with_retries(backend, chats, cfg)
+            answers = generate_with_retries(
+                backend,
+                lambda i, attempt, lats=chunk, wins=windows: build_chat(
+                    source, lats[i], wins[i], cfg, attempt
+                ),
+                len(chunk),
+                cfg,
+            )
             rows = []
-            for lat, win, (text, reply, attempts, p_tok, c_tok) in zip(
+            for lat, win, (text, reply, attempts, p_tok, c_tok, why) in zip(
                 chunk, windows, answers, strict=True
             ):
                 rows.append(
@@ -618,7 +663,12 @@ def run(
                         "reason": None
                         if text is not None
                         else f"no usable reply after {attempts} attempts "
-                        f"(finish_reason {reply.finish_reason!r}, last: {reply.text[:200]!r})",
+                        + (
+                            f"(last: {why})"
+                            if why
+                            else f"(finish_reason {reply.finish_reason!r}, "
+                            f"last: {reply.text[:200]!r})"
+                        ),
                         "prompt_tokens": p_tok,
                         "completion_tokens": c_tok,
                         "attempts": attempts,

@@ -68,7 +68,9 @@ topics (code, years, dogs) are far from the demo's novels on purpose: a small ex
 demonstrations that could plausibly fit ("past participles after 'had'" for every latent)."""
 
 PROMPT_HASH = hashlib.sha256(
-    "\x00".join([SYSTEM, USER, EXAMPLE, repr(FEW_SHOT)]).encode()
+    # A copied demonstration is retried with FEW_SHOT rotated (nlrw.explain.copied_word,
+    # render_chat): part of the prompt, so part of the hash.
+    "\x00".join([SYSTEM, USER, EXAMPLE, repr(FEW_SHOT), "copies retried, rotated"]).encode()
 ).hexdigest()[:16]
 
 
@@ -95,12 +97,18 @@ def _user(examples: Sequence[str]) -> Message:
     return {"role": "user", "content": USER.format(examples="\n\n".join(examples))}
 
 
-def render_chat(examples: Sequence[str]) -> list[Message]:
+def render_chat(examples: Sequence[str], rotation: int = 0) -> list[Message]:
     """The explainer chat for rendered examples (see :func:`render_example`): the system
     message, the :data:`FEW_SHOT` demonstrations as user/assistant turns, then the latent's
-    examples."""
+    examples.
+
+    ``rotation`` r shows the demonstrations starting from the r-th (cyclically): a retry after
+    a reply that copied a demonstration puts another one last, next to the latent's examples,
+    where a small explainer copies from.
+    """
     chat: list[Message] = [{"role": "system", "content": SYSTEM}]
-    for shots, answer in FEW_SHOT:
+    r = rotation % len(FEW_SHOT)
+    for shots, answer in FEW_SHOT[r:] + FEW_SHOT[:r]:
         shown = [render_example(i + 1, t, a) for i, (t, a) in enumerate(shots)]
         chat += [_user(shown), {"role": "assistant", "content": answer}]
     chat.append(_user(examples))
