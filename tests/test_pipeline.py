@@ -71,7 +71,7 @@ def test_smoke_run_skips_finished_stages_and_reruns_only_downstream(tmp_path: Pa
     assert 0 < n_sim < n_all
     page = (tmp_path / "report" / "index.html").read_text()
     assert f"{n_sim:,} of {n_all:,}" in page
-    assert f"all the {n_sim:,} simulated latents replaced" in page
+    assert f"all {n_sim:,} simulated latents replaced" in page
 
     lines.clear()
     run(cfg, tmp_path, log=lines.append)

@@ -1569,9 +1569,11 @@ def _headline_cards(
         top = at.filter(pl.col("choice") == "top")
         at = top if top.height else at
         # "Fraction" is of the simulated latents; say so when they are not every latent.
-        of = f"the {n_simulated:,} simulated latents" if partial else "latents"
+        of = f"{n_simulated:,} simulated latents" if partial else "latents"
         what = (
-            f"all {of} replaced" if largest == 1.0 else f"{_fmt_fraction(largest)} of {of} replaced"
+            f"all {of} replaced"
+            if largest == 1.0
+            else f"{_fmt_fraction(largest)} of the {of} replaced"
         )
         plain = at.filter(pl.col("calibration") == "uncalibrated")
         if plain.height:
