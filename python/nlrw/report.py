@@ -1542,8 +1542,9 @@ def _headline_cards(
     cards: list[tuple[str, str, str]] = []
     n_simulated = (evaluation or {}).get("n_simulated_latents")
     num_latents = (evaluation or {}).get("num_latents")
-    partial = isinstance(n_simulated, int) and isinstance(num_latents, int)
-    partial = partial and n_simulated < num_latents
+    partial = (
+        isinstance(n_simulated, int) and isinstance(num_latents, int) and n_simulated < num_latents
+    )
     for condition in ("clean", "transcoder", "zero_ablation"):
         rows = summary.filter(pl.col("condition") == condition)
         if rows.height:
@@ -1594,7 +1595,7 @@ def _headline_cards(
     if partial:
         kept = (evaluation or {}).get("never_simulated_active_fraction")
         detail = "every other latent keeps its true activation"
-        if _finite(kept):
+        if isinstance(kept, float) and _finite(kept):
             detail += f", {100 * kept:.1f}% of the eval contexts' nonzero top-k activations"
         cards.append(("latents simulated", f"{n_simulated:,} of {num_latents:,}", detail))
     result = (recovery or {}).get("result")
