@@ -28,7 +28,7 @@ hundreds or thousands of contexts per latent of a real run (the demo: 300, the p
 With n=16 (this bench until 2026-11-25) the bound was 4.4x and the ratio 4.5-4.7x: the shape,
 not the engine, capped it. On this project's CPU a lone prompt also runs fewer tokens/s than a
 batch, so the measured ratio against ``"single"`` exceeds that bound; against ``"padded"`` it
-stays below.
+comes close to it.
 """
 
 from __future__ import annotations
