@@ -21,8 +21,11 @@ are passed and returned as ``uint16`` arrays holding the bit patterns; :meth:`Sh
 also takes torch tensors (bfloat16 included) and :func:`to_torch` turns a batch back into one.
 
 Input policy of :meth:`ShardWriter.write`: rows must already have the writer's dtype (a wrong
-dtype raises ``TypeError``; nothing is cast silently) and be C-contiguous (otherwise
-``ValueError``: a large array is never copied behind your back; use ``np.ascontiguousarray``).
+dtype and native byte order (a wrong dtype raises ``TypeError`` naming ``rows``; nothing is
+cast silently) and be C-contiguous: a transposed, Fortran-ordered, strided or sliced view is
+refused with a ``ValueError`` naming ``rows`` (a large array is never copied behind your back;
+use ``np.ascontiguousarray``). The binding ``nlrw._core._ShardWriter.write`` refuses the same
+views of its ``uint8`` rows by name, and never reads a Fortran-ordered block as rows.
 CUDA tensors are copied to the CPU, which writing them needs anyway.
 
 Batches without shuffling are zero-copy views of the memory-mapped shards wherever a batch

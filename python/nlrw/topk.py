@@ -19,6 +19,22 @@ Helpers: :func:`decode` scatters sparse latents into a dense array, :func:`topk_
 re-applies top-k after some latents were overwritten (how the evaluation splices simulated
 values into the true latents), and :class:`LatentStats` keeps per-latent running
 statistics over streamed batches.
+
+Array layouts, per function (a "view" is a transposed, Fortran-ordered, strided, sliced or
+negatively strided array):
+
+* :func:`topk_encode` refuses any numpy array that is not C-contiguous, and any torch tensor
+  that is not contiguous, with a ``ValueError`` naming ``pre_acts`` (pre-activations are the
+  largest arrays of the pipeline: they are never copied behind your back; call
+  ``np.ascontiguousarray`` or ``.contiguous()``). So does ``nlrw._core.topk_encode``.
+* :func:`decode` and :func:`topk_replace` copy their (small, sparse) inputs into C order
+  and the dtypes they need, so any layout and byte order gives the same result.
+  ``nlrw._core.decode`` and ``nlrw._core.topk_replace`` refuse what is not C-contiguous
+  with a ``ValueError`` naming the argument.
+* :meth:`LatentStats.update` refuses non-C-contiguous ``values`` or ``indices`` by name;
+  :meth:`LatentStats.from_arrays` copies its 1-D arrays whatever their strides.
+* Every ``nlrw._core`` function takes native byte order and its exact dtypes only; anything
+  else is a ``TypeError`` naming the argument.
 """
 
 from __future__ import annotations
@@ -53,7 +69,10 @@ def _as_numpy_input(pre_acts: np.ndarray | torch.Tensor) -> np.ndarray:
                 f"pre_acts must be float32, float16 or bfloat16, got torch {pre_acts.dtype}"
             )
         if not pre_acts.is_contiguous():
-            raise ValueError("pre_acts must be contiguous (call .contiguous() first)")
+            raise ValueError(
+                f"pre_acts must be a contiguous tensor, got strides {pre_acts.stride()} for "
+                f"shape {tuple(pre_acts.shape)}; call pre_acts.contiguous() first"
+            )
         t = pre_acts.detach()
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(np.uint16)
@@ -67,8 +86,9 @@ def topk_encode(pre_acts: np.ndarray | torch.Tensor, k: int) -> SparseLatents:
     """Fused ReLU + top-k of each row of a C-contiguous ``[n, d]`` array.
 
     ``z_i = topk(relu(x_i))`` with the ordering and padding contract of the module
-    docstring. Raises ``ValueError`` for k = 0, k > d, no rows, a non-contiguous array or
-    a non-finite entry (naming its row), ``TypeError`` for an unsupported dtype.
+    docstring. Raises ``ValueError`` for k = 0, k > d, no rows, an array that is not
+    C-contiguous (a transposed or strided view: refused, not copied) or a non-finite entry
+    (naming its row), ``TypeError`` for an unsupported dtype or byte order.
     """
     if isinstance(pre_acts, torch.Tensor) and pre_acts.device.type != "cpu":
         if pre_acts.ndim != 2 or not 0 < k <= pre_acts.shape[1]:
@@ -84,7 +104,9 @@ def topk_encode(pre_acts: np.ndarray | torch.Tensor, k: int) -> SparseLatents:
 def decode(
     values: npt.ArrayLike, indices: npt.ArrayLike, num_latents: int
 ) -> npt.NDArray[np.float32]:
-    """Dense ``[n, num_latents]`` float32 array with ``dense[i, indices[i, j]] += values[i, j]``."""
+    """Dense ``[n, num_latents]`` float32 array with ``dense[i, indices[i, j]] += values[i, j]``.
+
+    Inputs of any layout or byte order are copied into C order first."""
     v, i = _sparse_arrays(values, indices)
     return _core.decode(v, i, int(num_latents))
 
@@ -103,6 +125,7 @@ def topk_replace(
     Row i starts from its sparse latents (zero-valued padding dropped); replacements add
     or overwrite latents (the last one of a (row, latent) pair wins); the result is
     ``topk(relu(·))`` with k slots, under the same contract as :func:`topk_encode`.
+    Inputs of any layout or byte order are copied into C order first.
     """
     v, i = _sparse_arrays(values, indices)
     r = _index_array(rows, "rows", np.uint64)

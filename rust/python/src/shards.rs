@@ -80,7 +80,8 @@ impl PyShardWriter {
         Ok(Self { inner })
     }
 
-    /// Appends rows given as a C-contiguous uint8 array `[n, width * itemsize]`.
+    /// Appends rows given as a C-contiguous uint8 array `[n, width * itemsize]`; any other
+    /// layout is refused (`ValueError` naming `rows`), never copied.
     fn write(&mut self, py: Python<'_>, rows: PyReadonlyArray2<'_, u8>) -> PyResult<()> {
         let row_bytes = self.inner.row_bytes();
         if rows.shape()[1] != row_bytes {
@@ -89,9 +90,20 @@ impl PyShardWriter {
                 rows.shape()[1]
             )));
         }
-        let bytes = rows
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("rows must be C-contiguous"))?;
+        // `as_slice` alone would also take a Fortran-ordered block (its memory is the
+        // transpose): the set would silently hold scrambled rows.
+        let refuse = || {
+            PyValueError::new_err(format!(
+                "rows must be a C-contiguous array, got strides {:?} for shape {:?}; use \
+                 numpy.ascontiguousarray(rows)",
+                rows.strides(),
+                rows.shape()
+            ))
+        };
+        if !rows.is_c_contiguous() {
+            return Err(refuse());
+        }
+        let bytes = rows.as_slice().map_err(|_| refuse())?;
         let inner = &mut self.inner;
         // The numpy buffer stays borrowed (readonly) for the call; other Python threads could
         // still mutate it while the GIL is released, as with any numpy routine that drops it.

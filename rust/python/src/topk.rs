@@ -1,7 +1,12 @@
 //! Bindings of `nlrw_core::topk`: `topk_encode`, `decode`, `topk_replace`, `LatentStats`.
 //!
-//! Arrays must be C-contiguous; the typed errors of the core become `ValueError` (bad
-//! values or shapes) or `TypeError` (unsupported dtypes) with the core's message.
+//! Layout policy, per entry point: `topk_encode`, `decode`, `topk_replace` and
+//! `LatentStats.update` refuse any array that is not C-contiguous (a transposed,
+//! Fortran-ordered, strided or negatively strided view) with a `ValueError` naming the
+//! argument, and never copy; `LatentStats.from_arrays` copies its 1-D arrays whatever their
+//! strides. Dtypes must match exactly (native byte order); anything else is a `TypeError`
+//! naming the argument. The typed errors of the core become `ValueError` (bad values or
+//! shapes) with the core's message.
 
 use half::{bf16, f16};
 use nlrw_core::topk::{self, LatentStats as CoreStats, TopkError};
@@ -15,15 +20,27 @@ fn to_py(e: TopkError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
+/// The array's memory as a row-major slice, or a `ValueError` naming the argument.
+///
+/// `as_slice` alone also accepts a Fortran-ordered array (any contiguous block), whose
+/// memory read as row-major is the transpose: so C order is checked first. Nothing is
+/// copied here; the Python wrappers decide where a copy is worth it.
 fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
     a: &'a numpy::PyReadonlyArray<'_, T, D>,
     name: &str,
 ) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|_| {
+    let refuse = || {
         PyValueError::new_err(format!(
-            "{name} must be a C-contiguous array (use numpy.ascontiguousarray)"
+            "{name} must be a C-contiguous array, got strides {:?} for shape {:?} (a \
+             transposed, Fortran-ordered or strided view); use numpy.ascontiguousarray({name})",
+            a.strides(),
+            a.shape()
         ))
-    })
+    };
+    if !a.is_c_contiguous() {
+        return Err(refuse());
+    }
+    a.as_slice().map_err(|_| refuse())
 }
 
 /// Sparse latents come as two arrays of one shape [n, k].
