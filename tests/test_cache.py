@@ -68,14 +68,15 @@ def _outputs(run_dir: Path) -> dict[str, object]:
     return {
         "stats": pl.read_parquet(out / "stats.parquet"),
         "top": pl.read_parquet(out / "top_windows.parquet"),
-        "quantiles": load_tables(out / "quantiles.safetensors").real,
+        "quantiles": load_tables(out / "quantiles.safetensors").active,
+        "positions": pl.read_parquet(out / "positions.parquet"),
         "parts": [pl.read_parquet(p) for p in parts],
         "parts.json": json.loads((out / "parts.json").read_text()),
     }
 
 
 def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
-    for key in ("stats", "top"):
+    for key in ("stats", "top", "positions"):
         assert a[key].equals(b[key]), key  # type: ignore[union-attr]
     np.testing.assert_array_equal(a["quantiles"], b["quantiles"])  # type: ignore[arg-type]
     assert len(a["parts"]) == len(b["parts"])  # type: ignore[arg-type]
@@ -105,18 +106,43 @@ def test_stats_match_dense(smoke: Path, dense: np.ndarray, cfg: CacheConfig) -> 
     np.testing.assert_allclose(stats["mean"].to_numpy(), mean, rtol=1e-5)
     wmax = _window_max(dense, 32, cfg.window_len)
     np.testing.assert_array_equal(stats["n_active_windows"].to_numpy(), (wmax > 0).sum(axis=0))
-    assert stats["quantiles"].dtype == pl.List(pl.Float32)
+    assert stats["active_quantiles"].dtype == pl.List(pl.Float32)
 
 
-def test_quantiles_are_exact_including_zeros(
+def _reference(dense: np.ndarray, cfg: CacheConfig, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frequency and active-value quantiles at the reference positions (>= window_len - 1
+    of each 32-token sequence), by brute force."""
+    ref = dense[np.arange(dense.shape[0]) % 32 >= cfg.window_len - 1]
+    freq = (ref > 0).mean(axis=0)
+    table = np.zeros((dense.shape[1], q))
+    for latent in range(dense.shape[1]):
+        x = ref[:, latent][ref[:, latent] > 0]
+        if x.size:
+            table[latent] = np.quantile(x.astype(np.float64), probabilities(q))
+    return freq, table
+
+
+def test_reference_is_exact_at_the_evaluated_kind_of_position(
     smoke: Path, dense: np.ndarray, cfg: CacheConfig
 ) -> None:
-    expected = np.quantile(dense, probabilities(cfg.num_quantiles), axis=0).T
-    stats = np.array(cache.read_stats(smoke)["quantiles"].to_list(), dtype=np.float32)
-    tables = load_tables(smoke / "latents" / "quantiles.safetensors").real
-    assert tables is not None
-    np.testing.assert_array_equal(stats, tables)
-    np.testing.assert_allclose(tables, expected, rtol=1e-5, atol=1e-7)
+    freq, expected = _reference(dense, cfg, cfg.num_quantiles)
+    stats = cache.read_stats(smoke)
+    table = np.array(stats["active_quantiles"].to_list(), dtype=np.float32)
+    saved = load_tables(smoke / "latents" / "quantiles.safetensors")
+    assert saved.active is not None and saved.frequency is not None
+    np.testing.assert_array_equal(table, saved.active)
+    np.testing.assert_allclose(table, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats["reference_frequency"].to_numpy(), freq, rtol=1e-6)
+    np.testing.assert_allclose(saved.frequency, freq, rtol=1e-6)
+    ref = dense[np.arange(dense.shape[0]) % 32 >= cfg.window_len - 1]
+    np.testing.assert_allclose(stats["reference_max"].to_numpy(), ref.max(axis=0), rtol=1e-5)
+    record = json.loads((smoke / "latents" / "cache.json").read_text())
+    assert record["reference_tokens"] == ref.shape[0]
+    positions = pl.read_parquet(smoke / "latents" / "positions.parquet")
+    pos = np.arange(dense.shape[0]) % 32
+    want_max = [dense[pos == p].max() for p in range(32)]
+    np.testing.assert_allclose(positions["max"].to_numpy(), want_max, rtol=1e-5)
+    assert positions["n_tokens"].to_list() == [dense.shape[0] // 32] * 32
 
 
 def test_sketched_quantiles_are_close(
@@ -126,10 +152,11 @@ def test_sketched_quantiles_are_close(
     sketch_cfg = dataclasses.replace(cfg, exact_quantiles=False, sketch_alpha=0.01)
     result = cache.run(sketch_cfg, run_dir, hookpoint=HOOK)
     assert not result.exact_quantiles
-    expected = np.quantile(dense, probabilities(cfg.num_quantiles), axis=0).T
-    tables = load_tables(run_dir / "latents" / "quantiles.safetensors").real
-    assert tables is not None
-    np.testing.assert_allclose(tables, expected, rtol=0.011, atol=1e-7)
+    freq, expected = _reference(dense, cfg, cfg.num_quantiles)
+    saved = load_tables(run_dir / "latents" / "quantiles.safetensors")
+    assert saved.active is not None and saved.frequency is not None
+    np.testing.assert_allclose(saved.active, expected, rtol=0.011, atol=1e-7)
+    np.testing.assert_allclose(saved.frequency, freq, rtol=1e-6)
 
 
 def test_top_windows_match_brute_force(smoke: Path, dense: np.ndarray, cfg: CacheConfig) -> None:

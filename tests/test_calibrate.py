@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from nlrw import calibrate
 from nlrw.calibrate import (
@@ -32,21 +33,26 @@ from nlrw.score import auroc as pairwise_auroc
 # ---------------------------------------------------------------- references
 
 
-def ref_normalize(scores: np.ndarray, sim_row: np.ndarray, real_row: np.ndarray) -> np.ndarray:
-    """F_real⁻¹(F_sim(s)) for one latent, the rule of nlrw.quantiles with searchsorted/interp."""
+def ref_normalize(
+    scores: np.ndarray, sim_row: np.ndarray, active_row: np.ndarray, q: float
+) -> np.ndarray:
+    """F_real⁻¹(F_sim(s)) for one latent with the mid-rank rule (no offsets): sim entries at
+    (i + ½)/Qs, a tie at the middle of its run, then the mixture F_real⁻¹ with frequency q."""
     s = np.asarray(scores, dtype=np.float32).astype(np.float64)
     row = sim_row.astype(np.float64)
     qs = row.size
-    ps = np.linspace(0.0, 1.0, qs)
+    ps = (np.arange(qs) + 0.5) / qs
     a = np.searchsorted(row, s, side="left")  # first entry >= s
     b = np.searchsorted(row, s, side="right") - 1  # last entry <= s
     j = np.clip(b, 0, qs - 2)
     with np.errstate(divide="ignore", invalid="ignore"):
         f = ps[j] + (s - row[j]) / (row[j + 1] - row[j]) * (ps[j + 1] - ps[j])
-    f = np.where(b < 0, 0.0, np.where(b >= qs - 1, 1.0, f))
+    f = np.where(b < 0, ps[0], np.where(b >= qs - 1, ps[-1], f))
     middle = (ps[np.minimum(a, qs - 1)] + ps[np.maximum(b, 0)]) / 2  # a tie: middle of the run
     f = np.where(a <= b, middle, f)
-    return np.interp(f, np.linspace(0.0, 1.0, real_row.size), real_row.astype(np.float64))
+    u = (f - (1.0 - q)) / q
+    grid = np.linspace(0.0, 1.0, active_row.size)
+    return np.where(u > 0, np.interp(np.clip(u, 0, 1), grid, active_row.astype(np.float64)), 0.0)
 
 
 def ref_isotonic_exhaustive(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,17 +135,19 @@ def make_run(root: Path, seed: int = 0) -> Path:
 
     stats = []
     for latent in range(25):
-        if latent == 7:  # a uniform real distribution: F_real⁻¹(p) = 2p, easy to read
-            table = np.linspace(0.0, 2.0, Q_REAL)
+        if latent == 7:  # always active, uniform on [0, 2]: F_real⁻¹(p) = 2p, easy to read
+            freq, table = 1.0, np.linspace(0.0, 2.0, Q_REAL)
         else:
             vals = np.where(rng.random(2000) < 0.1, rng.gamma(2.0, 1.0, 2000), 0.0)
-            table = np.quantile(vals, probabilities(Q_REAL))
+            freq = float((vals > 0).mean())
+            table = np.quantile(vals[vals > 0], probabilities(Q_REAL))
         stats.append(
             {
                 "latent": latent,
                 "count": 1,
-                "max": float(table[-1]),
-                "quantiles": table.astype(np.float32).tolist(),
+                "reference_max": float(table[-1]),
+                "reference_frequency": freq,
+                "active_quantiles": table.astype(np.float32).tolist(),
             }
         )
     pl.DataFrame(
@@ -147,8 +155,9 @@ def make_run(root: Path, seed: int = 0) -> Path:
         schema={
             "latent": pl.Int32,
             "count": pl.Int64,
-            "max": pl.Float32,
-            "quantiles": pl.List(pl.Float32),
+            "reference_max": pl.Float32,
+            "reference_frequency": pl.Float64,
+            "active_quantiles": pl.List(pl.Float32),
         },
     ).write_parquet(_mkdir(root / "latents") / "stats.parquet")
 
@@ -172,7 +181,40 @@ def make_run(root: Path, seed: int = 0) -> Path:
     # written shuffled: the stage must not rely on the documented sort order
     sims = pl.concat(frames).sample(fraction=1.0, shuffle=True, seed=seed)
     sims.write_parquet(root / "simulations.parquet")
+    write_true_topk(root, sims, rng)
     return root
+
+
+K = 8
+
+
+def write_true_topk(root: Path, sims: pl.DataFrame, rng: np.random.Generator) -> None:
+    """contexts/activations.safetensors: each context's true top-k, the simulated latents'
+    true activations plus unsimulated latents (100..) filling the rest of the k slots."""
+    from safetensors.torch import save_file as save_torch
+
+    n = N_EVAL + N_CAL
+    values = np.zeros((n, K), np.float32)
+    indices = np.zeros((n, K), np.int64)
+    for c in range(n):
+        rows = sims.filter((pl.col("context_id") == c) & (pl.col("true_activation") > 0))
+        lat = rows["latent"].to_numpy().astype(np.int64)
+        val = rows["true_activation"].to_numpy()
+        fill = K - lat.size
+        lat = np.concatenate([lat, 100 + rng.choice(50, fill, replace=False)])
+        val = np.concatenate([val, rng.gamma(2.0, 1.0, fill)]).astype(np.float32)
+        order = np.argsort(-val, kind="stable")
+        values[c], indices[c] = val[order], lat[order]
+    _mkdir(root / "contexts")
+    save_torch(
+        {
+            "x": torch.zeros(n, 4),
+            "y": torch.zeros(n, 4),
+            "values": torch.from_numpy(values),
+            "indices": torch.from_numpy(indices),
+        },
+        str(root / "contexts" / "activations.safetensors"),
+    )
 
 
 def _mkdir(p: Path) -> Path:
@@ -195,7 +237,8 @@ def activations(run_dir: Path, method: str, latent: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = make_run(tmp_path_factory.mktemp("calibrate") / "run")
-    calibrate.run(CalibrateConfig(), run_dir, progress=False)
+    # 4 simulated latents, k = 8: a budget of 0.05 k gives specificity 1 - 0.4 / 4 = 0.9.
+    calibrate.run(CalibrateConfig(gate_budget=0.05), run_dir, progress=False)
     return run_dir
 
 
@@ -351,8 +394,9 @@ def test_outputs_and_schemas(done_run: Path) -> None:
     assert record["n_eval_contexts"] == N_EVAL and record["n_calibration_contexts"] == N_CAL
     assert record["n_fallback_latents"] == 1 and list(record["fallback_latents"]) == ["12"]
     tables = load_tables(done_run / "calibration.safetensors")
-    assert tables.sim is not None and tables.real is not None
-    assert tables.sim.shape == (len(LATENTS), 101) and tables.real.shape == (len(LATENTS), Q_REAL)
+    assert tables.sim is not None and tables.active is not None
+    assert tables.sim.shape == (len(LATENTS), N_EVAL)  # one mid-rank entry per eval context
+    assert tables.active.shape == (len(LATENTS), Q_REAL)
     assert json.loads(tables.metadata["latents"]) == list(LATENTS)
 
 
@@ -363,7 +407,7 @@ def test_uncalibrated_and_metrics_from_files(done_run: Path) -> None:
     for latent in LATENTS:
         ev = sims.filter((pl.col("latent") == latent) & pl.col("is_eval"))
         e, true = ev["expected_value"].to_numpy(), ev["true_activation"].to_numpy()
-        mx = stats.filter(pl.col("latent") == latent)["max"].item()
+        mx = stats.filter(pl.col("latent") == latent)["reference_max"].item()
         np.testing.assert_allclose(
             activations(done_run, "uncalibrated", latent), e / 9.0 * mx, rtol=1e-6
         )
@@ -377,43 +421,96 @@ def test_uncalibrated_and_metrics_from_files(done_run: Path) -> None:
                 ] == pytest.approx(v)
 
 
-def test_quantile_matches_numpy_reference_without_ties(done_run: Path) -> None:
-    sims = sims_of(done_run)
-    tables = load_tables(done_run / "calibration.safetensors")
-    assert tables.sim is not None and tables.real is not None
+@pytest.fixture(scope="module")
+def mid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = make_run(tmp_path_factory.mktemp("calibrate-mid") / "run")
+    calibrate.run(CalibrateConfig(quantile_ranks="mid"), run_dir, progress=False)
+    return run_dir
+
+
+def _reference_of(run_dir: Path, latent: int) -> tuple[np.ndarray, float]:
+    stats = pl.read_parquet(run_dir / "latents" / "stats.parquet")
+    row = stats.filter(pl.col("latent") == latent)
+    return np.asarray(row["active_quantiles"].item()), float(row["reference_frequency"].item())
+
+
+def test_quantile_matches_numpy_reference_without_ties(mid_run: Path) -> None:
+    sims = sims_of(mid_run)
+    tables = load_tables(mid_run / "calibration.safetensors")
+    assert tables.sim is not None and tables.active is not None and tables.frequency is not None
     i = LATENTS.index(3)
     ev = sims.filter((pl.col("latent") == 3) & pl.col("is_eval"))
     e = ev["expected_value"].to_numpy()
     assert np.unique(e).size == e.size  # no ties in this latent
-    # F_sim is the table of the latent's eval scores (np.quantile, linear method) ...
-    np.testing.assert_allclose(
-        tables.sim[i], np.quantile(e.astype(np.float64), probabilities(101)), rtol=1e-6
-    )
-    # ... F_real the stats' table, zeros included
-    stats = pl.read_parquet(done_run / "latents" / "stats.parquet").filter(pl.col("latent") == 3)
-    np.testing.assert_array_equal(tables.real[i], np.asarray(stats["quantiles"].item()))
-    got = activations(done_run, "quantile", 3)
-    np.testing.assert_allclose(got, ref_normalize(e, tables.sim[i], tables.real[i]), atol=1e-6)
-    # a latent active on ~10% of tokens: only the top-ranked scores get an activation
-    assert 0 < (got > 0).mean() < 0.2
+    # F_sim's table is the latent's eval scores, sorted (one mid-rank entry each) ...
+    np.testing.assert_array_equal(tables.sim[i], np.sort(e))
+    # ... F_real the stats' reference: frequency and active-value table
+    active, q = _reference_of(mid_run, 3)
+    np.testing.assert_array_equal(tables.active[i], active)
+    assert tables.frequency[i] == pytest.approx(q)
+    got = activations(mid_run, "quantile", 3)
+    np.testing.assert_allclose(got, ref_normalize(e, tables.sim[i], active, q), atol=1e-6)
+    # a latent active on ~10% of tokens: exactly the top round(n q) of 120 ranks are active
+    assert (got > 0).sum() == np.sum((np.arange(120) + 0.5) / 120 > 1 - np.float32(q))
 
 
-def test_quantile_with_heavy_ties_maps_to_middle_of_run(done_run: Path) -> None:
-    sims = sims_of(done_run)
-    tables = load_tables(done_run / "calibration.safetensors")
-    assert tables.sim is not None and tables.real is not None
+def test_quantile_with_heavy_ties_maps_to_middle_of_run(mid_run: Path, done_run: Path) -> None:
+    sims = sims_of(mid_run)
+    tables = load_tables(mid_run / "calibration.safetensors")
+    assert tables.sim is not None
     i = LATENTS.index(7)
     e = sims.filter((pl.col("latent") == 7) & pl.col("is_eval"))["expected_value"].to_numpy()
     zero = e == 0
     assert zero.sum() == 84  # 70% of 120
-    got = activations(done_run, "quantile", 7)
-    np.testing.assert_allclose(got, ref_normalize(e, tables.sim[i], tables.real[i]), atol=1e-6)
-    # By hand: 84 of 120 sorted scores are 0, so table entry p_i = i/100 is 0 while
-    # i/100 * 119 <= 83, i.e. for i <= 69: the run is p = 0 … 0.69, its middle 0.345, and the
-    # real table of this latent is uniform on [0, 2] (F_real⁻¹(p) = 2p).
-    assert (tables.sim[i][:70] == 0).all() and tables.sim[i][70] > 0
-    np.testing.assert_allclose(got[zero], 2 * 0.345, rtol=1e-6)
-    assert (got[~zero] > 2 * 0.69).all()
+    got = activations(mid_run, "quantile", 7)
+    active, q = _reference_of(mid_run, 7)
+    np.testing.assert_allclose(got, ref_normalize(e, tables.sim[i], active, q), atol=1e-6)
+    # By hand: 84 of 120 sorted scores are 0, covering probabilities [0, 0.7]; the middle is
+    # 0.35, and this latent is always active, uniform on [0, 2] (F_real⁻¹(p) = 2p).
+    np.testing.assert_allclose(got[zero], 2 * 0.35, rtol=1e-6)
+    assert (got[~zero] > 2 * 0.7).all()
+    # Random ranks (the default) spread the tie uniformly over [0, 0.7]: values in [0, 1.4].
+    spread = activations(done_run, "quantile", 7)[zero]
+    assert spread.min() >= 0 and spread.max() <= 1.4 + 1e-6
+    assert np.unique(spread).size == spread.size and 0.5 < spread.mean() < 0.9
+
+
+def test_support_diagnostics_by_hand() -> None:
+    # k = 3; simulated latents 1, 2, 5. Context 0: truth {1: 4, 7: 3, 9: 1}; calibrated
+    # 1 → 2.0, 2 → 5.0 (spurious, survives), 5 → 0.5 (spurious, loses to 9 and 7).
+    out = calibrate.support_diagnostics(
+        "quantile",
+        np.array([1, 2, 5]),
+        np.array([1, 2, 5]),
+        np.array([0, 0, 0]),
+        np.array([2.0, 5.0, 0.5], np.float32),
+        np.array([0]),
+        np.array([[4.0, 3.0, 1.0]], np.float32),
+        np.array([[1, 7, 9]]),
+    )
+    row = out.row(0, named=True)
+    assert row["n_spurious"] == 1 and row["n_surviving"] == 2 and row["n_true_active"] == 1
+    assert row["precision"] == 0.5 and row["recall"] == 1.0
+
+
+def test_support_file_and_gate_budget(done_run: Path) -> None:
+    support = pl.read_parquet(done_run / "calibration_support.parquet")
+    assert support.schema == pl.Schema(calibrate.SUPPORT_SCHEMA)
+    assert support.height == N_EVAL * 4
+    record = json.loads((done_run / "calibrate.json").read_text())
+    assert set(record["support"]) == set(calibrate.METHODS)
+    assert record["gate_specificity"] == pytest.approx(0.9) and record["top_k"] == K
+    assert calibrate.gate_specificity(0.25, 32, 8192) == pytest.approx(1 - 8 / 8192)
+
+
+def test_unresolvable_gate_falls_back_and_is_named(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run")
+    cfg = CalibrateConfig(gate_specificity=0.999)  # needs 1,000 inactive contexts
+    calibrate.run(cfg, run_dir, progress=False)
+    record = json.loads((run_dir / "calibrate.json").read_text())
+    assert record["n_gate_fallback_latents"] >= 2
+    assert "cannot resolve gate specificity 0.999" in record["gate_fallback_latents"]["3"]
+    assert (activations(run_dir, "gate", 3) == 0).all()
 
 
 def test_isotonic_and_gate_are_fitted_on_calibration_contexts(done_run: Path) -> None:
@@ -475,7 +572,7 @@ def test_eval_truth_never_reaches_the_fits(tmp_path: Path, done_run: Path) -> No
         .otherwise(pl.col("true_activation"))
     )
     sims.write_parquet(other / "simulations.parquet")
-    calibrate.run(CalibrateConfig(), other, progress=False)
+    calibrate.run(CalibrateConfig(gate_budget=0.05), other, progress=False)
     for method in ("isotonic", "gate", "quantile", "uncalibrated"):
         for latent in LATENTS:
             np.testing.assert_array_equal(
@@ -490,7 +587,7 @@ def test_eval_truth_never_reaches_the_fits(tmp_path: Path, done_run: Path) -> No
         .otherwise(pl.col("true_activation"))
     )
     sims.write_parquet(other / "simulations.parquet")
-    calibrate.run(CalibrateConfig(), other, progress=False, overwrite=True)
+    calibrate.run(CalibrateConfig(gate_budget=0.05), other, progress=False, overwrite=True)
     assert not np.array_equal(
         activations(other, "isotonic", 3), activations(done_run, "isotonic", 3)
     )
@@ -498,21 +595,25 @@ def test_eval_truth_never_reaches_the_fits(tmp_path: Path, done_run: Path) -> No
 
 def test_quantile_fit_on_calibration_split(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run")
-    cfg = CalibrateConfig(methods=("quantile",), quantile_fit="calibration", sim_quantiles=11)
+    cfg = CalibrateConfig(
+        methods=("quantile",), quantile_fit="calibration", sim_quantiles=11, quantile_ranks="mid"
+    )
     calibrate.run(cfg, run_dir, progress=False)
     sims = sims_of(run_dir)
     tables = load_tables(run_dir / "calibration.safetensors")
-    assert tables.sim is not None and tables.real is not None
+    assert tables.sim is not None
     e_cal = sims.filter((pl.col("latent") == 3) & ~pl.col("is_eval"))["expected_value"]
+    positions = (np.arange(11) + 0.5) / 11
     np.testing.assert_allclose(
         tables.sim[0],
-        np.quantile(e_cal.to_numpy().astype(np.float64), probabilities(11)),
+        np.quantile(e_cal.to_numpy().astype(np.float64), positions, method="hazen"),
         rtol=1e-6,
     )
     e = sims.filter((pl.col("latent") == 3) & pl.col("is_eval"))["expected_value"].to_numpy()
+    active, q = _reference_of(run_dir, 3)
     np.testing.assert_allclose(
         activations(run_dir, "quantile", 3),
-        ref_normalize(e, tables.sim[0], tables.real[0]),
+        ref_normalize(e, tables.sim[0], active, q),
         atol=1e-6,
     )
     assert pl.read_parquet(run_dir / "calibration.parquet")["calibration"].unique().to_list() == [
@@ -522,7 +623,7 @@ def test_quantile_fit_on_calibration_split(tmp_path: Path) -> None:
 
 def test_deterministic(tmp_path: Path, done_run: Path) -> None:
     again = make_run(tmp_path / "again")
-    calibrate.run(CalibrateConfig(), again, progress=False)
+    calibrate.run(CalibrateConfig(gate_budget=0.05), again, progress=False)
     for name in ("calibration.parquet", "calibration_metrics.parquet", "calibration_fits.parquet"):
         assert pl.read_parquet(again / name).equals(
             pl.read_parquet(done_run / name), null_equal=True

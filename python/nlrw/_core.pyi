@@ -133,9 +133,12 @@ def quantile_normalize(
     latent_ids: npt.NDArray[np.uint32],
     scores: npt.NDArray[np.float32],
     sim_table: npt.NDArray[np.float32],
-    real_table: npt.NDArray[np.float32],
+    active_table: npt.NDArray[np.float32],
+    frequency: npt.NDArray[np.float32],
+    offsets: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]:
-    """F_real⁻¹(F_sim(score)) per (latent_id, score); C-contiguous arrays of these dtypes."""
+    """F_real⁻¹(F_sim(score) + offset·w) per (latent_id, score), the real side the mixture of
+    ``frequency`` and ``active_table``; C-contiguous arrays of these dtypes."""
 
 def quantile_tables(
     latent_ids: npt.NDArray[np.uint32],

@@ -15,10 +15,15 @@ streams the sparse latents to disk in bounded memory. Output, under the run dire
                             few latents skips most of each file
       stats.parquet         one row per latent: ``latent``, ``count`` (active positions),
                             ``frequency`` (count / rows), ``max``, ``mean`` (over active
-                            positions; 0 for a dead latent), ``n_active_windows``,
-                            ``quantiles`` (list[f32], Q entries: the real activation
-                            distribution *including zeros*, at ``linspace(0, 1, Q)``)
-      quantiles.safetensors the same tables, ``save_tables(path, real=...)`` (calibration)
+                            positions; 0 for a dead latent), ``n_active_windows``, and the
+                            calibration's *reference* (see below): ``reference_frequency``,
+                            ``reference_max`` and ``active_quantiles`` (list[f32], Q entries:
+                            the quantiles of the latent's active values at
+                            ``linspace(0, 1, Q)``)
+      positions.parquet     per position of a collected sequence: ``position``, ``n_tokens``,
+                            ``max`` (the largest activation of any latent there) and
+                            ``mean_total`` (mean sum of the active values per token)
+      quantiles.safetensors the reference, ``save_tables(path, active=..., frequency=...)
       top_windows.parquet   ``latent``, ``window``, ``max_activation``, ``rank``: each
                             latent's top ``max_examples`` windows by max activation
       cache.json            provenance and summary; written last (the stage's done mark)
@@ -52,12 +57,23 @@ no activation > 0 on any token: the complement of its active windows, read from 
 (no per-window bitset is stored: it would cost ``L × windows`` bits, 1.3 GB at the paper's
 size; the parts sorted by latent answer a latent's query from one row group per part).
 
-**Quantiles.** Exact (:func:`nlrw.quantiles.quantile_tables` over every active value, with
-``total = rows`` so the implicit zeros count) when ``exact_quantiles`` is true, or by default
+**Quantiles.** Exact (:func:`nlrw.quantiles.reference_tables` over every active value of the
+reference positions, their zeros counted) when ``exact_quantiles`` is true, or by default
 when ``rows × k ≤ EXACT_QUANTILES_MAX_ENTRIES`` (an upper bound on the active values,
 which are then read back into memory once, at the end); otherwise a streamed
 :class:`nlrw.quantiles.QuantileSketch` (relative error ``sketch_alpha``) fed chunk by chunk
-with ``total = chunk rows``.
+with the reference positions' active values only (the frequency comes from the counts).
+
+**The reference distribution.** Calibration maps simulated scores onto each latent's real
+distribution, and the evaluation rewrites the *last* token of a ``ctx_len``-token window (31
+tokens of context in the demo and the paper). The cache's sequences are longer and their
+first positions are unlike any evaluated token (position 0 is an attention sink whose
+activations are extreme: ``positions.parquet`` shows the maximum per position). The
+reference is therefore taken over the positions ``≥ reference_min_position`` (default
+``window_len − 1``: tokens with at least a window's worth of context, like the evaluated
+ones): ``reference_frequency`` (active share of those tokens), ``active_quantiles`` and
+``reference_max`` (the uncalibrated mapping's ``max``). ``cache.json`` records
+``reference_tokens``, the number of tokens they are taken over.
 
 **Bounded memory and resuming.** Rows are read with :class:`nlrw.shards.ShardReader` and
 encoded in batches of ``batch_rows`` rows that start at each chunk's first row, so a chunk's
@@ -90,7 +106,7 @@ import torch
 from nlrw import sparse
 from nlrw.io import atomic_path, atomic_write_json, file_digest
 from nlrw.provenance import config_hash, stage_record
-from nlrw.quantiles import QuantileSketch, quantile_tables, save_tables
+from nlrw.quantiles import QuantileSketch, reference_tables, save_tables
 from nlrw.shards import ShardReader
 
 __all__ = [
@@ -133,7 +149,12 @@ class CacheConfig:
     max_examples: int = 10_000
     """Top activating windows kept per latent (the paper: up to 10,000)."""
     num_quantiles: int = 101
-    """Entries of each latent's quantile table of real activations (zeros included)."""
+    """Entries of each latent's quantile table of active values (the calibration's
+    reference; its zeros are counted in reference_frequency)."""
+    reference_min_position: int | None = None
+    """The reference distribution (frequency, active quantiles, max) is taken over positions
+    of a collected sequence at or after this one; unset: window_len - 1, tokens with a
+    window's worth of context like the evaluated last tokens."""
     exact_quantiles: bool | None = None
     """Exact quantile tables (true), a streamed sketch (false), or exact when the cache holds
     rows × k <= EXACT_QUANTILES_MAX_ENTRIES, read back into memory once (unset)."""
@@ -155,6 +176,9 @@ class CacheConfig:
             raise ValueError(f"num_quantiles must be an integer, got {self.num_quantiles!r}")
         if self.num_quantiles < 2:
             raise ValueError(f"num_quantiles must be at least 2, got {self.num_quantiles}")
+        m = self.reference_min_position
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"reference_min_position must be an integer >= 0, got {m!r}")
         if not 1e-4 <= self.sketch_alpha <= 0.5:
             raise ValueError(f"sketch_alpha must be in [1e-4, 0.5], got {self.sketch_alpha}")
 
@@ -191,6 +215,17 @@ class _Layout(NamedTuple):
     n_windows: int
 
 
+def _reference_rows(rows: npt.NDArray[np.int64], lay: _Layout, min_position: int) -> np.ndarray:
+    """Which rows are reference positions (position in their sequence ``≥ min_position``)."""
+    return rows % lay.ctx_len >= min_position
+
+
+def _reference_tokens(lay: _Layout, min_position: int) -> int:
+    """Rows at reference positions, a partial last sequence included."""
+    full, tail = divmod(lay.n_rows, lay.ctx_len)
+    return full * max(lay.ctx_len - min_position, 0) + max(tail - min_position, 0)
+
+
 def latents_dir(run_dir: str | Path) -> Path:
     """Where the cache stage writes (``run_dir/latents``)."""
     return Path(run_dir) / "latents"
@@ -218,6 +253,11 @@ class _Accumulator:
         self.sum = np.zeros(num_latents, np.float64)
         self.max = np.zeros(num_latents, np.float32)
         self.n_active_windows = np.zeros(num_latents, np.int64)
+        self.min_position = _min_position(cfg)
+        self.ref_count = np.zeros(num_latents, np.int64)
+        self.ref_max = np.zeros(num_latents, np.float32)
+        self.pos_max = np.zeros(lay.ctx_len, np.float32)
+        self.pos_sum = np.zeros(lay.ctx_len, np.float64)
         self.sketch = None if exact else QuantileSketch(num_latents, cfg.sketch_alpha)
         self.top_latent = np.zeros(0, np.int32)
         self.top_window = np.zeros(0, np.int64)
@@ -238,8 +278,16 @@ class _Accumulator:
             starts = np.flatnonzero(np.r_[True, latent[1:] != latent[:-1]])
             ids = latent[starts]
             self.max[ids] = np.maximum(self.max[ids], np.maximum.reduceat(value, starts))
+        pos = row % self.lay.ctx_len
+        np.maximum.at(self.pos_max, pos, value)
+        self.pos_sum += np.bincount(
+            pos, weights=value.astype(np.float64), minlength=len(self.pos_sum)
+        )
+        ref = pos >= self.min_position
+        self.ref_count += np.bincount(latent[ref], minlength=L)
+        np.maximum.at(self.ref_max, latent[ref], value[ref])
         if self.sketch is not None:
-            self.sketch.update(latent.astype(np.uint32), value, total=chunk_rows)
+            self.sketch.update(latent[ref].astype(np.uint32), value[ref])
 
         # (latent, window) maxima of the chunk.
         win = _windows_of_rows(row, self.lay)
@@ -274,7 +322,9 @@ class _Accumulator:
         keep = rank < self.cfg.max_examples
         self.top_latent, self.top_window, self.top_value = lat[keep], win[keep], val[keep]
 
-    def stats_frame(self, n_rows: int, tables: npt.NDArray[np.float32]) -> pl.DataFrame:
+    def stats_frame(
+        self, n_rows: int, frequency: npt.NDArray[np.float32], tables: npt.NDArray[np.float32]
+    ) -> pl.DataFrame:
         mean = np.divide(
             self.sum, self.count, out=np.zeros(self.L, np.float64), where=self.count > 0
         )
@@ -286,7 +336,25 @@ class _Accumulator:
                 "max": self.max,
                 "mean": mean.astype(np.float32),
                 "n_active_windows": self.n_active_windows,
-                "quantiles": pl.Series("quantiles", tables.tolist(), dtype=pl.List(pl.Float32)),
+                "reference_frequency": frequency.astype(np.float64),
+                "reference_max": self.ref_max,
+                "active_quantiles": pl.Series(
+                    "active_quantiles", tables.tolist(), dtype=pl.List(pl.Float32)
+                ),
+            }
+        )
+
+    def positions_frame(self) -> pl.DataFrame:
+        """Per sequence position: tokens, the largest activation, the mean total activation."""
+        lay = self.lay
+        full, tail = divmod(lay.n_rows, lay.ctx_len)
+        tokens = full + (np.arange(lay.ctx_len) < tail)
+        return pl.DataFrame(
+            {
+                "position": np.arange(lay.ctx_len, dtype=np.int32),
+                "n_tokens": tokens.astype(np.int64),
+                "max": self.pos_max,
+                "mean_total": self.pos_sum / np.maximum(tokens, 1),
             }
         )
 
@@ -462,6 +530,7 @@ def _outputs_done(out: Path, key: str) -> CacheResult | None:
         return None
     needed = [out / p["file"] for p in parts.get("parts", [])]
     needed += [out / "stats.parquet", out / "top_windows.parquet", out / "quantiles.safetensors"]
+    needed += [out / "positions.parquet"]
     if not all(p.is_file() for p in needed):
         return None
     return CacheResult(**{**record["result"], "skipped": True, "parts_reused": 0})
@@ -568,18 +637,29 @@ def run(
         bar.close()
         blocks.close()
 
+    n_reference = _reference_tokens(lay, acc.min_position)
+    if n_reference == 0:
+        raise ValueError(
+            f"cache.reference_min_position = {acc.min_position} leaves no token of the "
+            f"{lay.ctx_len}-token sequences in {src}"
+        )
     if exact:
-        tables = _exact_tables(out, [listed[i]["file"] for i in sorted(listed)], L, cfg, lay)
+        files = [listed[i]["file"] for i in sorted(listed)]
+        frequency, tables = _exact_tables(out, files, L, cfg, lay, n_reference)
     else:
         assert acc.sketch is not None
         tables = acc.sketch.tables(cfg.num_quantiles)
+        frequency = (acc.ref_count / n_reference).astype(np.float32)
     with atomic_path(out / "stats.parquet") as tmp:
-        acc.stats_frame(lay.n_rows, tables).write_parquet(tmp)
+        acc.stats_frame(lay.n_rows, frequency, tables).write_parquet(tmp)
     with atomic_path(out / "top_windows.parquet") as tmp:
         acc.top_frame().write_parquet(tmp)
+    with atomic_path(out / "positions.parquet") as tmp:
+        acc.positions_frame().write_parquet(tmp)
     save_tables(
         out / "quantiles.safetensors",
-        real=tables,
+        active=tables,
+        frequency=frequency,
         source=cfg.source,
         exact=str(exact),
         hookpoint=hookpoint,
@@ -608,6 +688,8 @@ def run(
             ctx_len=ctx_len,
             window_len=cfg.window_len,
             windows_per_sequence=lay.windows_per_seq,
+            reference_min_position=acc.min_position,
+            reference_tokens=n_reference,
             seconds=time.perf_counter() - started,
             result=result._asdict(),
         ),
@@ -642,16 +724,24 @@ def _encode_chunk(
     return row[order], lat[order], val[order]
 
 
+def _min_position(cfg: CacheConfig) -> int:
+    m = cfg.reference_min_position
+    return cfg.window_len - 1 if m is None else m
+
+
 def _exact_tables(
-    out: Path, files: list[str], L: int, cfg: CacheConfig, lay: _Layout
-) -> npt.NDArray[np.float32]:
+    out: Path, files: list[str], L: int, cfg: CacheConfig, lay: _Layout, n_reference: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """The reference (frequency, active table), exact, from the parts."""
     if files:
-        frame = pl.concat([pl.read_parquet(out / f, columns=["latent", "value"]) for f in files])
-        ids = frame["latent"].to_numpy()
-        vals = frame["value"].to_numpy()
+        columns = ["row", "latent", "value"]
+        frame = pl.concat([pl.read_parquet(out / f, columns=columns) for f in files])
+        ref = _reference_rows(frame["row"].to_numpy(), lay, _min_position(cfg))
+        ids = frame["latent"].to_numpy()[ref]
+        vals = frame["value"].to_numpy()[ref]
     else:
         ids, vals = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    return quantile_tables(ids, vals, L, cfg.num_quantiles, total=lay.n_rows)
+    return reference_tables(ids, vals, L, cfg.num_quantiles, total=n_reference)
 
 
 # ------------------------------------------------------------------------ readers

@@ -10,31 +10,35 @@ each calibrated activation matches the true one.
 **Methods** (per latent ``l``; ``E`` its simulated score on a context):
 
 * ``uncalibrated`` (the paper's first mapping): ``a = E / 9 · max_l``, ``max_l`` the latent's
-  largest activation in the cache (``latents/stats.parquet``). ``E = 9`` gives ``max_l`` (the
+  largest activation at the cache's reference positions (``reference_max`` in
+  ``latents/stats.parquet``: tokens with a window's worth of context, like the evaluated
+  ones; see :mod:`nlrw.cache`). ``E = 9`` gives ``max_l`` (the
   paper's code maps 9.0 to 0: a bug, not the protocol). Any ``E > 0`` gives ``a > 0``, so a
   simulator that rates inactive contexts above zero (the paper saw ≈ 8.5 on inactive
   contexts) has **low specificity**: this is the paper's diagnosis.
-* ``quantile`` (the paper's calibration): ``a = F_real⁻¹(F_sim(E))``, ``F_real`` the latent's
-  real activation distribution *zeros included* (its quantile table in the stats), ``F_sim``
-  the distribution of its simulated scores over the **eval** contexts (``quantile_fit``; the
-  paper fits it on the contexts it evaluates, and that is the default), summarised in a table
-  of ``sim_quantiles`` entries (:func:`nlrw.quantiles.quantile_tables`) and applied by
-  :func:`nlrw.quantiles.quantile_normalize` (both in Rust). A latent active on a fraction
-  ``f`` of tokens has ``F_real⁻¹(p) = 0`` for ``p ≲ 1 − f``, so only contexts whose score ranks
-  in the top ``≈ f`` of the simulated scores get an activation above zero, whether they are
-  the truly active ones or not: most contexts map to 0 and **sensitivity is low** when the
-  ranking is imperfect (the paper's second diagnosis).
+* ``quantile`` (the paper's calibration): ``a = F_real⁻¹(F_sim(E))``, exact for sparse
+  latents (:mod:`nlrw.quantiles`): ``F_real`` is the latent's reference distribution as the
+  mixture of its active frequency ``q`` (``reference_frequency``) and its active values'
+  quantiles (``active_quantiles``), so ``F_real⁻¹(p) = 0`` for ``p ≤ 1 − q``; ``F_sim`` the
+  distribution of its simulated scores over the **eval** contexts (``quantile_fit``; the
+  paper fits it on the contexts it evaluates, and that is the default) at the mid-rank
+  positions ``(r − ½)/n`` (one table entry per context by default, ``sim_quantiles = 0``), so
+  the top-scored context never maps to the cache's maximum by construction. Only contexts
+  whose score ranks in the top ``≈ q`` get an activation above zero, whether they are the
+  truly active ones or not: **sensitivity is low** when the ranking is imperfect (the
+  paper's second diagnosis).
 
-  *Ties.* Many contexts get the same score (a confident simulator answers exactly 0). The
-  tie rule of :mod:`nlrw.quantiles` gives a score equal to a run of table entries the
-  **middle probability of that run**: if 70% of the eval contexts share ``E = 0``, the table
-  entries at ``p = 0 … ≈ 0.69`` are 0, ``F_sim(0) ≈ (0 + 0.69)/2 = 0.345`` and all of those
-  contexts get the real activation at the 34.5% quantile: 0 for any latent inactive on more
-  than ≈ 35% of tokens (nearly all of them), not the 0.69 quantile a "highest rank" rule
-  would give, nor a spread of values across the tie. A score shared by the contexts ranked
-  between 20% and 90% maps to the real quantile at 55%. Equal scores give equal
-  activations, as for every method here. F_sim uses the eval contexts' *scores* only, never
-  their true activations.
+  *Ranks and ties* (``quantile_ranks``). ``random`` (default): each score's probability is
+  drawn uniformly within the probabilities its rank covers (a run of tied scores covers the
+  run's whole range), seeded by ``seed``: the randomized probability integral transform.
+  With an uninformative simulator the calibrated activations then have exactly the real
+  distribution, active on a fraction ``q`` of contexts at any ``q`` (measured in
+  ``tests/test_calibrate.py``). ``mid``: the deterministic rule, the middle of the run for
+  ties and ``(r − ½)/n`` otherwise; equal scores give equal activations, but a latent rarer
+  than ``1/(2n)`` is never activated (200 contexts: a latent at 0.1% never fires). If 70% of
+  the eval contexts share ``E = 0``, ``mid`` gives them all ``p = 0.35``, i.e. 0 for any
+  latent inactive on more than 35% of tokens; ``random`` spreads them over ``[0, 0.7]``.
+  F_sim uses the eval contexts' *scores* only, never their true activations.
 * ``isotonic`` (nlrw's): a per-latent monotone non-decreasing least-squares fit of the true
   activation on ``E`` over the **calibration** split only (:func:`isotonic_fit`,
   pool-adjacent-violators), applied to the eval contexts by linear interpolation between the
@@ -42,19 +46,23 @@ each calibrated activation matches the true one.
   conditional mean, so it is ≥ 0 (true activations are) and it learns from held-out
   contexts how often each score range is really active.
 * ``gate`` (nlrw's): a threshold ``t_l`` on ``E`` chosen on the calibration split for
-  specificity (:func:`gate_threshold`: the smallest ``t`` with ``P(E < t | inactive) ≥
-  gate_specificity``), then ``a = 0`` when ``E < t_l``, else the isotonic value at ``E``; where
-  that is 0 (the isotonic fit is flat at zero up there), ``a`` is the *fill*: the mean true
-  activation of the active calibration contexts with ``E ≥ t_l`` (of all active calibration
-  contexts when none is above ``t_l``) (:func:`gate_fill`). Choice: a context that passes a
-  gate chosen to be specific is predicted active, so it gets an active-sized value rather
-  than the isotonic fit's 0. A latent with no inactive calibration context has no gate
-  (``t_l = −∞``: the isotonic values, or the fill where they are 0).
-
+  specificity (:func:`gate_threshold`: the smallest ``t`` with ``P(E < t | inactive) ≥ s``),
+  then ``a = 0`` when ``E < t_l``, else the isotonic value at ``E``; where that is 0 (the
+  isotonic fit is flat at zero up there), ``a`` is the *fill*: the mean true activation of
+  the active calibration contexts with ``E ≥ t_l`` (of all active calibration contexts when
+  none is above ``t_l``) (:func:`gate_fill`). The specificity ``s`` is **sized by the top-k
+  budget**: with ``N`` simulated latents, each latent may let through at most
+  ``gate_budget · k / N`` false positives per context, so that the expected number of
+  false-positive latents per context stays ≤ ``gate_budget · k`` (default ``k/4``):
+  ``s = 1 − gate_budget · k / N`` (:func:`gate_specificity`; ``gate_specificity`` overrides it).
+  Resolving ``s`` takes at least ``⌈1 / (1 − s)⌉`` inactive calibration contexts; a latent
+  with fewer falls back (below), named in ``calibrate.json``.
 **Fallback.** A latent with fewer than ``min_calibration_contexts`` calibration contexts, or
 fewer than ``min_calibration_active`` active ones among them, cannot be fitted: its
 ``isotonic`` and ``gate`` activations are all 0 (predict inactive, the zero-ablation value
-of that latent). Such latents are listed in ``calibration_fits.parquet`` (``fallback``) and
+of that latent). A latent whose gate specificity cannot be resolved (too few inactive
+calibration contexts) keeps its isotonic fit and gets ``gate`` = 0 (``gate_fallback``).
+Such latents are listed in ``calibration_fits.parquet`` (``fallback``) and
 counted in ``calibrate.json``. (With ``quantile_fit = "calibration"`` a latent with too few
 calibration contexts gets ``quantile`` = 0 too.)
 
@@ -73,16 +81,24 @@ ranking, which the mappings do not change), ``n_active``, ``n_contexts``.
   order), latent, context.
 * ``calibration_metrics.parquet``: ``latent``, ``calibration``, ``pearson``, ``specificity``,
   ``sensitivity``, ``auroc``, ``n_active``, ``n_contexts``.
+* ``calibration_support.parquet``: what decides the loss, per calibration and eval context,
+  when every simulated latent is rewritten and top-k re-applied (:func:`support_diagnostics`):
+  ``n_spurious`` (simulated latents with calibrated > 0 where the truth is 0 that survive
+  top-k), ``n_surviving`` (simulated latents in the rewritten top-k), ``n_true_active``
+  (simulated latents truly active), ``precision`` and ``recall`` of the surviving support
+  (NaN where undefined); ``calibrate.json`` holds each calibration's mean and quantiles.
 * ``calibration_fits.parquet``: per latent ``n_calibration``, ``n_calibration_active``,
   ``fallback`` (null or the reason), the isotonic fit's points ``isotonic_x``/``isotonic_y``,
   ``gate_threshold``, ``gate_fill``.
 * ``calibration.safetensors``: :func:`nlrw.quantiles.save_tables` with ``sim`` (the
-  simulated-score tables of ``quantile``) and ``real`` (the stats' tables), one row per
-  simulated latent in ascending order; metadata ``latents`` (JSON list), ``quantile_fit``.
+  simulated-score tables of ``quantile``, mid-rank positions) and the reference ``active``
+  and ``frequency`` (from the stats), one row per simulated latent in ascending order;
+  metadata ``latents`` (JSON list), ``quantile_fit``.
 * ``calibrate.json``: :func:`nlrw.provenance.stage_record` plus the inputs' digests, counts,
   fallbacks and mean metrics per calibration.
 
-**Resume.** Every method is deterministic (``seed`` is recorded, nothing is drawn). A run
+**Resume.** Every method is deterministic given ``seed`` (only ``quantile_ranks = random``
+draws, from ``numpy.random.default_rng(seed)``). A run
 whose outputs are complete and whose config *and inputs* (digests of
 ``simulations.parquet``, ``contexts.parquet``, ``latents/stats.parquet``) match is skipped;
 outputs of another config or inputs raise ``FileExistsError`` unless ``overwrite``.
@@ -104,9 +120,10 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from nlrw.contexts import load_context_activations
 from nlrw.io import atomic_path, atomic_write_json, file_digest
 from nlrw.provenance import config_hash, stage_record
-from nlrw.quantiles import quantile_normalize, quantile_tables, save_tables
+from nlrw.quantiles import midrank_tables, quantile_normalize, save_tables
 
 __all__ = [
     "METHODS",
@@ -117,6 +134,7 @@ __all__ = [
     "fit_latent",
     "gate_apply",
     "gate_fill",
+    "gate_specificity",
     "gate_threshold",
     "isotonic_apply",
     "isotonic_fit",
@@ -124,6 +142,7 @@ __all__ = [
     "pearson",
     "quantile_calibrate",
     "run",
+    "support_diagnostics",
     "uncalibrated",
 ]
 
@@ -137,6 +156,7 @@ STATS_FILE = "latents/stats.parquet"
 OUTPUT_FILE = "calibration.parquet"
 METRICS_FILE = "calibration_metrics.parquet"
 FITS_FILE = "calibration_fits.parquet"
+SUPPORT_FILE = "calibration_support.parquet"
 TABLES_FILE = "calibration.safetensors"
 RECORD_FILE = "calibrate.json"
 
@@ -154,16 +174,28 @@ class CalibrateConfig:
     first mapping), quantile (the paper's quantile normalization), isotonic and gate (nlrw's,
     fitted on the calibration split)."""
 
-    sim_quantiles: int = 101
-    """Entries of each latent's quantile table of simulated scores (quantile method)."""
+    sim_quantiles: int = 0
+    """Entries of each latent's table of simulated scores at mid-rank positions (quantile
+    method); 0: one per fitted context, the exact (r - 1/2)/n of every score."""
+
+    quantile_ranks: Literal["random", "mid"] = "random"
+    """Quantile method: random (each score's probability drawn uniformly within the range
+    its rank, or its run of ties, covers; seeded: exact in distribution at any frequency)
+    or mid (the middle of that range; deterministic, never activates a latent rarer than
+    1/(2n))."""
 
     quantile_fit: Literal["eval", "calibration"] = "eval"
     """Contexts whose simulated scores define F_sim for the quantile method: eval (the
     paper's protocol: the very contexts evaluated) or calibration (held out)."""
 
-    gate_specificity: float = 0.9
-    """The gate's threshold is the smallest score t with P(E < t | inactive) at least this,
-    on the calibration split; in (0, 1]."""
+    gate_budget: float = 0.25
+    """The gate admits at most gate_budget x k false-positive latents per context in
+    expectation over all simulated latents (k: the coder's top-k): each latent's threshold
+    is set for specificity 1 - gate_budget x k / N on the calibration split; > 0."""
+
+    gate_specificity: float | None = None
+    """Overrides the budget: the gate's threshold is the smallest score t with P(E < t |
+    inactive) at least this, on the calibration split; in (0, 1]."""
 
     min_calibration_contexts: int = 10
     """A latent with fewer calibration contexts gets the fallback (all zeros) for isotonic
@@ -187,7 +219,7 @@ class CalibrateConfig:
             raise ValueError(f"methods lists a method twice: {methods}")
         object.__setattr__(self, "methods", methods)  # a list from TOML becomes a tuple
         for name, minimum in (
-            ("sim_quantiles", 2),
+            ("sim_quantiles", 0),
             ("min_calibration_contexts", 1),
             ("min_calibration_active", 1),
         ):
@@ -198,9 +230,20 @@ class CalibrateConfig:
             raise ValueError(
                 f"quantile_fit must be 'eval' or 'calibration', got {self.quantile_fit!r}"
             )
+        if self.sim_quantiles == 1:
+            raise ValueError("sim_quantiles must be 0 (one per context) or >= 2, got 1")
+        if self.quantile_ranks not in ("random", "mid"):
+            raise ValueError(
+                f"quantile_ranks must be 'random' or 'mid', got {self.quantile_ranks!r}"
+            )
         s = self.gate_specificity
-        if isinstance(s, bool) or not isinstance(s, int | float) or not 0.0 < s <= 1.0:
+        if s is not None and (
+            isinstance(s, bool) or not isinstance(s, int | float) or not 0.0 < s <= 1.0
+        ):
             raise ValueError(f"gate_specificity must be in (0, 1], got {s!r}")
+        b = self.gate_budget
+        if isinstance(b, bool) or not isinstance(b, int | float) or not b > 0:
+            raise ValueError(f"gate_budget must be > 0, got {b!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,21 +273,24 @@ def quantile_calibrate(
     fit_scores: npt.ArrayLike,
     index: npt.ArrayLike,
     scores: npt.ArrayLike,
-    real_table: npt.ArrayLike,
-    sim_quantiles: int = 101,
+    active_table: npt.ArrayLike,
+    frequency: npt.ArrayLike,
+    sim_quantiles: int = 0,
+    offsets: npt.ArrayLike | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Quantile normalization ``a = F_real⁻¹(F_sim(E))`` of ``scores``.
 
-    Row ``i`` of ``real_table`` (``[L, Qr]``) is latent ``i``'s real table; ``F_sim`` of
-    latent ``i`` is the ``sim_quantiles``-entry table of the ``fit_scores`` with
-    ``fit_index == i``; ``index`` names each score's row. Returns ``(activations, sim_table)``;
-    ties and interpolation as in :mod:`nlrw.quantiles`.
+    Row ``i`` of ``active_table`` (``[L, Qr]``) and ``frequency[i]`` are latent ``i``'s
+    reference; ``F_sim`` of latent ``i`` is the mid-rank table of the ``fit_scores`` with
+    ``fit_index == i`` (``sim_quantiles`` entries, 0 for one per score); ``index`` names each
+    score's row; ``offsets`` as in :func:`nlrw.quantiles.quantile_normalize`. Returns
+    ``(activations, sim_table)``.
     """
-    real = np.asarray(real_table, dtype=np.float32)
-    if real.ndim != 2:
-        raise ValueError(f"real_table must be 2-D [L, Q], got shape {real.shape}")
-    sim = quantile_tables(fit_index, fit_scores, real.shape[0], sim_quantiles)
-    return quantile_normalize(index, scores, sim, real), sim
+    active = np.asarray(active_table, dtype=np.float32)
+    if active.ndim != 2:
+        raise ValueError(f"active_table must be 2-D [L, Q], got shape {active.shape}")
+    sim = midrank_tables(fit_index, fit_scores, active.shape[0], sim_quantiles or None)
+    return quantile_normalize(index, scores, sim, active, frequency, offsets), sim
 
 
 def isotonic_fit(
@@ -326,6 +372,25 @@ def gate_threshold(scores: npt.ArrayLike, active: npt.ArrayLike, specificity: fl
     return float(np.nextafter(inactive[m - 1], np.float32(np.inf)))
 
 
+def gate_specificity(budget: float, k: int, n_latents: int) -> float:
+    """The per-latent specificity that keeps the expected false-positive latents per context
+    at ``budget · k`` over ``n_latents`` simulated latents: ``1 − budget · k / n_latents``
+    (floored at 0: a budget larger than the latents gates nothing)."""
+    if n_latents <= 0:
+        return 1.0
+    return max(0.0, 1.0 - budget * k / n_latents)
+
+
+def gate_resolvable(n_inactive: int, specificity: float) -> bool:
+    """Whether ``n_inactive`` contexts resolve ``specificity``: one false positive among them
+    must be a rate of at most ``1 − specificity`` (``n ≥ 1 / (1 − s)``)."""
+    if specificity <= 0.0:
+        return True
+    if specificity >= 1.0:
+        return n_inactive > 0
+    return n_inactive * (1.0 - specificity) >= 1.0 - 1e-9
+
+
 def gate_fill(scores: npt.ArrayLike, true: npt.ArrayLike, threshold: float) -> float:
     """The gate's value where the isotonic fit is 0: the mean true activation of the active
     contexts with ``E ≥ threshold``, of all active contexts when none is, 0 when none is
@@ -367,11 +432,19 @@ class LatentFit(NamedTuple):
     n_calibration_active: int
     fallback: str | None
     """Why the latent was not fitted, or None."""
+    gate_fallback: str | None = None
+    """Why the gate could not be set (its activations are then 0), or None."""
 
 
-def fit_latent(scores: npt.ArrayLike, true: npt.ArrayLike, cfg: CalibrateConfig) -> LatentFit:
+def fit_latent(
+    scores: npt.ArrayLike,
+    true: npt.ArrayLike,
+    cfg: CalibrateConfig,
+    specificity: float | None = None,
+) -> LatentFit:
     """Fit isotonic and gate on one latent's calibration contexts (``scores`` = E,
-    ``true`` = true activations), or the fallback when there are too few of them."""
+    ``true`` = true activations), or the fallback when there are too few of them.
+    ``specificity``: the gate's (default ``cfg.gate_specificity``, else 0.9)."""
     e = np.asarray(scores, dtype=np.float32)
     t = np.asarray(true, dtype=np.float64)
     n, n_active = int(e.size), int((t > 0).sum())
@@ -382,9 +455,19 @@ def fit_latent(scores: npt.ArrayLike, true: npt.ArrayLike, cfg: CalibrateConfig)
         reason = f"fewer than {cfg.min_calibration_active} active calibration contexts ({n_active})"
     if reason is not None:
         empty = np.zeros(0)
-        return LatentFit(empty, empty, float("inf"), 0.0, n, n_active, reason)
+        return LatentFit(empty, empty, float("inf"), 0.0, n, n_active, reason, reason)
     xs, ys = isotonic_fit(e, t)
-    threshold = gate_threshold(e, t > 0, cfg.gate_specificity)
+    spec = specificity if specificity is not None else (cfg.gate_specificity or 0.9)
+    n_inactive = n - n_active
+    # No inactive context: nothing to gate (the threshold is -inf), nothing to resolve.
+    if n_inactive and not gate_resolvable(n_inactive, spec):
+        need = math.ceil(1.0 / (1.0 - spec) - 1e-9)
+        why = (
+            f"{n_inactive} inactive calibration contexts cannot resolve gate specificity "
+            f"{spec:.6g} (needs {need})"
+        )
+        return LatentFit(xs, ys, float("inf"), 0.0, n, n_active, None, why)
+    threshold = gate_threshold(e, t > 0, spec)
     return LatentFit(xs, ys, threshold, gate_fill(e, t, threshold), n, n_active, None)
 
 
@@ -465,7 +548,7 @@ def latent_metrics(
 _NEEDED = {
     SIMULATIONS_FILE: (("latent", "context_id", "expected_value", "true_activation"), "simulate"),
     CONTEXTS_FILE: (("context_id", "split"), "contexts"),
-    STATS_FILE: (("latent", "max", "quantiles"), "cache"),
+    STATS_FILE: (("latent", "reference_max", "reference_frequency", "active_quantiles"), "cache"),
 }
 
 
@@ -480,7 +563,10 @@ def _read_input(run_dir: Path, name: str) -> pl.DataFrame:
         raise ValueError(f"{path}: not a readable parquet file (truncated or corrupt?): {e}") from e
     missing = [c for c in columns if c not in schema]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {', '.join(missing)}")
+        raise ValueError(
+            f"{path} lacks column(s) {', '.join(missing)}: it predates this version of nlrw "
+            f"or is damaged; re-run `nlrw {stage}`"
+        )
     try:
         return pl.read_parquet(path, columns=list(columns))
     except Exception as e:
@@ -496,7 +582,8 @@ class _Inputs(NamedTuple):
     latents: npt.NDArray[np.int64]  # distinct simulated latents, ascending
     bounds: npt.NDArray[np.int64]  # rows of latents[i] are bounds[i]:bounds[i+1]
     max_activation: npt.NDArray[np.float64]  # per latent of `latents`
-    real_table: npt.NDArray[np.float32]  # [len(latents), Qr]
+    active_table: npt.NDArray[np.float32]  # [len(latents), Qr]
+    frequency: npt.NDArray[np.float32]  # per latent of `latents`
     n_eval_contexts: int
     n_calibration_contexts: int
 
@@ -506,14 +593,16 @@ def _where(latent: np.ndarray, context: np.ndarray, bad: np.ndarray) -> str:
     return f"latent {int(latent[i])}, context {int(context[i])}"
 
 
-def _real_tables(stats: pl.DataFrame, path: Path) -> npt.NDArray[np.float32]:
-    """The stats' quantile tables as ``[n, Q]``, checked (equal ``Q ≥ 2``, finite, ascending),
-    an error naming the latent otherwise."""
-    column = stats["quantiles"]
+def _active_tables(stats: pl.DataFrame, path: Path) -> npt.NDArray[np.float32]:
+    """The stats' active-value tables as ``[n, Q]``, checked (equal ``Q ≥ 2``, finite,
+    ascending), an error naming the latent otherwise."""
+    column = stats["active_quantiles"]
     if isinstance(column.dtype, pl.Array):
         column = column.cast(pl.List(pl.Float32))
     if not isinstance(column.dtype, pl.List):
-        raise ValueError(f"{path}: column quantiles must be a list of floats, got {column.dtype}")
+        raise ValueError(
+            f"{path}: column active_quantiles must be a list of floats, got {column.dtype}"
+        )
     lengths = column.list.len().fill_null(0).to_numpy()
     if stats.height == 0:
         return np.zeros((0, 2), np.float32)
@@ -612,12 +701,20 @@ def _load_inputs(run_dir: Path) -> _Inputs:
             f"from {stats_path}: were they simulated from another cache?"
         )
     stats = stats[spos.tolist()] if latents.size else stats.head(0)
-    real = _real_tables(stats, stats_path)
-    max_act = stats["max"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    active = _active_tables(stats, stats_path)
+    max_act = stats["reference_max"].cast(pl.Float64).fill_null(np.nan).to_numpy()
     bad = ~np.isfinite(max_act) | (max_act < 0)
     if bad.any():
         raise ValueError(
-            f"{stats_path}: max of latent {int(latents[np.argmax(bad)])} is {max_act[bad][0]}"
+            f"{stats_path}: reference_max of latent {int(latents[np.argmax(bad)])} is "
+            f"{max_act[bad][0]}"
+        )
+    freq = stats["reference_frequency"].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    bad = ~np.isfinite(freq) | (freq < 0) | (freq > 1)
+    if bad.any():
+        raise ValueError(
+            f"{stats_path}: reference_frequency of latent {int(latents[np.argmax(bad)])} is "
+            f"{freq[bad][0]}, outside [0, 1]"
         )
     in_sims = np.isin(ctx_ids, context)
     return _Inputs(
@@ -629,7 +726,8 @@ def _load_inputs(run_dir: Path) -> _Inputs:
         latents=latents,
         bounds=bounds,
         max_activation=max_act,
-        real_table=real,
+        active_table=active,
+        frequency=freq.astype(np.float32),
         n_eval_contexts=int((in_sims & ctx_eval).sum()),
         n_calibration_contexts=int((in_sims & ~ctx_eval).sum()),
     )
@@ -664,12 +762,26 @@ FITS_SCHEMA: dict[str, Any] = {
     "isotonic_y": pl.List(pl.Float32),
     "gate_threshold": pl.Float32,
     "gate_fill": pl.Float32,
+    "gate_fallback": pl.String,
 }
-_OUTPUTS = (OUTPUT_FILE, METRICS_FILE, FITS_FILE, TABLES_FILE)
+SUPPORT_SCHEMA: dict[str, Any] = {
+    "calibration": pl.String,
+    "context_id": pl.Int32,
+    "n_spurious": pl.Int32,
+    "n_surviving": pl.Int32,
+    "n_true_active": pl.Int32,
+    "precision": pl.Float64,
+    "recall": pl.Float64,
+}
+_OUTPUTS = (OUTPUT_FILE, METRICS_FILE, FITS_FILE, SUPPORT_FILE, TABLES_FILE)
+
+
+ACTIVATIONS_FILE = "contexts/activations.safetensors"
 
 
 def _inputs_digest(run_dir: Path) -> dict[str, str]:
-    return {name: file_digest(run_dir / name) for name in _NEEDED}
+    names = [*_NEEDED, ACTIVATIONS_FILE]
+    return {name: file_digest(run_dir / name) for name in names}
 
 
 def _previous(run_dir: Path) -> dict[str, Any] | None:
@@ -728,13 +840,19 @@ def run(
         calibrated["uncalibrated"] = uncalibrated(data.score, data.max_activation[row_latent])
     # The simulated-score tables are always computed: calibration.safetensors keeps them.
     fit_rows = data.is_eval if cfg.quantile_fit == "eval" else ~data.is_eval
+    offsets = None
+    if cfg.quantile_ranks == "random":
+        rng = np.random.default_rng([cfg.seed, 0x9A17])
+        offsets = (rng.random(n_rows) - 0.5).astype(np.float32)
     acts, sim_table = quantile_calibrate(
         row_latent[fit_rows],
         data.score[fit_rows],
         row_latent,
         data.score,
-        data.real_table,
+        data.active_table,
+        data.frequency,
         cfg.sim_quantiles,
+        offsets,
     )
     if "quantile" in cfg.methods:
         calibrated["quantile"] = acts
@@ -743,8 +861,16 @@ def run(
         if m in cfg.methods:
             calibrated[m] = np.zeros(n_rows, np.float32)
 
+    truth = load_context_activations(run_dir)
+    k = int(truth.values.shape[1])
+    specificity = (
+        cfg.gate_specificity
+        if cfg.gate_specificity is not None
+        else gate_specificity(cfg.gate_budget, k, n_latents)
+    )
     fits: list[dict[str, Any]] = []
     fallbacks: dict[int, str] = {}
+    gate_fallbacks: dict[int, str] = {}
     metric_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
     bar = _progress(n_latents, progress)
     for i, lat in enumerate(data.latents.tolist()):
@@ -752,9 +878,11 @@ def run(
         ev = data.is_eval[rows]
         e_all, t_all = data.score[rows], data.true[rows]
         e_cal, t_cal = e_all[~ev], t_all[~ev]
-        fit = fit_latent(e_cal, t_cal, cfg)
+        fit = fit_latent(e_cal, t_cal, cfg, specificity)
         if fit.fallback is not None:
             fallbacks[lat] = fit.fallback
+        if fit.gate_fallback is not None:
+            gate_fallbacks[lat] = fit.gate_fallback
         if (
             "quantile" in calibrated
             and cfg.quantile_fit == "calibration"
@@ -780,6 +908,7 @@ def run(
                     "isotonic_y": fit.ys.tolist(),
                     "gate_threshold": fit.threshold,
                     "gate_fill": fit.fill,
+                    "gate_fallback": fit.gate_fallback,
                 }
             )
         score_auroc = auroc(e_all[ev], t_all[ev] > 0)
@@ -813,6 +942,22 @@ def run(
     )
     metrics = pl.DataFrame([r for m in cfg.methods for r in metric_rows[m]], schema=METRICS_SCHEMA)
     fits_table = pl.DataFrame(fits, schema=FITS_SCHEMA)
+    eval_contexts = np.unique(data.context[eval_rows])
+    support = pl.concat(
+        [
+            support_diagnostics(
+                m,
+                data.latents,
+                data.latent[eval_rows],
+                data.context[eval_rows],
+                calibrated[m][eval_rows],
+                eval_contexts,
+                truth.values.numpy()[eval_contexts],
+                truth.indices.numpy()[eval_contexts],
+            )
+            for m in cfg.methods
+        ]
+    )
 
     with atomic_path(run_dir / OUTPUT_FILE) as tmp:
         table.write_parquet(tmp, statistics=True)
@@ -820,10 +965,13 @@ def run(
         metrics.write_parquet(tmp)
     with atomic_path(run_dir / FITS_FILE) as tmp:
         fits_table.write_parquet(tmp)
+    with atomic_path(run_dir / SUPPORT_FILE) as tmp:
+        support.write_parquet(tmp)
     save_tables(
         run_dir / TABLES_FILE,
         sim=sim_table,
-        real=data.real_table,
+        active=data.active_table,
+        frequency=data.frequency,
         latents=json.dumps(data.latents.tolist()),
         quantile_fit=cfg.quantile_fit,
     )
@@ -840,11 +988,88 @@ def run(
             n_rows=int(eval_rows.size) * len(cfg.methods),
             n_fallback_latents=len(fallbacks),
             fallback_latents={str(k): v for k, v in fallbacks.items()},
+            gate_specificity=specificity,
+            top_k=k,
+            n_gate_fallback_latents=len(gate_fallbacks),
+            gate_fallback_latents={str(k): v for k, v in gate_fallbacks.items()},
             mean_metrics=_mean_metrics(metrics),
+            support=_support_summary(support),
             seconds=time.perf_counter() - started,
         ),
     )
     return metrics
+
+
+def support_diagnostics(
+    calibration: str,
+    simulated: npt.NDArray[np.int64],
+    latent: npt.NDArray[np.int64],
+    context: npt.NDArray[np.int64],
+    activation: npt.NDArray[np.float32],
+    context_ids: npt.NDArray[np.int64],
+    true_values: npt.NDArray[np.float32],
+    true_indices: npt.NDArray[np.int64],
+) -> pl.DataFrame:
+    """Per eval context, what survives when every simulated latent is rewritten.
+
+    The rewritten latent vector of context ``c`` holds the true top-k values of the latents
+    that were not simulated and the calibrated ``activation`` of the simulated ones; top-k
+    (``k`` = the width of ``true_values``) is re-applied (ties broken towards the lower
+    latent id). Among the simulated latents: ``n_spurious`` = in the new top-k with
+    calibrated > 0 but true 0; ``n_surviving`` = in the new top-k with calibrated > 0;
+    ``n_true_active`` = true > 0; ``precision = (n_surviving − n_spurious) / n_surviving``,
+    ``recall = (n_surviving − n_spurious) / n_true_active`` (NaN when the denominator is 0).
+
+    ``latent``, ``context``, ``activation``: the calibrated rows; ``true_values`` /
+    ``true_indices`` ``[len(context_ids), k]``: the true top-k of each context.
+    """
+    k = true_values.shape[1]
+    sim_set = np.zeros(int(max(simulated.max(initial=-1), true_indices.max(initial=-1))) + 1, bool)
+    sim_set[simulated] = True
+    order = np.argsort(context, kind="stable")
+    ctx_sorted = context[order]
+    rows: dict[str, list[Any]] = {c: [] for c in SUPPORT_SCHEMA}
+    for i, c in enumerate(context_ids.tolist()):
+        lo, hi = np.searchsorted(ctx_sorted, [c, c + 1])
+        pick = order[lo:hi]
+        a_lat, a_val = latent[pick], activation[pick].astype(np.float64)
+        pos = a_val > 0
+        t_idx, t_val = true_indices[i], true_values[i].astype(np.float64)
+        t_active = t_val > 0
+        truly = set(t_idx[t_active & sim_set[t_idx]].tolist())
+        keep = t_active & ~sim_set[t_idx]
+        cand_lat = np.concatenate([t_idx[keep], a_lat[pos]])
+        cand_val = np.concatenate([t_val[keep], a_val[pos]])
+        top = np.lexsort((cand_lat, -cand_val))[:k]
+        survivors = [int(x) for x in cand_lat[top] if sim_set[x]]
+        n_surv = len(survivors)
+        n_spur = sum(1 for x in survivors if x not in truly)
+        hits = n_surv - n_spur
+        rows["calibration"].append(calibration)
+        rows["context_id"].append(c)
+        rows["n_spurious"].append(n_spur)
+        rows["n_surviving"].append(n_surv)
+        rows["n_true_active"].append(len(truly))
+        rows["precision"].append(hits / n_surv if n_surv else float("nan"))
+        rows["recall"].append(hits / len(truly) if truly else float("nan"))
+    return pl.DataFrame(rows, schema=SUPPORT_SCHEMA)
+
+
+def _support_summary(support: pl.DataFrame) -> dict[str, dict[str, float | None]]:
+    """Per calibration: mean and quantiles of spurious survivors, mean precision / recall."""
+    out: dict[str, dict[str, float | None]] = {}
+    for (method,), g in support.group_by(["calibration"], maintain_order=True):
+        spur = g["n_spurious"].to_numpy().astype(np.float64)
+        entry: dict[str, float | None] = {
+            "spurious_mean": float(spur.mean()) if spur.size else None,
+        }
+        for q in (0.5, 0.9, 1.0):
+            entry[f"spurious_q{int(q * 100)}"] = float(np.quantile(spur, q)) if spur.size else None
+        for col in ("precision", "recall"):
+            v = g[col].drop_nans().drop_nulls()
+            entry[col] = float(v.mean()) if len(v) else None  # type: ignore[arg-type]
+        out[str(method)] = entry
+    return out
 
 
 def _mean_metrics(metrics: pl.DataFrame) -> dict[str, dict[str, float | None]]:

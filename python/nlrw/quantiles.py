@@ -5,26 +5,43 @@ score ``s`` of latent ``l`` to the real activation at the same quantile::
 
     a = F_real⁻¹(F_sim(s))
 
-Each distribution is summarised by a **quantile table**: a float32 array ``[L, Q]`` whose row
-``l`` holds latent ``l``'s quantiles at the probabilities ``p_i = i / (Q − 1)``
-(``numpy.linspace(0, 1, Q)``), ascending. The simulated and real tables may have different
-``Q`` but must have the same ``L``.
+**The real side, exact at any sparsity.** A latent's real distribution is mostly zeros. It is
+kept as a mixture: the latent's active frequency ``q`` (``frequency[l]``) and a quantile table
+of its *active* values only (``active_table[l]``, ``Qr`` entries at ``i / (Qr − 1)``, numpy's
+``linspace``; :func:`reference_tables` builds both, the zeros counted, never stored)::
 
-``F_sim`` (piecewise-linear in the table, with ties): let ``t`` be the sim row, ``a`` the first
-index with ``t[a] ≥ s`` and ``b`` the last index with ``t[b] ≤ s``.
+    F_real⁻¹(p) = 0                              for p ≤ 1 − q
+                = Q_act((p − (1 − q)) / q)         for p > 1 − q
 
-* ``s < t[0]`` gives 0, ``s > t[Q−1]`` gives 1;
-* ``a ≤ b`` (``s`` equals the run of entries ``a..b``; common, since many contexts get the same
-  simulated score) gives the middle of the run, ``(p_a + p_b) / 2``;
-* otherwise ``p_b + (s − t[b]) / (t[b+1] − t[b]) · (p_{b+1} − p_b)``.
+A table over the whole distribution, zeros included, cannot represent a latent rarer than one
+table step (with 101 entries every latent came out "active" on ≥ 1% of contexts).
 
-``F_real⁻¹`` is linear interpolation of the real row at that probability
-(``numpy.interp(p, linspace(0, 1, Q), row)``); a probability inside the real table's run of
-zeros (most real activations are exactly 0) gives 0.
+**The simulated side, at mid-rank positions.** The sim table's ``Qs`` entries sit at
+``p_i = (i + ½) / Qs`` (:func:`midrank_tables`, numpy's ``hazen`` quantiles; with one entry per
+score the table is the sorted scores and rank ``r`` gets ``(r − ½) / n``). ``F_sim(s)``:
 
-Tables come exactly from samples (:func:`quantile_tables`, numpy's default ``linear`` method)
-or, for streams too large to keep, from a mergeable :class:`QuantileSketch` with relative
-accuracy ``alpha``. :func:`save_tables` / :func:`load_tables` store them as safetensors.
+* ``s`` below / above the table: ``p_0`` / ``p_{Qs−1}`` (no score reaches probability 0 or 1,
+  so none maps to the cache's extreme by construction);
+* ``s`` equal to the run of entries ``a..b`` (many contexts share a score): the middle of
+  the run, ``(p_a + p_b) / 2``; its *width* is ``(b − a + 1) / Qs``;
+* between entries: linear interpolation between their positions; width ``1 / Qs``.
+
+**Offsets.** ``quantile_normalize(..., offsets=o)`` uses ``p + o·width`` (``o ∈ [−½, ½]``,
+clamped to [0, 1]). ``o = 0`` is the deterministic mid-rank rule; ``o`` uniform on
+``[−½, ½]`` is the randomized probability integral transform: the calibrated activations of an
+uninformative simulator then have exactly the real distribution (active on a fraction ``q``
+of contexts) at any ``q``, where the deterministic rule never activates a latent with
+``q < 1 / (2n)``.
+
+Worked example: ``q = 0.02``, active values tabulated ``[1, 3]``, 100 contexts with distinct
+scores. The top context has ``p = 0.995``, ``u = (0.995 − 0.98) / 0.02 = 0.75``, activation
+``1 + 0.75 · 2 = 2.5``; the second ``p = 0.985``, 1.5; the third ``p = 0.975 ≤ 0.98``, 0.
+
+Tables come exactly from samples (:func:`quantile_tables`, numpy's default ``linear``
+method) or, for streams too large to keep, from a mergeable :class:`QuantileSketch` with
+relative accuracy ``alpha``. :func:`save_tables` / :func:`load_tables` store a calibration's
+tables as safetensors (format v2; v1 files, whose real table included the zeros, are
+refused with a message to re-run ``calibrate``).
 
 The work runs in Rust (``nlrw._core``) with the GIL released; these wrappers convert
 array-likes losslessly and raise ``TypeError``/``ValueError`` naming the argument at fault.
@@ -49,13 +66,17 @@ __all__ = [
     "QuantileSketch",
     "QuantileTables",
     "load_tables",
+    "midrank_positions",
+    "midrank_tables",
     "probabilities",
     "quantile_normalize",
     "quantile_tables",
+    "reference_tables",
     "save_tables",
 ]
 
-TABLES_FORMAT = "nlrw.quantile_tables.v1"
+TABLES_FORMAT = "nlrw.quantile_tables.v2"
+_OLD_TABLES_FORMATS = ("nlrw.quantile_tables.v1",)
 SKETCH_FORMAT = "nlrw.quantile_sketch.v1"
 _FORMAT_KEY = "nlrw_format"
 _U32_MAX = 2**32 - 1
@@ -65,8 +86,13 @@ PathLike = str | os.PathLike[str]
 
 
 def probabilities(num_quantiles: int) -> npt.NDArray[np.float64]:
-    """The probabilities ``linspace(0, 1, Q)`` at which a table's ``Q`` entries sit."""
+    """The probabilities ``linspace(0, 1, Q)`` at which an active table's ``Q`` entries sit."""
     return np.linspace(0.0, 1.0, num_quantiles)
+
+
+def midrank_positions(num_quantiles: int) -> npt.NDArray[np.float64]:
+    """The mid-rank positions ``(i + ½) / Q`` at which a sim table's ``Q`` entries sit."""
+    return (np.arange(num_quantiles) + 0.5) / num_quantiles
 
 
 def _array(x: npt.ArrayLike, name: str, ndim: int) -> np.ndarray:
@@ -156,37 +182,140 @@ def quantile_normalize(
     latent_ids: npt.ArrayLike,
     scores: npt.ArrayLike,
     sim_table: npt.ArrayLike,
-    real_table: npt.ArrayLike,
+    active_table: npt.ArrayLike,
+    frequency: npt.ArrayLike,
+    offsets: npt.ArrayLike | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Map each score of its latent through ``F_real⁻¹(F_sim(score))``.
+    """Map each score of its latent through ``F_real⁻¹(F_sim(score) + offset·width)``.
 
     Args:
         latent_ids: ``[m]`` latent of each score (non-negative integers ``< L``).
         scores: ``[m]`` simulated scores (finite; float64 rounds to float32).
-        sim_table: ``[L, Qs]`` quantiles of each latent's simulated scores (``Qs ≥ 2``).
-        real_table: ``[L, Qr]`` quantiles of each latent's real activations (``Qr ≥ 2``).
+        sim_table: ``[L, Qs]`` each latent's simulated scores at the mid-rank positions
+            ``(i + ½) / Qs`` (:func:`midrank_tables`; ``Qs ≥ 2``).
+        active_table: ``[L, Qr]`` quantiles of each latent's active real values at
+            ``linspace(0, 1, Qr)`` (``Qr ≥ 2``).
+        frequency: ``[L]`` each latent's active frequency ``q`` in ``[0, 1]``.
+        offsets: ``None`` (the mid-rank rule) or ``[m]`` values in ``[−½, ½]`` (uniform
+            draws give the randomized probability integral transform).
 
     Returns:
-        ``[m]`` float32 calibrated activations; the ties rule and the interpolation are in
-        the module docstring.
+        ``[m]`` float32 calibrated activations (module docstring: the definition, ties,
+        a worked example).
 
-    Any order of the scores works. Scores of one latent next to each other are fastest
-    (its table rows stay in cache); scattered orders (e.g. by context) are bucketed by
-    latent block internally, which costs about twice as much. The tables are validated and
-    a per-entry table of tie values is built on every call (``O(L·Q)``), so batch many
-    scores per call.
+    Any order of the scores works; scores of one latent next to each other are fastest.
+    The tables are validated on every call (``O(L·Q)``), so batch many scores per call.
 
     Raises:
-        ValueError: wrong ndim or lengths, an unknown latent id, a non-finite score, a table
-            that is not finite and ascending per row (the message names the latent).
+        ValueError: wrong ndim or lengths, an unknown latent id, a non-finite score, a
+            frequency outside [0, 1], an offset outside [−½, ½], a table that is not finite
+            and ascending per row (the message names the latent or index).
         TypeError: a non-numeric argument.
     """
     ids = _as_ids(latent_ids)
     s = _as_f32(scores, "scores", 1)
     _check_same_length(ids, "latent_ids", s, "scores")
     sim = _as_f32(sim_table, "sim_table", 2)
-    real = _as_f32(real_table, "real_table", 2)
-    return _core.quantile_normalize(ids, s, sim, real)
+    active = _as_f32(active_table, "active_table", 2)
+    freq = _as_f32(frequency, "frequency", 1)
+    off = None
+    if offsets is not None:
+        off = _as_f32(offsets, "offsets", 1)
+        _check_same_length(off, "offsets", s, "scores")
+    return _core.quantile_normalize(ids, s, sim, active, freq, off)
+
+
+def midrank_tables(
+    latent_ids: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    num_latents: int,
+    num_quantiles: int | None = None,
+) -> npt.NDArray[np.float32]:
+    """Per-latent tables of simulated scores at the mid-rank positions ``(i + ½) / Q``.
+
+    Entry ``i`` of row ``l`` is numpy's ``hazen`` quantile of latent ``l``'s ``n_l`` scores
+    at ``p_i = (i + ½) / Q``: with ``h = n_l p_i − ½`` clamped to ``[0, n_l − 1]`` and
+    ``j = ⌊h⌋``, ``x_(j) + (h − j)(x_(j+1) − x_(j))``. With ``Q = n_l`` the row is the sorted
+    scores themselves. ``num_quantiles=None`` takes ``Q`` = the largest ``n_l`` (at least 2),
+    exact for every latent with that many scores. A latent without scores gets zeros.
+    """
+    ids = _as_ids(latent_ids)
+    vals = _as_f32(scores, "scores", 1)
+    _check_same_length(ids, "latent_ids", vals, "scores")
+    num_latents = _check_int(num_latents, "num_latents", 0)
+    if ids.size and int(ids.max()) >= num_latents:
+        i = int(np.argmax(ids >= num_latents))
+        raise ValueError(f"latent_ids[{i}] = {ids[i]} is not a known latent ({num_latents})")
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        raise ValueError(f"scores[{int(np.argmax(bad))}] is not finite")
+    counts = np.bincount(ids, minlength=num_latents).astype(np.int64)
+    if num_quantiles is None:
+        q = max(2, int(counts.max()) if counts.size else 2)
+    else:
+        q = _check_int(num_quantiles, "num_quantiles", 2)
+    order = np.lexsort((vals, ids))
+    sorted_vals = vals[order].astype(np.float64)
+    starts = np.r_[0, np.cumsum(counts)[:-1]] if num_latents else np.zeros(0, np.int64)
+    n = counts[:, None].astype(np.float64)
+    h = np.clip(n * midrank_positions(q)[None, :] - 0.5, 0.0, np.maximum(n - 1.0, 0.0))
+    j = np.floor(h).astype(np.int64)
+    j1 = np.minimum(j + 1, np.maximum(counts[:, None] - 1, 0))
+    base = starts[:, None]
+    has = counts[:, None] > 0
+    safe = np.where(has, base, 0)
+    if sorted_vals.size == 0:
+        return np.zeros((num_latents, q), np.float32)
+    lo = sorted_vals[np.where(has, safe + j, 0)]
+    hi = sorted_vals[np.where(has, safe + j1, 0)]
+    table = np.where(has, lo + (h - j) * (hi - lo), 0.0)
+    # float32 rounding of an interpolation may break the order by one ulp: restore it.
+    return np.maximum.accumulate(table.astype(np.float32), axis=1)
+
+
+def reference_tables(
+    latent_ids: npt.ArrayLike,
+    values: npt.ArrayLike,
+    num_latents: int,
+    num_quantiles: int,
+    total: int | npt.ArrayLike,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Each latent's real distribution as ``(frequency [L], active_table [L, Q])``.
+
+    ``values`` are a latent's observed values, ``total`` its observations in all (an int for
+    every latent, or ``[L]``): the ``total − c`` observations that are not samples are zeros,
+    counted, never stored. ``frequency = #(value > 0) / total``; the active table is the
+    exact linear-method table (:func:`quantile_tables`) of the values ``> 0``; a latent never
+    active gets frequency 0 and a row of zeros.
+
+    Raises:
+        ValueError: a latent with no observations at all (``total = 0``: its frequency is
+            undefined; the message names it), or the errors of :func:`quantile_tables`.
+    """
+    ids = _as_ids(latent_ids)
+    vals = _as_f32(values, "values", 1)
+    _check_same_length(ids, "latent_ids", vals, "values")
+    num_latents = _check_int(num_latents, "num_latents", 0)
+    tot = _as_count(total, "total")
+    tot_arr = np.broadcast_to(np.asarray(tot, dtype=np.float64), (num_latents,))
+    if num_latents and (tot_arr == 0).any():
+        raise ValueError(
+            f"latent {int(np.argmax(tot_arr == 0))} has no observations: its frequency is undefined"
+        )
+    if ids.size and int(ids.max()) >= num_latents:
+        i = int(np.argmax(ids >= num_latents))
+        raise ValueError(f"latent_ids[{i}] = {ids[i]} is not a known latent ({num_latents})")
+    observed = np.bincount(ids, minlength=num_latents)
+    short = observed > tot_arr
+    if short.any():
+        i = int(np.argmax(short))
+        raise ValueError(
+            f"total for latent {i} is {int(tot_arr[i])}, less than its {observed[i]} values"
+        )
+    active = vals > 0
+    table = quantile_tables(ids[active], vals[active], num_latents, num_quantiles)
+    counts = np.bincount(ids[active], minlength=num_latents)
+    return (counts / np.maximum(tot_arr, 1.0)).astype(np.float32), table
 
 
 def quantile_tables(
@@ -362,10 +491,12 @@ class QuantileSketch:
 
 @dataclass(frozen=True)
 class QuantileTables:
-    """Tables read by :func:`load_tables`: ``sim`` and/or ``real`` (float32 ``[L, Q]``)."""
+    """Tables read by :func:`load_tables`: ``sim`` (float32 ``[L, Qs]``, mid-rank positions)
+    and/or the reference ``active`` (float32 ``[L, Qr]``) with its ``frequency`` (``[L]``)."""
 
     sim: npt.NDArray[np.float32] | None
-    real: npt.NDArray[np.float32] | None
+    active: npt.NDArray[np.float32] | None
+    frequency: npt.NDArray[np.float32] | None
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -394,29 +525,43 @@ def save_tables(
     path: PathLike,
     *,
     sim: npt.ArrayLike | None = None,
-    real: npt.ArrayLike | None = None,
+    active: npt.ArrayLike | None = None,
+    frequency: npt.ArrayLike | None = None,
     **metadata: str,
 ) -> None:
-    """Write quantile tables atomically as safetensors (tensors ``sim`` and/or ``real``).
+    """Write quantile tables atomically as safetensors: ``sim`` and/or the reference
+    (``active`` with its ``frequency``, both or neither).
 
-    Tables are checked (2-D, ``Q ≥ 2``, finite, ascending per row; same ``L`` when both are
-    given) before anything is written; ``metadata`` values must be strings.
+    Tables are checked (2-D, ``Q ≥ 2``, finite, ascending per row; one ``L`` for all;
+    frequencies in [0, 1]) before anything is written; ``metadata`` values must be strings.
     """
+    if (active is None) != (frequency is None):
+        raise ValueError("save_tables needs active= and frequency= together")
     tensors: dict[str, np.ndarray] = {}
-    for name, t in (("sim", sim), ("real", real)):
+    for name, t in (("sim", sim), ("active", active)):
         if t is not None:
             a = _as_f32(t, name, 2)
             _check_table(a, name)
             tensors[name] = a
+    if frequency is not None:
+        freq = _as_f32(frequency, "frequency", 1)
+        _check_frequency(freq, "frequency")
+        tensors["frequency"] = freq
     if not tensors:
-        raise ValueError("save_tables needs sim=, real= or both")
-    if len(tensors) == 2 and tensors["sim"].shape[0] != tensors["real"].shape[0]:
-        raise ValueError(
-            f"sim has {tensors['sim'].shape[0]} latents but real has {tensors['real'].shape[0]}"
-        )
+        raise ValueError("save_tables needs sim=, active= and frequency=, or all three")
+    rows = {k: v.shape[0] for k, v in tensors.items()}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"the tables have different numbers of latents: {rows}")
     meta = _metadata(metadata, TABLES_FORMAT)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
+
+
+def _check_frequency(f: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(f) | (f < 0) | (f > 1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"{name}: latent {i} has frequency {f[i]}, outside [0, 1]")
 
 
 def _read(path: PathLike, fmt: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -433,6 +578,11 @@ def _read(path: PathLike, fmt: str) -> tuple[dict[str, np.ndarray], dict[str, st
             f"{name}: not a readable safetensors file (truncated or corrupt?): {e}"
         ) from e
     found = metadata.pop(_FORMAT_KEY, None)
+    if found in _OLD_TABLES_FORMATS and fmt == TABLES_FORMAT:
+        raise ValueError(
+            f"{name}: quantile tables of format {found}, from before quantile normalization "
+            "became exact for sparse latents; re-run `nlrw calibrate` (and `nlrw cache`)"
+        )
     if found != fmt:
         raise ValueError(f"{name}: expected a {fmt} file, found format {found!r}")
     return tensors, metadata
@@ -443,21 +593,35 @@ def load_tables(path: PathLike) -> QuantileTables:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: truncated, corrupt or foreign file, or invalid tables (names the file).
+        ValueError: truncated, corrupt, foreign or old-format file, or invalid tables
+            (names the file).
     """
     tensors, metadata = _read(path, TABLES_FORMAT)
     name = os.fspath(path)
-    unknown = set(tensors) - {"sim", "real"}
-    if unknown or not tensors:
-        raise ValueError(f"{name}: expected tensors 'sim' and/or 'real', found {sorted(tensors)}")
+    unknown = set(tensors) - {"sim", "active", "frequency"}
+    if unknown or not tensors or (("active" in tensors) != ("frequency" in tensors)):
+        raise ValueError(
+            f"{name}: expected tensors 'sim' and/or 'active' with 'frequency', "
+            f"found {sorted(tensors)}"
+        )
     for key, t in tensors.items():
         if t.dtype != np.float32:
             raise ValueError(f"{name}: {key} has dtype {t.dtype}, expected float32")
         try:
-            _check_table(t, key)
+            if key == "frequency":
+                if t.ndim != 1:
+                    raise ValueError(f"frequency must be 1-D, got shape {t.shape}")
+                _check_frequency(t, key)
+            else:
+                _check_table(t, key)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
-    sim, real = tensors.get("sim"), tensors.get("real")
-    if sim is not None and real is not None and sim.shape[0] != real.shape[0]:
-        raise ValueError(f"{name}: sim has {sim.shape[0]} latents but real has {real.shape[0]}")
-    return QuantileTables(sim=sim, real=real, metadata=metadata)
+    rows = {k: v.shape[0] for k, v in tensors.items()}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"{name}: the tables have different numbers of latents: {rows}")
+    return QuantileTables(
+        sim=tensors.get("sim"),
+        active=tensors.get("active"),
+        frequency=tensors.get("frequency"),
+        metadata=metadata,
+    )

@@ -102,6 +102,10 @@ pub enum QuantileError {
     State(String),
     #[error("num_latents = {0} does not fit a uint32 latent id")]
     TooManyLatents(usize),
+    #[error("frequency of latent {latent} is {value}, outside [0, 1]")]
+    Frequency { latent: usize, value: f32 },
+    #[error("offsets[{index}] = {value} is outside [-0.5, 0.5]")]
+    Offset { index: usize, value: f32 },
 }
 
 /// How many observations each latent has in all, when the samples list only some of them.
@@ -304,45 +308,92 @@ fn select_if_eq(a: f32, b: f32, yes: u64, no: u64) -> u64 {
     }
 }
 
-/// `F_real⁻¹(p)`: linear interpolation of the real row at probability `p` (numpy's
-/// `interp(p, linspace(0, 1, Qr), row)`). With `x = p·(Qr − 1)` and `k = min(⌊x⌋, Qr − 2)`,
-/// the value is `row[k] + (x − k)(row[k+1] − row[k])`. A probability inside a run of equal
-/// entries (the zeros of a sparse latent) gives exactly that entry.
-#[inline(always)]
-fn real_quantile(row: &[f32], p: f64) -> f32 {
-    let last = row.len() - 1;
-    let x = p * last as f64;
-    // `as` saturates; p ∈ [0, 1 + ε], and the min keeps k + 1 inside the row (a rounding
-    // hair above 1 only extrapolates the last segment by ε).
-    let k = (x as usize).min(last - 1);
-    let r0 = f64::from(row[k]);
-    let r1 = f64::from(row[k + 1]);
-    (r0 + (x - k as f64) * (r1 - r0)) as f32
+/// Each latent's real activation distribution, as the mixture quantile normalization maps
+/// onto: the latent is active (value > 0) with probability `q_l` (its `frequency`), and its
+/// active values have the quantile function `Q_act,l` tabulated in row `l` of `active` (entry
+/// `i` at probability `i / (Qr − 1)`, numpy's `linspace`). Then
+///
+/// ```text
+/// F_real⁻¹(p) = 0                               for p ≤ 1 − q
+///             = Q_act((p − (1 − q)) / q)          for p > 1 − q
+/// ```
+///
+/// exactly, whatever `q`: a table over the whole distribution with a fixed number of entries
+/// cannot represent a latent rarer than one table step (with 101 entries, interpolating
+/// between the zero at p = 0.99 and the max made every latent "active" on ≥ 1% of contexts).
+/// A latent with `q = 0` (never active) maps everything to 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Reference<'a> {
+    active: Table<'a>,
+    frequency: &'a [f32],
 }
 
-/// The output for a score that equals a sim table entry, per entry (row-major like the
-/// table): `F_real⁻¹((p_a + p_b) / 2)` where `a..=b` is the run of entries equal to entry
-/// `i` of its sim row and `p_i = i / (Qs − 1)`.
+impl<'a> Reference<'a> {
+    /// Checks one frequency in `[0, 1]` per row of `active`.
+    pub fn new(active: Table<'a>, frequency: &'a [f32]) -> Result<Self, QuantileError> {
+        if frequency.len() != active.num_latents {
+            return Err(QuantileError::LengthMismatch {
+                left: "frequency",
+                left_len: frequency.len(),
+                right: "active_table rows",
+                right_len: active.num_latents,
+            });
+        }
+        if let Some(latent) = frequency.iter().position(|q| !(0.0..=1.0).contains(q)) {
+            return Err(QuantileError::Frequency {
+                latent,
+                value: frequency[latent],
+            });
+        }
+        Ok(Self { active, frequency })
+    }
+
+    pub fn num_latents(&self) -> usize {
+        self.active.num_latents
+    }
+
+    /// `F_real⁻¹(p)` of latent `l` (see the type's docs), with `Q_act` the linear
+    /// interpolation of the active row: `x = u·(Qr − 1)`, `k = min(⌊x⌋, Qr − 2)`,
+    /// `row[k] + (x − k)(row[k+1] − row[k])`.
+    #[inline(always)]
+    fn inverse(&self, latent: usize, p: f64) -> f32 {
+        let q = f64::from(self.frequency[latent]);
+        // q = 0 gives −inf or NaN here; both are "not above 0" and map to 0.
+        let u = (p - (1.0 - q)) / q;
+        if u.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            return 0.0;
+        }
+        let qr = self.active.num_quantiles;
+        let x = u.min(1.0) * (qr - 1) as f64;
+        let k = (x as usize).min(qr - 2);
+        let row = &self.active.data[latent * qr..(latent + 1) * qr];
+        let (r0, r1) = (f64::from(row[k]), f64::from(row[k + 1]));
+        (r0 + (x - k as f64) * (r1 - r0)) as f32
+    }
+}
+
+/// Per sim entry, the probability and width a score equal to it gets: with `a..=b` the run
+/// of entries equal to entry `i` of its row and `Qs` entries at the mid-rank positions
+/// `p_i = (i + ½) / Qs`, the probability is the run's middle `(a + b + 1) / (2 Qs)` and the
+/// width `(b − a + 1) / Qs` (the run covers probabilities `[a / Qs, (b + 1) / Qs]`).
 ///
-/// A hit then costs one load instead of a second binary search for the run's start (and a
-/// branch on "is `s` a table entry?", which mispredicts whenever ties are common). Building
-/// it costs one pass over the tables, like their validation.
-fn hit_values(sim: &Table<'_>, real: &Table<'_>) -> Vec<f32> {
-    let (qs, qr) = (sim.num_quantiles, real.num_quantiles);
-    let step = 1.0 / (qs - 1) as f64;
-    let mut out = vec![0.0f32; sim.data.len()];
+/// A hit then costs one load instead of a second binary search for the run's start.
+fn hit_positions(sim: &Table<'_>) -> Vec<(f64, f64)> {
+    let qs = sim.num_quantiles;
+    let step = 1.0 / qs as f64;
+    let mut out = vec![(0.0, 0.0); sim.data.len()];
     out.par_chunks_mut(qs)
         .zip(sim.data.par_chunks(qs))
-        .zip(real.data.par_chunks(qr))
-        .for_each(|((hits, row), real_row)| {
+        .for_each(|(hits, row)| {
             let mut a = 0;
             while a < qs {
                 let mut b = a;
                 while b + 1 < qs && row[b + 1] == row[a] {
                     b += 1;
                 }
-                let middle = (a + b) as f64 * 0.5 * step;
-                hits[a..=b].fill(real_quantile(real_row, middle));
+                let middle = (a + b + 1) as f64 * 0.5 * step;
+                let width = (b - a + 1) as f64 * step;
+                hits[a..=b].fill((middle, width));
                 a = b + 1;
             }
         });
@@ -352,41 +403,39 @@ fn hit_values(sim: &Table<'_>, real: &Table<'_>) -> Vec<f32> {
 /// Scores searched in lockstep (see [`Lookup::group`]).
 const GROUP: usize = 8;
 
-/// Validated sim and real tables plus what the lookups precompute once per call.
+/// Validated tables plus what the lookups precompute once per call.
 struct Lookup<'a> {
     sim: &'a [f32],
-    /// `hit_values` of the tables.
-    hits: &'a [f32],
-    real: &'a [f32],
+    /// `hit_positions` of the sim table.
+    hits: &'a [(f64, f64)],
+    reference: Reference<'a>,
     num_latents: usize,
     qs: usize,
     qr: usize,
-    /// `1 / (Qs − 1)`, the probability step of the sim table.
+    /// `1 / Qs`, the probability step of the sim table.
     step: f64,
-    /// `Qr − 1`.
-    last_r: f64,
 }
 
 impl<'a> Lookup<'a> {
-    /// Tables with the same latents, and their [`hit_values`].
-    fn new(sim: &Table<'a>, real: &Table<'a>, hits: &'a [f32]) -> Self {
+    /// Tables with the same latents, and their [`hit_positions`].
+    fn new(sim: &Table<'a>, reference: &Reference<'a>, hits: &'a [(f64, f64)]) -> Self {
         // The unchecked reads of `group` rely on these sizes.
-        assert!(sim.num_latents == real.num_latents && hits.len() == sim.data.len());
+        assert!(sim.num_latents == reference.num_latents() && hits.len() == sim.data.len());
         Self {
             sim: sim.data,
             hits,
-            real: real.data,
+            reference: *reference,
             num_latents: sim.num_latents,
             qs: sim.num_quantiles,
-            qr: real.num_quantiles,
-            step: 1.0 / (sim.num_quantiles - 1) as f64,
-            last_r: (real.num_quantiles - 1) as f64,
+            qr: reference.active.num_quantiles,
+            step: 1.0 / sim.num_quantiles as f64,
         }
     }
 
-    /// `out[g] = F_real⁻¹(F_sim(scores[g]))` for `G` scores with finite values (the caller
-    /// checked; a NaN would only give a wrong value) and latent ids below `num_latents`
-    /// (asserted here: the unchecked reads rely on it); `SAME_Q` iff `Qs = Qr`.
+    /// `out[g] = F_real⁻¹(F_sim(scores[g]) + offsets[g]·w_g)` for `G` scores with finite
+    /// values and offsets in `[−½, ½]` (the caller checked) and latent ids below
+    /// `num_latents` (asserted here: the unchecked reads rely on it); without `OFFSETS` every
+    /// offset is 0 (`offsets` is then empty).
     ///
     /// **Search.** `ub_g` = number of sim entries `≤ s_g` (numpy's `searchsorted(row, s,
     /// "right")`), by a branchless binary search: the step count depends only on `Qs`,
@@ -395,32 +444,39 @@ impl<'a> Lookup<'a> {
     /// CPU instead of one search waiting on its ~7 dependent loads (Khuong & Morin, "Array
     /// layouts for comparison-based searching", 2017).
     ///
-    /// **`F_sim(s)`**, with `p_i = i / (Qs − 1)`, `a` = the first index with `row[a] ≥ s` and
-    /// `b` = the last index with `row[b] ≤ s`:
-    /// * `s < row[0]` → 0 and `s > row[Qs−1]` → 1;
-    /// * `a ≤ b` (`s` equals the run of entries `a..=b`) → the middle of the run,
-    ///   `(p_a + p_b) / 2`. A table entry repeated over a run means that many quantiles
-    ///   share one value (many contexts got the same score), so `s` sits anywhere in that
-    ///   probability range and its middle is the unbiased choice; a single matching entry
-    ///   gives `p_a`;
+    /// **`F_sim(s)`**, with the sim row's `Qs` entries at the mid-rank plotting positions
+    /// `p_i = (i + ½) / Qs` (when the row is the sorted `n` scores themselves, `Qs = n`, the
+    /// score of rank `r` gets `(r − ½) / n`: no context maps to probability 0 or 1, so none
+    /// maps to the cache's extreme by construction), `a` = the first index with
+    /// `row[a] ≥ s` and `b` = the last index with `row[b] ≤ s`:
+    /// * `s < row[0]` → `p_0` and `s > row[Qs−1]` → `p_{Qs−1}` (constant beyond the table);
+    /// * `a ≤ b` (`s` equals the run of entries `a..=b`, many contexts with one score) → the
+    ///   middle of the run, `(p_a + p_b) / 2`, and width `w = (b − a + 1) / Qs`;
     /// * otherwise (`row[b] < s < row[b+1]`) linear interpolation,
-    ///   `p_b + (s − row[b]) / (row[b+1] − row[b]) · (p_{b+1} − p_b)`.
+    ///   `p_b + (s − row[b]) / (row[b+1] − row[b]) · (p_{b+1} − p_b)`, width `w = 1 / Qs`.
     ///
-    /// Then `F_real⁻¹` as in `real_quantile`. All without data-dependent branches: with
-    /// `b = max(ub, 1) − 1`, the interpolation uses the segment `j = min(b, Qs − 2)` with its
-    /// fraction `f` clamped to `[0, 1]`, which also yields exactly 0 below the table and 1
-    /// above it; an exact hit (`row[b] = s`) selects the precomputed `hit_values[b]`
-    /// instead. When `Qs = Qr`, `p·(Qr − 1) = j + f` lands in real segment `j` itself, so
-    /// the output is `real[j] + f·(real[j+1] − real[j])` without the detour through `p`.
+    /// **Offset.** `p + offset·w`, clamped to `[0, 1]`: offset 0 is the deterministic
+    /// mid-rank rule; an offset drawn uniformly from `[−½, ½]` spreads a run of ties (and
+    /// each single rank) uniformly over the probabilities it covers — the randomized
+    /// probability integral transform, under which the calibrated activations have exactly
+    /// the real distribution when the scores carry no information, at any frequency (the
+    /// deterministic rule can never activate a latent with `q < 1 / (2n)`).
+    ///
+    /// Then `F_real⁻¹` as on [`Reference`]. **Worked example**: a latent with `q = 0.02`,
+    /// active values tabulated `[1, 3]` (`Qr = 2`), 100 contexts (`Qs = 100`, distinct
+    /// scores). The top-ranked context has `p = 99.5 / 100 = 0.995`, `u = (0.995 − 0.98) /
+    /// 0.02 = 0.75`, activation `1 + 0.75·2 = 2.5`; the second `p = 0.985`, `u = 0.25`, 1.5;
+    /// the third `p = 0.975 ≤ 0.98`: 0. Two of 100 contexts are active, as `q` says.
     #[inline(always)]
-    fn group<const G: usize, const SAME_Q: bool>(
+    fn group<const G: usize, const OFFSETS: bool>(
         &self,
         ids: &[u32],
         scores: &[f32],
+        offsets: &[f32],
         out: &mut [f32],
     ) {
         let (ids, scores, out) = (&ids[..G], &scores[..G], &mut out[..G]);
-        let (qs, qr) = (self.qs, self.qr);
+        let qs = self.qs;
         let mut row = [0usize; G];
         let mut base = [0usize; G];
         for g in 0..G {
@@ -442,9 +498,8 @@ impl<'a> Lookup<'a> {
         for g in 0..G {
             let s = scores[g];
             // SAFETY (all unchecked reads below): ids[g] < num_latents, the sim table and
-            // `hits` have num_latents·Qs entries and the real table num_latents·Qr
-            // (checked by the caller); base_g ≤ Qs − 1 by the invariant, so ub ≤ Qs,
-            // b ≤ Qs − 1, j + 1 ≤ Qs − 1 and k + 1 ≤ Qr − 1.
+            // `hits` have num_latents·Qs entries (checked by the caller); base_g ≤ Qs − 1 by
+            // the invariant, so ub ≤ Qs, b ≤ Qs − 1 and j + 1 ≤ Qs − 1.
             let sim = |i: usize| unsafe { *self.sim.get_unchecked(row[g] + i) };
             let ub = select_if_le(sim(base[g]), s, base[g] + 1, base[g]);
             let b = ub.max(1) - 1;
@@ -459,64 +514,66 @@ impl<'a> Lookup<'a> {
             // max/min, not clamp: `f64::clamp` keeps a NaN, max turns it into 0.
             #[allow(clippy::manual_clamp)]
             let frac = ((f64::from(s) - t0) / (t1 - t0).abs()).max(0.0).min(1.0);
-            let (k, f) = if SAME_Q {
-                (j, frac)
-            } else {
-                let x = (f64::from(j as u32) + frac) * self.step * self.last_r;
-                // SAFETY: 0 ≤ x ≤ Qr − 1 + ε < 2³⁰ and finite (frac is never NaN).
-                let k = unsafe { x.to_int_unchecked::<u32>() }.min(qr as u32 - 2);
-                (k as usize, x - f64::from(k))
+            let interpolated = (j as f64 + frac + 0.5) * self.step;
+            let (hit_p, hit_w) = unsafe { *self.hits.get_unchecked(row[g] + b) };
+            let is_hit = |yes: f64, no: f64| {
+                f64::from_bits(select_if_eq(sim(b), s, yes.to_bits(), no.to_bits()))
             };
-            let real = ids[g] as usize * qr + k;
-            let r0 = f64::from(unsafe { *self.real.get_unchecked(real) });
-            let r1 = f64::from(unsafe { *self.real.get_unchecked(real + 1) });
-            let interpolated = (r0 + f * (r1 - r0)) as f32;
-            let hit = unsafe { *self.hits.get_unchecked(row[g] + b) };
-            let bits = select_if_eq(
-                sim(b),
-                s,
-                u64::from(hit.to_bits()),
-                u64::from(interpolated.to_bits()),
-            );
-            out[g] = f32::from_bits(bits as u32);
+            let mut p = is_hit(hit_p, interpolated);
+            if OFFSETS {
+                let w = is_hit(hit_w, self.step);
+                #[allow(clippy::manual_clamp)]
+                {
+                    p = (p + f64::from(offsets[g]) * w).max(0.0).min(1.0);
+                }
+            }
+            out[g] = self.reference.inverse(ids[g] as usize, p);
         }
     }
 
     /// All lookups of one chunk of checked scores.
-    fn chunk<const SAME_Q: bool>(&self, ids: &[u32], scores: &[f32], out: &mut [f32]) {
-        let mut groups = out.chunks_exact_mut(GROUP);
-        let mut id_groups = ids.chunks_exact(GROUP);
-        let mut score_groups = scores.chunks_exact(GROUP);
-        for ((o, i), s) in (&mut groups).zip(&mut id_groups).zip(&mut score_groups) {
-            self.group::<GROUP, SAME_Q>(i, s, o);
+    fn chunk<const OFFSETS: bool>(
+        &self,
+        ids: &[u32],
+        scores: &[f32],
+        offsets: &[f32],
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        let full = n - n % GROUP;
+        let mut at = 0;
+        while at < full {
+            let off = if OFFSETS { &offsets[at..] } else { offsets };
+            self.group::<GROUP, OFFSETS>(&ids[at..], &scores[at..], off, &mut out[at..]);
+            at += GROUP;
         }
-        let (o, i, s) = (
-            groups.into_remainder(),
-            id_groups.remainder(),
-            score_groups.remainder(),
-        );
-        for k in 0..o.len() {
-            self.group::<1, SAME_Q>(&i[k..], &s[k..], &mut o[k..]);
+        while at < n {
+            let off = if OFFSETS { &offsets[at..] } else { offsets };
+            self.group::<1, OFFSETS>(&ids[at..], &scores[at..], off, &mut out[at..]);
+            at += 1;
         }
     }
 
-    /// Lookups of checked scores in parallel chunks, in the given order.
-    fn direct(&self, ids: &[u32], scores: &[f32], out: &mut [f32]) {
-        out.par_chunks_mut(CHUNK)
-            .zip(ids.par_chunks(CHUNK))
-            .zip(scores.par_chunks(CHUNK))
-            .for_each(|((o, i), s)| {
-                if self.qs == self.qr {
-                    self.chunk::<true>(i, s, o);
-                } else {
-                    self.chunk::<false>(i, s, o);
-                }
-            });
+    /// Lookups of checked scores in parallel chunks, in the given order; `offsets` is empty
+    /// (all 0) or one per score.
+    fn direct(&self, ids: &[u32], scores: &[f32], offsets: &[f32], out: &mut [f32]) {
+        if offsets.is_empty() {
+            out.par_chunks_mut(CHUNK)
+                .zip(ids.par_chunks(CHUNK))
+                .zip(scores.par_chunks(CHUNK))
+                .for_each(|((o, i), s)| self.chunk::<false>(i, s, &[], o));
+        } else {
+            out.par_chunks_mut(CHUNK)
+                .zip(ids.par_chunks(CHUNK))
+                .zip(scores.par_chunks(CHUNK))
+                .zip(offsets.par_chunks(CHUNK))
+                .for_each(|(((o, i), s), f)| self.chunk::<true>(i, s, f, o));
+        }
     }
 
-    /// Table bytes of one latent: its sim row, hit values and real row.
+    /// Table bytes of one latent: its sim row, hit positions and active row.
     fn row_bytes(&self) -> usize {
-        4 * (2 * self.qs + self.qr)
+        4 * self.qs + 16 * self.qs + 4 * self.qr
     }
 
     /// Lookups of checked scores whose latents are scattered (each row used once in a
@@ -529,22 +586,37 @@ impl<'a> Lookup<'a> {
     /// cache while the block is processed), looked up in bucket order, and the results
     /// scattered back to their positions. Parallel throughout: each part of the input has
     /// its own histogram, so parts write disjoint ranges of the buckets.
-    fn bucketed(&self, ids: &[u32], scores: &[f32], out: &mut [f32], super_len: usize) {
+    fn bucketed(
+        &self,
+        ids: &[u32],
+        scores: &[f32],
+        offsets: &[f32],
+        out: &mut [f32],
+        super_len: usize,
+    ) {
+        let with_offsets = !offsets.is_empty();
         let rows_per_block = (BLOCK_BYTES / self.row_bytes()).max(1);
         let shift = rows_per_block.ilog2();
         let num_blocks = (self.num_latents >> shift) + 1;
         let super_len = super_len.min(ids.len()).max(1);
         let mut b_ids = vec![0u32; super_len];
         let mut b_scores = vec![0f32; super_len];
+        let mut b_offsets = vec![0f32; if with_offsets { super_len } else { 0 }];
         let mut b_pos = vec![0u32; super_len];
         let mut b_out = vec![0f32; super_len];
         let parts = rayon::current_num_threads().clamp(1, 64);
-        for ((ids, scores), out) in ids
+        for (c, ((ids, scores), out)) in ids
             .chunks(super_len)
             .zip(scores.chunks(super_len))
             .zip(out.chunks_mut(super_len))
+            .enumerate()
         {
             let n = ids.len();
+            let offsets = if with_offsets {
+                &offsets[c * super_len..c * super_len + n]
+            } else {
+                &[][..]
+            };
             let part_len = n.div_ceil(parts);
             let hists: Vec<Vec<usize>> = ids
                 .par_chunks(part_len)
@@ -567,6 +639,7 @@ impl<'a> Lookup<'a> {
             }
             let dst_ids = SharedSlice::new(&mut b_ids[..n]);
             let dst_scores = SharedSlice::new(&mut b_scores[..n]);
+            let dst_offsets = SharedSlice::new(&mut b_offsets[..if with_offsets { n } else { 0 }]);
             let dst_pos = SharedSlice::new(&mut b_pos[..n]);
             ids.par_chunks(part_len)
                 .zip(scores.par_chunks(part_len))
@@ -582,11 +655,19 @@ impl<'a> Lookup<'a> {
                         unsafe {
                             dst_ids.write(at, id);
                             dst_scores.write(at, s);
+                            if with_offsets {
+                                dst_offsets.write(at, offsets[p * part_len + k]);
+                            }
                             dst_pos.write(at, (p * part_len + k) as u32);
                         }
                     }
                 });
-            self.direct(&b_ids[..n], &b_scores[..n], &mut b_out[..n]);
+            let b_off = if with_offsets {
+                &b_offsets[..n]
+            } else {
+                &[][..]
+            };
+            self.direct(&b_ids[..n], &b_scores[..n], b_off, &mut b_out[..n]);
             let dst = SharedSlice::new(out);
             b_out[..n]
                 .par_chunks(CHUNK)
@@ -658,22 +739,23 @@ fn upper_bound(row: &[f32], s: f32) -> usize {
 /// cores get work on small inputs.
 const CHUNK: usize = 16 * 1024;
 
-/// Quantile normalization: `out[i] = F_real⁻¹(F_sim(scores[i]))` with the tables of latent
-/// `latent_ids[i]`. The maths, ties included, is documented on `Lookup::group`: a score
-/// equal to a run of equal sim entries maps to the middle probability of the run, scores
-/// between entries interpolate linearly, scores outside the table map to 0 or 1.
+/// Quantile normalization: `out[i] = F_real⁻¹(F_sim(scores[i]) + offsets[i]·w)` with the
+/// sim row and [`Reference`] of latent `latent_ids[i]`. The maths (mid-rank positions, the
+/// middle-of-run rule for ties, the offset, the mixture `F_real⁻¹`) and a worked example
+/// are on `Lookup::group`. `offsets = None` is the deterministic mid-rank rule (all 0).
 ///
-/// The two tables may have different numbers of quantiles but must have the same latents.
-/// Errors: length mismatch, a latent id `≥ num_latents`, a non-finite score (the error
-/// names the lowest bad index).
+/// Errors: length mismatch, sim and reference of different latents, a latent id
+/// `≥ num_latents`, a non-finite score, an offset outside `[−½, ½]` (the error names the
+/// lowest bad index).
 pub fn quantile_normalize(
     latent_ids: &[u32],
     scores: &[f32],
+    offsets: Option<&[f32]>,
     sim: &Table<'_>,
-    real: &Table<'_>,
+    reference: &Reference<'_>,
 ) -> Result<Vec<f32>, QuantileError> {
     let mut out = vec![0.0f32; scores.len()];
-    quantile_normalize_into(latent_ids, scores, sim, real, &mut out)?;
+    quantile_normalize_into(latent_ids, scores, offsets, sim, reference, &mut out)?;
     Ok(out)
 }
 
@@ -682,8 +764,9 @@ pub fn quantile_normalize(
 pub fn quantile_normalize_into(
     latent_ids: &[u32],
     scores: &[f32],
+    offsets: Option<&[f32]>,
     sim: &Table<'_>,
-    real: &Table<'_>,
+    reference: &Reference<'_>,
     out: &mut [f32],
 ) -> Result<(), QuantileError> {
     if latent_ids.len() != scores.len() {
@@ -702,14 +785,29 @@ pub fn quantile_normalize_into(
             right_len: scores.len(),
         });
     }
-    if sim.num_latents != real.num_latents {
-        return Err(QuantileError::TableRows {
-            sim: sim.num_latents,
-            real: real.num_latents,
+    let offsets = offsets.unwrap_or(&[]);
+    if !offsets.is_empty() && offsets.len() != scores.len() {
+        return Err(QuantileError::LengthMismatch {
+            left: "offsets",
+            left_len: offsets.len(),
+            right: "scores",
+            right_len: scores.len(),
         });
     }
-    let hits = hit_values(sim, real);
-    let lookup = Lookup::new(sim, real, &hits);
+    if sim.num_latents != reference.num_latents() {
+        return Err(QuantileError::TableRows {
+            sim: sim.num_latents,
+            real: reference.num_latents(),
+        });
+    }
+    if let Some(index) = offsets.iter().position(|o| !(-0.5..=0.5).contains(o)) {
+        return Err(QuantileError::Offset {
+            index,
+            value: offsets[index],
+        });
+    }
+    let hits = hit_positions(sim);
+    let lookup = Lookup::new(sim, reference, &hits);
     // Check every score first (in parallel; the lowest bad index wins) and count where the
     // latent changes between neighbours: the measure of locality that picks the strategy.
     let num_latents = lookup.num_latents;
@@ -761,9 +859,9 @@ pub fn quantile_normalize_into(
         // Enough scores per super-chunk that each row is reused ~64 times, with bounded
         // scratch memory (16 bytes per score).
         let super_len = (64 * num_latents).clamp(1 << 20, 1 << 22);
-        lookup.bucketed(latent_ids, scores, out, super_len);
+        lookup.bucketed(latent_ids, scores, offsets, out, super_len);
     } else {
-        lookup.direct(latent_ids, scores, out);
+        lookup.direct(latent_ids, scores, offsets, out);
     }
     Ok(())
 }
@@ -1412,23 +1510,54 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
-    /// The reference semantics spelled out with linear scans.
-    fn brute_sim_probability(row: &[f32], s: f32) -> f64 {
+    /// The reference semantics spelled out with linear scans: `(p, w)` of `F_sim`.
+    fn brute_sim_probability(row: &[f32], s: f32) -> (f64, f64) {
         let q = row.len();
-        let step = 1.0 / (q - 1) as f64;
+        let step = 1.0 / q as f64;
+        let pos = |i: f64| (i + 0.5) * step;
         let eq: Vec<usize> = (0..q).filter(|&i| row[i] == s).collect();
         if let (Some(&a), Some(&b)) = (eq.first(), eq.last()) {
-            return (a + b) as f64 / 2.0 * step;
+            return (
+                (pos(a as f64) + pos(b as f64)) / 2.0,
+                (b - a + 1) as f64 * step,
+            );
         }
         if s < row[0] {
-            return 0.0;
+            return (pos(0.0), step);
         }
         if s > row[q - 1] {
-            return 1.0;
+            return (pos((q - 1) as f64), step);
         }
         let b = (0..q).rev().find(|&i| row[i] < s).unwrap();
         let (t0, t1) = (f64::from(row[b]), f64::from(row[b + 1]));
-        (b as f64 + (f64::from(s) - t0) / (t1 - t0)) * step
+        (pos(b as f64 + (f64::from(s) - t0) / (t1 - t0)), step)
+    }
+
+    /// The mixture `F_real⁻¹` spelled out.
+    fn brute_inverse(active: &[f64], q: f64, p: f64) -> f64 {
+        if q <= 0.0 || p <= 1.0 - q {
+            return 0.0;
+        }
+        brute_quantile(active, ((p - (1.0 - q)) / q).min(1.0))
+    }
+
+    fn random_frequencies(rng: &mut ChaCha8Rng, l: usize) -> Vec<f32> {
+        (0..l)
+            .map(|i| match i % 4 {
+                0 => 0.0,
+                1 => 1.0,
+                _ => rng.random_range(0.0..0.5f32),
+            })
+            .collect()
+    }
+
+    fn sorted_rows(t: &mut [f32], q: usize) {
+        for row in t.chunks_mut(q) {
+            for v in row.iter_mut() {
+                *v = v.abs();
+            }
+            row.sort_by(f32::total_cmp);
+        }
     }
 
     fn brute_quantile(sorted: &[f64], p: f64) -> f64 {
@@ -1480,31 +1609,45 @@ mod tests {
     fn normalize_matches_brute_force() {
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let l = 13;
-        // Qs ≠ Qr and Qs = Qr take different paths; Q = 2 is the smallest table.
+        // Q = 2 is the smallest table; Qs ≠ Qr and Qs = Qr.
         for (qs, qr) in [(11, 7), (9, 9), (2, 2), (2, 5), (101, 101), (6, 2)] {
             let sim = random_table(&mut rng, l, qs);
-            let real = random_table(&mut rng, l, qr);
+            let mut active = random_table(&mut rng, l, qr);
+            sorted_rows(&mut active, qr);
+            let freq = random_frequencies(&mut rng, l);
             // Not a multiple of GROUP, so the remainder path runs too.
             let n = 20_003;
             let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..l as u32)).collect();
             let scores: Vec<f32> = (0..n)
                 .map(|_| rng.random_range(-4..24) as f32 * 0.25)
                 .collect();
+            let offsets: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5..=0.5f32)).collect();
             let st = Table::new("sim_table", &sim, l, qs).unwrap();
-            let rt = Table::new("real_table", &real, l, qr).unwrap();
-            let out = quantile_normalize(&ids, &scores, &st, &rt).unwrap();
+            let at = Table::new("active_table", &active, l, qr).unwrap();
+            let reference = Reference::new(at, &freq).unwrap();
+            let plain = quantile_normalize(&ids, &scores, None, &st, &reference).unwrap();
+            let offset =
+                quantile_normalize(&ids, &scores, Some(&offsets), &st, &reference).unwrap();
             for i in 0..n {
                 let li = ids[i] as usize;
-                let p = brute_sim_probability(&sim[li * qs..(li + 1) * qs], scores[i]);
-                let rrow: Vec<f64> = real[li * qr..(li + 1) * qr]
+                let (p, w) = brute_sim_probability(&sim[li * qs..(li + 1) * qs], scores[i]);
+                let arow: Vec<f64> = active[li * qr..(li + 1) * qr]
                     .iter()
                     .map(|&v| v.into())
                     .collect();
-                let want = brute_quantile(&rrow, p) as f32;
+                let q = f64::from(freq[li]);
+                let want = brute_inverse(&arow, q, p) as f32;
                 assert!(
-                    (out[i] - want).abs() <= 1e-6,
+                    (plain[i] - want).abs() <= 1e-5,
                     "Q {qs}/{qr} i={i} got {} want {want}",
-                    out[i]
+                    plain[i]
+                );
+                let p = (p + f64::from(offsets[i]) * w).clamp(0.0, 1.0);
+                let want = brute_inverse(&arow, q, p) as f32;
+                assert!(
+                    (offset[i] - want).abs() <= 1e-5,
+                    "offsets Q {qs}/{qr} i={i} got {} want {want}",
+                    offset[i]
                 );
             }
         }
@@ -1515,56 +1658,95 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for (l, qs, qr) in [(3000, 101, 101), (700, 33, 17), (5, 2, 3)] {
             let sim = random_table(&mut rng, l, qs);
-            let real = random_table(&mut rng, l, qr);
+            let mut active = random_table(&mut rng, l, qr);
+            sorted_rows(&mut active, qr);
+            let freq = random_frequencies(&mut rng, l);
             let st = Table::new("sim_table", &sim, l, qs).unwrap();
-            let rt = Table::new("real_table", &real, l, qr).unwrap();
-            let hits = hit_values(&st, &rt);
-            let lookup = Lookup::new(&st, &rt, &hits);
+            let at = Table::new("active_table", &active, l, qr).unwrap();
+            let reference = Reference::new(at, &freq).unwrap();
+            let hits = hit_positions(&st);
+            let lookup = Lookup::new(&st, &reference, &hits);
             let n = 30_011;
             let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..l as u32)).collect();
             let scores: Vec<f32> = (0..n)
                 .map(|_| rng.random_range(-4..24) as f32 * 0.25)
                 .collect();
-            let mut direct = vec![0.0; n];
-            lookup.direct(&ids, &scores, &mut direct);
-            // Several super-chunks of odd sizes, and one covering everything.
-            for super_len in [1, 997, 8192, n] {
-                let mut bucketed = vec![f32::NAN; n];
-                lookup.bucketed(&ids, &scores, &mut bucketed, super_len);
-                assert_eq!(bucketed, direct, "L {l} super_len {super_len}");
+            let offsets: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5..=0.5f32)).collect();
+            for off in [&[][..], &offsets[..]] {
+                let mut direct = vec![0.0; n];
+                lookup.direct(&ids, &scores, off, &mut direct);
+                // Several super-chunks of odd sizes, and one covering everything.
+                for super_len in [1, 997, 8192, n] {
+                    let mut bucketed = vec![f32::NAN; n];
+                    lookup.bucketed(&ids, &scores, off, &mut bucketed, super_len);
+                    assert_eq!(bucketed, direct, "L {l} super_len {super_len}");
+                }
             }
             // The public entry point takes the bucketed path for scattered input of this size.
             if l == 3000 {
                 let ids: Vec<u32> = (0..70_000u32).map(|i| i % l as u32).collect();
                 let scores = vec![1.0f32; ids.len()];
                 let mut direct = vec![0.0; ids.len()];
-                lookup.direct(&ids, &scores, &mut direct);
-                assert_eq!(quantile_normalize(&ids, &scores, &st, &rt).unwrap(), direct);
+                lookup.direct(&ids, &scores, &[], &mut direct);
+                let got = quantile_normalize(&ids, &scores, None, &st, &reference).unwrap();
+                assert_eq!(got, direct);
             }
         }
     }
 
     #[test]
-    fn flat_runs_ties_and_zero_runs() {
-        // Entries 1..=3 equal 1.0: a score of 1.0 sits at the run's middle p = 2/4.
-        let sim = [0.0, 1.0, 1.0, 1.0, 2.0];
-        let real = [0.0, 0.0, 0.0, 4.0, 8.0];
+    fn worked_example_rare_latent_and_ties() {
+        // The docstring's example: q = 0.02, active values [1, 3], 100 distinct scores.
+        let sim: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        let active = [1.0f32, 3.0];
+        let st = Table::new("sim_table", &sim, 1, 100).unwrap();
+        let reference =
+            Reference::new(Table::new("active_table", &active, 1, 2).unwrap(), &[0.02]).unwrap();
+        let out =
+            quantile_normalize(&[0; 4], &[99.0, 98.0, 97.0, 1e9], None, &st, &reference).unwrap();
+        assert!(
+            (out[0] - 2.5).abs() < 1e-5 && (out[1] - 1.5).abs() < 1e-5,
+            "{out:?}"
+        );
+        assert_eq!(out[2], 0.0);
+        // Above the table: the top position p = 0.995, never the active maximum 3.
+        assert!((out[3] - 2.5).abs() < 1e-5, "{out:?}");
+        // A run of ties (entries 1..=3 of 5): middle p = (1.5 + 3.5) / 2 / 5 = 0.5; with
+        // q = 0.6 that is u = (0.5 - 0.4) / 0.6 = 1/6 of the way from 0 to 6: 1.0.
+        let sim = [0.0f32, 1.0, 1.0, 1.0, 2.0];
+        let active = [0.0f32, 6.0];
         let st = Table::new("sim_table", &sim, 1, 5).unwrap();
-        let rt = Table::new("real_table", &real, 1, 5).unwrap();
-        let scores = [1.0, 0.0, -1.0, 3.0, 1.5, 2.0];
-        let out = quantile_normalize(&[0; 6], &scores, &st, &rt).unwrap();
-        // p: 0.5 → 0 (zero run), 0 → 0, below → 0, above → 8, 0.875 → 6, 1 → 8.
-        assert_eq!(out, vec![0.0, 0.0, 0.0, 8.0, 6.0, 8.0]);
+        let reference =
+            Reference::new(Table::new("active_table", &active, 1, 2).unwrap(), &[0.6]).unwrap();
+        let out =
+            quantile_normalize(&[0; 2], &[1.0, 1.0], Some(&[0.0, 0.5]), &st, &reference).unwrap();
+        assert!((out[0] - 1.0).abs() < 1e-5, "{out:?}");
+        // Offset +½ moves to the run's top, p = 4/5: u = 2/3, 4.0.
+        assert!((out[1] - 4.0).abs() < 1e-5, "{out:?}");
+        // A never-active latent maps everything to 0.
+        let reference =
+            Reference::new(Table::new("active_table", &active, 1, 2).unwrap(), &[0.0]).unwrap();
+        let out =
+            quantile_normalize(&[0; 2], &[2.0, 9.0], Some(&[0.5, 0.5]), &st, &reference).unwrap();
+        assert_eq!(out, vec![0.0, 0.0]);
     }
 
     #[test]
     fn bad_inputs_name_the_culprit() {
         let t = [0.0f32, 1.0, 2.0];
         let st = Table::new("sim_table", &t, 1, 3).unwrap();
-        let e = quantile_normalize(&[0, 1], &[0.5, 0.5], &st, &st).unwrap_err();
+        let rf = Reference::new(st, &[0.5]).unwrap();
+        let e = quantile_normalize(&[0, 1], &[0.5, 0.5], None, &st, &rf).unwrap_err();
         assert!(e.to_string().contains("latent_ids[1] = 1"), "{e}");
-        let e = quantile_normalize(&[0, 0, 0], &[0.5, 0.5, f32::NAN], &st, &st).unwrap_err();
+        let e = quantile_normalize(&[0, 0, 0], &[0.5, 0.5, f32::NAN], None, &st, &rf).unwrap_err();
         assert!(e.to_string().contains("scores[2]"), "{e}");
+        let e = quantile_normalize(&[0, 0], &[0.5, 0.5], Some(&[0.0, 0.7]), &st, &rf).unwrap_err();
+        assert!(e.to_string().contains("offsets[1] = 0.7"), "{e}");
+        let e = Reference::new(st, &[1.5]).unwrap_err();
+        assert!(
+            e.to_string().contains("frequency of latent 0 is 1.5"),
+            "{e}"
+        );
         let e = Table::new("real_table", &[0.0, 1.0, 3.0, 2.0], 2, 2).unwrap_err();
         assert!(e.to_string().contains("real_table: latent 1"), "{e}");
         let e = Table::new("sim_table", &[0.0], 1, 1).unwrap_err();

@@ -5,7 +5,7 @@
 //! `nlrw.quantiles` convert array-likes first); the core's typed errors become
 //! `ValueError` with the core's message, which names the argument, latent or index.
 
-use nlrw_core::quantile::{self, QuantileError, SketchState, Table, Total};
+use nlrw_core::quantile::{self, QuantileError, Reference, SketchState, Table, Total};
 use numpy::{
     ndarray::Dimension, Element, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray,
     PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
@@ -77,22 +77,33 @@ impl<'py> TotalArg<'py> {
     }
 }
 
-/// Quantile normalization `F_real⁻¹(F_sim(score))` per `(latent_id, score)`.
+/// Quantile normalization `F_real⁻¹(F_sim(score) + offset·w)` per `(latent_id, score)`.
 ///
-/// latent_ids: uint32 [m]; scores: float32 [m]; sim_table: float32 [L, Qs]; real_table:
-/// float32 [L, Qr] (rows ascending, entry i at probability i / (Q − 1)). Returns float32 [m].
+/// latent_ids: uint32 [m]; scores: float32 [m]; sim_table: float32 [L, Qs] (rows ascending,
+/// entry i at the mid-rank position (i + ½) / Qs); active_table: float32 [L, Qr] (quantiles
+/// of each latent's active values, entry i at i / (Qr − 1)); frequency: float32 [L] (each
+/// latent's active frequency, in [0, 1]); offsets: None or float32 [m] in [−½, ½]. Returns
+/// float32 [m]. C-contiguous arrays only (the error names the argument otherwise).
 #[pyfunction]
+#[pyo3(signature = (latent_ids, scores, sim_table, active_table, frequency, offsets=None))]
 fn quantile_normalize<'py>(
     py: Python<'py>,
     latent_ids: PyReadonlyArray1<'py, u32>,
     scores: PyReadonlyArray1<'py, f32>,
     sim_table: PyReadonlyArray2<'py, f32>,
-    real_table: PyReadonlyArray2<'py, f32>,
+    active_table: PyReadonlyArray2<'py, f32>,
+    frequency: PyReadonlyArray1<'py, f32>,
+    offsets: Option<PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let ids = contiguous(&latent_ids, "latent_ids")?;
     let s = contiguous(&scores, "scores")?;
     let (sim, sl, sq) = table(&sim_table, "sim_table")?;
-    let (real, rl, rq) = table(&real_table, "real_table")?;
+    let (active, al, aq) = table(&active_table, "active_table")?;
+    let freq = contiguous(&frequency, "frequency")?;
+    let off = match &offsets {
+        Some(o) => Some(contiguous(o, "offsets")?),
+        None => None,
+    };
     // numpy allocates the output: for large arrays it asks the kernel for huge pages, so
     // the first touch of a fresh output takes far fewer page faults than a Vec's 4 KiB
     // pages (with a Vec, faults and page clearing were a fifth of a 32M-score call).
@@ -102,8 +113,9 @@ fn quantile_normalize<'py>(
         unsafe { out.as_slice_mut() }.map_err(|e| PyValueError::new_err(e.to_string()))?;
     py.detach(|| {
         let sim = Table::new("sim_table", sim, sl, sq)?;
-        let real = Table::new("real_table", real, rl, rq)?;
-        quantile::quantile_normalize_into(ids, s, &sim, &real, out_slice)
+        let active = Table::new("active_table", active, al, aq)?;
+        let reference = Reference::new(active, freq)?;
+        quantile::quantile_normalize_into(ids, s, off, &sim, &reference, out_slice)
     })
     .map_err(to_py)?;
     Ok(out)
