@@ -54,7 +54,9 @@ FAST = EvaluateConfig(
     part_size=4,
     batch_size=64,
     progress=False,
+    synthetic_qualities=(0.5, 1.0),
 )
+N_CONTROLS = len(evaluate.CONTROLS)
 
 
 def random_coder(kind: str, d: int, *, k: int = 4, num_latents: int = 64, seed: int = 0):
@@ -114,11 +116,40 @@ def make_run(
     cfg = ContextsConfig(n_contexts=N_EVAL, n_calibration=N_CAL, ctx_len=CTX_LEN, sequence_len=32)
     atomic_write_json(run_dir / "contexts.json", stage_record("contexts", cfg))
     write_calibration(run_dir, SIMULATED)
+    write_stats(run_dir, coder.num_latents)
     rng = np.random.default_rng(2)
     pl.DataFrame(
         {"latent": SIMULATED, "balanced_accuracy": rng.random(len(SIMULATED))}
     ).write_parquet(run_dir / "scores.parquet")
     return run_dir, subject, coder
+
+
+def write_stats(run_dir: Path, num_latents: int) -> None:
+    """``latents/stats.parquet`` as the cache writes it, from the true activations of every
+    context (the cache's statistics of a held-out set; here the contexts are that set, so
+    the max bounds every eval activation and the uncalibrated mapping can be exact)."""
+    true = true_activations(run_dir, np.arange(num_latents), np.arange(N_EVAL + N_CAL))
+    count = (true > 0).sum(1)
+    mean = np.divide(true.sum(1), count, out=np.zeros(num_latents), where=count > 0)
+    tables = np.zeros((num_latents, 11), np.float32)
+    for latent in np.flatnonzero(count):
+        tables[latent] = np.quantile(true[latent][true[latent] > 0], np.linspace(0, 1, 11))
+    (run_dir / "latents").mkdir()
+    pl.DataFrame(
+        {
+            "latent": np.arange(num_latents, dtype=np.int32),
+            "count": count,
+            "frequency": count / true.shape[1],
+            "max": true.max(1),
+            "mean": mean.astype(np.float32),
+            "n_active_windows": count,
+            "reference_frequency": count / true.shape[1],
+            "reference_max": true.max(1),
+            "active_quantiles": pl.Series(
+                "active_quantiles", tables.tolist(), dtype=pl.List(pl.Float32)
+            ),
+        }
+    ).write_parquet(run_dir / "latents" / "stats.parquet")
 
 
 def write_calibration(run_dir: Path, latents: np.ndarray) -> None:
@@ -310,6 +341,98 @@ def test_simulated_rows_equal_a_manual_rewrite(tc_run, calibration, fraction, ch
     assert np.abs(got - ce_of(results_of(run_dir), "transcoder")).max() > 1e-4
 
 
+def _chosen_sets(run_dir: Path, coder: SparseCoder, fraction: float, choice: str) -> list:
+    """The latents a (fraction, choice) rewrites, per trial, computed from the inputs."""
+    n_sel = max(1, int(np.floor(fraction * len(SIMULATED) + 0.5)))
+    if choice == "top":  # best balanced accuracy first, ties by latent id
+        scores = pl.read_parquet(run_dir / "scores.parquet")
+        chosen = scores.sort(["balanced_accuracy", "latent"], descending=[True, False])
+        return [chosen["latent"].to_numpy()[:n_sel]]
+    grid = Grid.build(
+        dataclasses.replace(FAST, choices=("random",)),
+        SIMULATED,
+        {},
+        np.arange(N_EVAL),
+        balanced_accuracy=None,
+        k=coder.k,
+        num_latents=coder.num_latents,
+    )
+    return [SIMULATED[grid.order("random", t, 0)[:n_sel]] for t in range(FAST.n_trials)]
+
+
+def _mean_over_trials(results: pl.DataFrame, condition: str, **keys: Any) -> np.ndarray:
+    rows = results.filter(pl.col("condition") == condition)
+    for name, value in keys.items():
+        rows = rows.filter(pl.col(name) == value)
+    return rows.group_by("context_id").agg(pl.col("ce").mean()).sort("context_id")["ce"].to_numpy()
+
+
+@pytest.mark.parametrize("condition", evaluate.CONTROLS)
+@pytest.mark.parametrize(("fraction", "choice"), [(0.5, "top"), (1.0, "top"), (0.1, "random")])
+def test_controls_equal_a_manual_rewrite(tc_run, condition, fraction, choice) -> None:
+    """matched_zero: chosen latents 0; oracle_support: the simulated value where truly active;
+    oracle_magnitude: where simulated > 0, the true value, or the cache's mean where the latent
+    is not truly active. Top-k re-applied; the splice by a plain forward hook."""
+    run_dir, subject, coder = tc_run
+    ids, targets = eval_windows(run_dir)
+    cal = pl.read_parquet(run_dir / "calibration.parquet").filter(pl.col("calibration") == "noisy")
+    mean = pl.read_parquet(run_dir / "latents" / "stats.parquet").sort("latent")["mean"]
+    mean = mean.to_numpy()
+    chosen_sets = _chosen_sets(run_dir, coder, fraction, choice)
+    expected = np.zeros(len(ids))
+    for chosen in chosen_sets:
+        for c in range(len(ids)):
+            sim = cal.filter(pl.col("context_id") == c)
+            sim_of = dict(zip(sim["latent"].to_list(), sim["activation"].to_list(), strict=True))
+
+            def rewrite(x: torch.Tensor, y: torch.Tensor, chosen=chosen, sim_of=sim_of):
+                z = _manual_z(coder, x[0])
+                true = z.copy()
+                for lat in chosen:
+                    s, a = sim_of[int(lat)], true[lat]
+                    if condition == "matched_zero":
+                        z[lat] = 0.0
+                    elif condition == "oracle_support":
+                        z[lat] = s if a > 0 else 0.0
+                    else:
+                        z[lat] = (a if a > 0 else mean[lat]) if s > 0 else 0.0
+                keep = np.argsort(-z, kind="stable")[: coder.k]
+                z2 = np.zeros_like(z)
+                z2[keep] = np.maximum(z[keep], 0)
+                return _decode(coder, z2, x[0])[None]
+
+            with torch.no_grad():
+                expected[c] += hooked_last_ce(
+                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
+                )[0]
+    expected /= len(chosen_sets)
+    results = results_of(run_dir)
+    keys = {"calibration": "noisy", "fraction": fraction, "choice": choice}
+    got = _mean_over_trials(results, condition, **keys)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if fraction == 1.0:  # every simulated latent rewritten: the control changes the loss
+        assert np.abs(got - ce_of(results, "transcoder")).max() > 1e-4
+        assert np.abs(got - _mean_over_trials(results, "simulated", **keys)).max() > 1e-4
+
+
+def test_controls_with_exact_calibration(tc_run) -> None:
+    """With the true activations as simulations both oracles are the transcoder, and
+    matched_zero at fraction 1 is the zero ablation of the simulated latents only."""
+    run_dir, _, _ = tc_run
+    results = results_of(run_dir)
+    tc = ce_of(results, "transcoder")
+    for condition in ("oracle_support", "oracle_magnitude"):
+        rows = results.filter(
+            (pl.col("condition") == condition) & (pl.col("calibration") == "exact")
+        )
+        for _, group in rows.group_by(["fraction", "choice", "trial"]):
+            np.testing.assert_allclose(group.sort("context_id")["ce"].to_numpy(), tc, rtol=1e-6)
+    zero = ce_of(results, "zero_ablation")
+    matched = ce_of(results, "matched_zero", calibration="exact", fraction=1.0, choice="top")
+    # odd latents were never simulated and keep their values: not the full zero ablation
+    assert np.abs(matched - zero).max() > 1e-4 and np.abs(matched - tc).max() > 1e-4
+
+
 def test_random_k_puts_the_true_values_on_seeded_random_latents(tc_run) -> None:
     run_dir, subject, coder = tc_run
     ids, targets = eval_windows(run_dir)
@@ -342,7 +465,9 @@ def test_true_values_as_calibration_reproduce_the_transcoder(tc_run) -> None:
     run_dir, _, _ = tc_run
     results = results_of(run_dir)
     tc = ce_of(results, "transcoder")
-    exact = results.filter(pl.col("calibration") == "exact")
+    exact = results.filter(
+        (pl.col("calibration") == "exact") & (pl.col("condition") == "simulated")
+    )
     assert exact.height == N_EVAL * len(FAST.fractions) * (1 + FAST.n_trials)
     for (fraction, choice, trial), rows in exact.group_by(["fraction", "choice", "trial"]):
         np.testing.assert_allclose(
@@ -367,6 +492,17 @@ def _grid(run_dir: Path, cfg: EvaluateConfig, coder: SparseCoder) -> Grid:
     for name in ("exact", "noisy"):
         part = cal.filter(pl.col("calibration") == name).sort("context_id", "latent")
         values[name] = part["activation"].to_numpy().reshape(N_EVAL, len(SIMULATED))
+    stats = pl.read_parquet(run_dir / "latents" / "stats.parquet").sort("latent")
+    true = true_activations(run_dir, np.arange(coder.num_latents), np.arange(N_EVAL)).T
+    synthetic, auroc = evaluate.synthetic_values(
+        true,
+        cfg.synthetic_qualities,
+        cfg.synthetic_calibrations,
+        max_activation=stats["reference_max"].to_numpy(),
+        active_tables=np.array(stats["active_quantiles"].to_list(), dtype=np.float32),
+        frequency=stats["reference_frequency"].to_numpy().astype(np.float32),
+        seed=cfg.seed,
+    )
     return Grid.build(
         cfg,
         SIMULATED,
@@ -375,6 +511,8 @@ def _grid(run_dir: Path, cfg: EvaluateConfig, coder: SparseCoder) -> Grid:
         balanced_accuracy=np.random.default_rng(0).random(len(SIMULATED)),
         k=coder.k,
         num_latents=coder.num_latents,
+        mean_active=stats["mean"].to_numpy()[SIMULATED],
+        synthetic=evaluate.Synthetic(synthetic, auroc),
     )
 
 
@@ -471,14 +609,23 @@ def test_outputs_schema_grid_and_record(tc_run) -> None:
     run_dir, _, _ = tc_run
     results = results_of(run_dir)
     assert results.schema == pl.Schema(evaluate.RESULTS_SCHEMA)
-    per_ctx = 4 + 2 * len(FAST.fractions) * (1 + FAST.n_trials)
+    per_key = len(FAST.fractions) * (1 + FAST.n_trials)
+    n_synthetic = len(FAST.synthetic_qualities) * len(FAST.synthetic_calibrations)
+    per_ctx = 4 + 2 * per_key * (1 + N_CONTROLS) + n_synthetic * per_key
     assert results.height == N_EVAL * per_ctx
     assert results["context_id"].unique().sort().to_list() == list(range(N_EVAL))
-    base = results.filter(pl.col("condition") != "simulated")
+    base = results.filter(pl.col("condition").is_in(evaluate.CONDITIONS[:4]))
     assert base["calibration"].null_count() == base.height and base["fraction"].null_count()
+    synthetic = results.filter(pl.col("condition") == "synthetic")
+    assert synthetic.height == N_EVAL * n_synthetic * per_key
+    assert sorted(synthetic["quality"].unique().to_list()) == [0.5, 1.0]
+    assert results.filter(pl.col("condition") != "synthetic")["quality"].null_count() == (
+        results.height - synthetic.height
+    )
     summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
     assert summary.schema == pl.Schema(evaluate.SUMMARY_SCHEMA)
-    assert summary.height == 4 + 2 * len(FAST.fractions) * 2
+    per_summary = len(FAST.fractions) * 2
+    assert summary.height == 4 + 2 * per_summary * (1 + N_CONTROLS) + n_synthetic * per_summary
     assert summary["condition"].to_list()[:4] == [
         "clean",
         "transcoder",
@@ -487,6 +634,11 @@ def test_outputs_schema_grid_and_record(tc_run) -> None:
     ]
     sim = summary.filter(pl.col("condition") == "simulated")
     assert sorted(set(sim["n_simulated_latents"].to_list())) == [3, 16, 32]  # of 32 simulated
+    keys = ["calibration", "fraction", "choice", "n_trials", "n_simulated_latents"]
+    for control in evaluate.CONTROLS:  # the same keys as the simulated rows
+        assert summary.filter(pl.col("condition") == control).select(keys).equals(sim.select(keys))
+    synth = summary.filter(pl.col("condition") == "synthetic")
+    assert sorted(set(synth["n_simulated_latents"].to_list())) == [6, 32, 64]  # of all 64
     assert set(sim.filter(pl.col("choice") == "random")["n_trials"].to_list()) == {2}
     record = json.loads((run_dir / "eval.json").read_text())
     assert record["stage"] == "evaluate" and record["config"]["fractions"] == [0.1, 0.5, 1.0]
@@ -535,6 +687,170 @@ def test_sign_flip_p_value_equals_exact_enumeration() -> None:
     always = np.full(12, 1.0)
     flips = np.random.default_rng(1).choice([-1.0, 1.0], size=(2000, 12))
     assert evaluate.paired_sign_flip_p(always, flips) < 0.01
+
+
+def _summary_input(rng: np.random.Generator, n: int = 40) -> pl.DataFrame:
+    """Results of five conditions on n contexts: zero ablation; the transcoder 0.4 nats
+    better; ``equal`` within 0.01 of zero ablation; a random choice whose 4 trials sit at
+    -0.3, -0.1, +0.1 and +0.3 from zero ablation on every context (the trial is all that
+    varies); ``worse`` 0.5 nats above zero ablation."""
+    zero = rng.normal(5.0, 0.5, n)
+    frames = []
+
+    def add(condition: str, ce: np.ndarray, choice: str | None = None, trial: int = 0) -> None:
+        frames.append(
+            pl.DataFrame(
+                {
+                    "condition": condition,
+                    "calibration": None if choice is None else "quantile",
+                    "quality": None,
+                    "fraction": None if choice is None else 1.0,
+                    "choice": choice,
+                    "trial": trial,
+                    "context_id": np.arange(n),
+                    "ce": ce,
+                },
+                schema=evaluate.RESULTS_SCHEMA,
+            )
+        )
+
+    add("zero_ablation", zero)
+    add("transcoder", zero - 0.4 + rng.normal(0, 0.05, n))
+    add("simulated", zero + rng.normal(0.0, 0.01, n), "top")
+    for t, offset in enumerate((-0.3, -0.1, 0.1, 0.3)):
+        add("simulated", zero + offset, "random", t)
+    add("matched_zero", zero + 0.5 + rng.normal(0, 0.05, n), "top")
+    return pl.concat(frames)
+
+
+def test_summary_equivalence_holm_and_hierarchical_bootstrap() -> None:
+    from nlrw import statistics
+
+    results = _summary_input(np.random.default_rng(0))
+    summary = evaluate.summarize(results, n_bootstrap=1000, n_permutations=2000)
+    assert summary.schema == pl.Schema(evaluate.SUMMARY_SCHEMA)
+    per = {(r["condition"], r["choice"]): r for r in summary.iter_rows(named=True)}
+    zero = results.filter(pl.col("condition") == "zero_ablation").sort("context_id")["ce"]
+    tc = results.filter(pl.col("condition") == "transcoder").sort("context_id")["ce"]
+    margin = 0.25 * (zero.mean() - tc.mean())  # pyright: ignore[reportOperatorIssue]
+    assert summary["equivalence_margin"].unique().to_list() == [pytest.approx(margin)]
+    equal = per[("simulated", "top")]
+    diff = (
+        results.filter((pl.col("choice") == "top") & (pl.col("condition") == "simulated"))
+        .sort("context_id")["ce"]
+        .to_numpy()
+        - zero.to_numpy()
+    )
+    assert equal["p_equivalent"] == pytest.approx(statistics.tost_paired(diff, margin).p_value)
+    assert equal["equivalent_to_zero"] is True and equal["p_equivalent_holm"] < 0.05
+    better = per[("transcoder", None)]
+    assert better["p_better"] < 0.01 and better["equivalent_to_zero"] is False
+    worse = per[("matched_zero", "top")]
+    assert worse["p_better"] > 0.99 and worse["equivalent_to_zero"] is False
+    assert per[("zero_ablation", None)]["equivalent_to_zero"] is None
+    # Holm over every row but zero ablation, one family per p-value column
+    family = summary.filter(pl.col("condition") != "zero_ablation")
+    for raw in ("p_value", "p_better", "p_equivalent"):
+        np.testing.assert_allclose(
+            family[f"{raw}_holm"].to_numpy(), statistics.holm(family[raw].to_numpy())
+        )
+    # The random choice: a bootstrap of the contexts alone has no width (every context has
+    # the same trial mean); resampling the trials too gives an interval over them.
+    rand = per[("simulated", "random")]
+    assert rand["n_trials"] == 4 and rand["diff_vs_zero"] == pytest.approx(0.0, abs=1e-12)
+    assert rand["diff_ci_low"] < -0.1 and rand["diff_ci_high"] > 0.1
+    assert equal["diff_ci_high"] - equal["diff_ci_low"] < 0.02
+
+
+def test_summary_margin_options_and_errors() -> None:
+    results = _summary_input(np.random.default_rng(1))
+    summary = evaluate.summarize(
+        results, n_bootstrap=10, n_permutations=10, equivalence_margin_nats=0.001
+    )
+    assert summary["equivalence_margin"].unique().to_list() == [0.001]
+    row = summary.filter(pl.col("choice") == "top", pl.col("condition") == "simulated")
+    assert row["equivalent_to_zero"].to_list() == [False]  # 0.01 noise, 0.001 margin
+    for option, value in (("equivalence_margin", 0.0), ("equivalence_margin_nats", -1.0)):
+        with pytest.raises(ValueError, match=f"{option} must be > 0"):
+            evaluate.summarize(results, n_bootstrap=10, n_permutations=10, **{option: value})
+    # no transcoder row: no equivalence test, NaN and null rather than a made-up margin
+    untested = evaluate.summarize(
+        results.filter(pl.col("condition") != "transcoder"), n_bootstrap=10, n_permutations=10
+    )
+    assert untested["p_equivalent"].is_nan().all()
+    assert untested["equivalent_to_zero"].null_count() == untested.height
+
+
+@pytest.mark.parametrize("quality", [0.5, 0.6, 0.8, 0.95, 0.99])
+def test_synthetic_generator_measures_its_target(quality: float) -> None:
+    from nlrw.calibrate import auroc
+
+    rng = np.random.default_rng(0)
+    n, n_lat = 200, 60
+    rate = rng.uniform(0.005, 0.3, n_lat)
+    true = np.where(rng.random((n, n_lat)) < rate, rng.exponential(2.0, (n, n_lat)), 0.0)
+    true[:, 0] = 0.0  # never active: no AUROC
+    true[:2, 1], true[2:, 1] = 1.0, 0.0  # two active contexts
+    scale = np.maximum(true.max(0), 1.0)
+    noise = np.random.default_rng(1).standard_normal((n, n_lat))
+    rounding = np.random.default_rng(2).random(n_lat)
+    scores, measured = evaluate.synthetic_scores(true, quality, scale, noise, rounding)
+    assert np.isnan(measured[0])
+    for j in range(1, n_lat):
+        active = true[:, j] > 0
+        pairs = active.sum() * (~active).sum()
+        if pairs == 0:
+            assert np.isnan(measured[j])
+            continue
+        assert auroc(scores[:, j], active) == pytest.approx(measured[j], abs=1e-12)
+        assert abs(measured[j] - quality) < 1.0 / pairs  # one of the two values around it
+        nearest = evaluate.synthetic_scores(
+            true[:, j : j + 1], quality, scale[j : j + 1], noise[:, j : j + 1]
+        )[1]
+        assert abs(nearest[0] - quality) <= 0.5 / pairs + 1e-12
+        # among active contexts the scores follow the true activations
+        order = np.argsort(true[active, j], kind="stable")
+        assert (np.diff(scores[active, j][order]) >= 0).all()
+    assert np.nanmean(measured) == pytest.approx(quality, abs=0.01)
+    # inactive contexts' scores are the noise alone, at every quality
+    np.testing.assert_array_equal(scores[:, 0], 9 * evaluate._normal_cdf(noise[:, 0]))
+
+
+def test_synthetic_generator_exact_at_one_and_bad_quality() -> None:
+    true = np.array([[0.0, 2.0], [1.0, 0.0], [3.0, 4.0]])
+    scale = np.array([3.0, 8.0])
+    scores, measured = evaluate.synthetic_scores(true, 1.0, scale, np.zeros_like(true))
+    np.testing.assert_allclose(scores, 9 * true / scale)
+    np.testing.assert_array_equal(measured, [1.0, 1.0])
+    for bad in (0.49, 1.01):
+        with pytest.raises(ValueError, match=r"synthetic_qualities .* \[0.5, 1\]"):
+            evaluate.synthetic_scores(true, bad, scale, np.zeros_like(true))
+
+
+def test_synthetic_rows(tc_run) -> None:
+    """Quality 1 with the uncalibrated mapping (exact here: the cache's max bounds every
+    eval activation) reproduces the transcoder at every fraction and choice; quality 0.5
+    does not; the measured AUROCs are recorded."""
+    run_dir, _, _ = tc_run
+    results = results_of(run_dir)
+    tc = ce_of(results, "transcoder")
+    exact = results.filter(
+        (pl.col("condition") == "synthetic")
+        & (pl.col("quality") == 1.0)
+        & (pl.col("calibration") == "uncalibrated")
+    )
+    assert exact.height == N_EVAL * len(FAST.fractions) * (1 + FAST.n_trials)
+    for key, rows in exact.group_by(["fraction", "choice", "trial"]):
+        np.testing.assert_allclose(
+            rows.sort("context_id")["ce"].to_numpy(), tc, rtol=1e-5, err_msg=str(key)
+        )
+    for cal in FAST.synthetic_calibrations:
+        half = ce_of(results, "synthetic", quality=0.5, calibration=cal, fraction=1.0, choice="top")
+        assert np.abs(half - tc).max() > 1e-3, cal
+    record = json.loads((run_dir / "eval.json").read_text())
+    measured = record["synthetic_measured_auroc"]
+    assert measured["1.0"] == 1.0 and abs(measured["0.5"] - 0.5) < 0.1  # 6 contexts
+    assert record["synthetic_latents_with_both_classes"] > 0
 
 
 def test_resume_after_a_kill_evaluates_only_the_missing_part(tc_run, monkeypatch) -> None:
@@ -586,6 +902,14 @@ def test_resume_after_a_kill_evaluates_only_the_missing_part(tc_run, monkeypatch
         ({"random": "always"}, "'fixed' or 'per-context'"),
         ({"n_trials": 0}, "n_trials must be at least 1"),
         ({"missing_explanations": "skip"}, "'exclude' or 'error'"),
+        ({"synthetic_qualities": (0.4, 0.9)}, r"synthetic_qualities .* \[0.5, 1\], got 0.4"),
+        ({"synthetic_qualities": (1.5,)}, r"synthetic_qualities .* \[0.5, 1\], got 1.5"),
+        ({"synthetic_calibrations": ("isotonic",)}, "synthetic_calibrations must be"),
+        ({"controls": ("oracle",)}, "controls must be distinct names"),
+        ({"equivalence_margin": 0.0}, "equivalence_margin must be > 0"),
+        ({"equivalence_margin": -0.25}, "equivalence_margin must be > 0"),
+        ({"equivalence_margin_nats": 0.0}, "equivalence_margin_nats must be > 0"),
+        ({"alpha": 1.0}, r"alpha must be in \(0, 1\)"),
     ],
 )
 def test_config_validation(change: dict[str, Any], message: str) -> None:
@@ -602,6 +926,21 @@ def _copy_run(src: Path, dest: Path) -> Path:
 
 def _run(run_dir: Path, subject: Subject, cfg: EvaluateConfig = FAST) -> pl.DataFrame:
     return evaluate.run(cfg, run_dir, hookpoint=HOOK["transcoder"], model="tiny", subject=subject)
+
+
+def test_missing_cache_stats_names_the_stage(tc_run, tmp_path: Path) -> None:
+    run_dir, subject, _ = tc_run
+    copy = _copy_run(run_dir, tmp_path / "run")
+    (copy / "latents" / "stats.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="nlrw cache"):
+        _run(copy, subject)
+    assert not (copy / "eval").exists()
+    # without oracle_magnitude and synthetic the statistics are not needed
+    plain = dataclasses.replace(
+        FAST, controls=("matched_zero",), synthetic_qualities=(), fractions=(1.0,), n_trials=1
+    )
+    summary = _run(copy, subject, plain)
+    assert set(summary["condition"]) == {*evaluate.CONDITIONS[:5], "matched_zero"}
 
 
 def test_missing_calibration_names_the_stages_to_run(tc_run, tmp_path: Path) -> None:

@@ -35,6 +35,28 @@ residual stream ``ŷ(z) = W_dec z + b_dec`` with x the hookpoint's output:
   coherent rewrite, and the subsets of a trial are nested across fractions), or a fresh one
   per (trial, context) with ``random="per-context"`` (the paper's code).
 
+**Controls** (``controls``; each row beside a ``simulated`` row, with its calibration,
+fraction, choice, trial and so its chosen latents L; ``s_l`` the calibrated value, ``a_l`` the
+true value (0 where the latent is not in the context's true top-k), ``μ_l`` the latent's mean
+active value in the cache, ``latents/stats.parquet``); top-k re-applied as for ``simulated``:
+
+* ``matched_zero`` — ``z_l ← 0`` for l ∈ L: zero ablation of just what was rewritten, the
+  baseline a partial rewrite must beat;
+* ``oracle_support`` — ``z_l ← s_l`` where ``a_l > 0``, else 0: the true support with the
+  simulated magnitudes (magnitude error alone);
+* ``oracle_magnitude`` — where ``s_l > 0``: ``z_l ← a_l`` if ``a_l > 0`` else ``μ_l``; 0 where
+  ``s_l = 0``: the simulated support with true magnitudes (support error alone).
+
+**Synthetic simulators** (``synthetic``, column ``quality``): for each target AUROC in
+``synthetic_qualities``, scores made from the true activations of **every latent of the coder**
+on every eval context plus seeded noise, tuned so that each latent's AUROC measured on these
+contexts is the target (:func:`synthetic_scores`), calibrated as the calibrate stage would
+(``synthetic_calibrations``: uncalibrated ``E/9 · max`` and/or quantile normalization with
+F_sim fitted on the eval contexts) and rewritten like ``simulated`` rows, with fractions of all
+``num_latents`` latents (``synthetic_fractions``). "top" ranks the latents by their measured
+synthetic AUROC. No LLM is involved: the map of how faithful a simulator must be for a rewrite
+to beat zero ablation.
+
 The true latents are those of the coder applied to the activation the forward pass actually
 sees (recomputed in the splice, so the skip term and z use the same x); the latents stored by
 the contexts stage only validate the inputs (the agreement is recorded in ``eval.json``).
@@ -51,13 +73,17 @@ naive way (a full forward per condition, :func:`grid_ce_full` with ``rows_per_fo
 to float32 rounding, and costs one token per condition instead of ``ctx_len``
 (``benches/bench_evaluate.py`` measures the ratio).
 
-**Statistics** (``eval/summary.parquet``, one row per condition x calibration x fraction x
-choice): mean CE over contexts (random choice: the trials are averaged per context first) with
-a percentile bootstrap 95 % CI (``n_bootstrap`` resamples of the contexts, seeded, the same
-resamples for every condition); the paired difference to zero ablation
-``mean_c(CE_c − CE_zero,c)`` with its bootstrap CI, and a two-sided sign-flip permutation test
-of that difference (``n_permutations`` random sign vectors, seeded;
-``p = (1 + #{|mean(s·d)| ≥ |mean(d)|}) / (1 + n_permutations)``).
+**Statistics** (``eval/summary.parquet``, one row per condition x calibration x quality x
+fraction x choice; :func:`summarize`, formulas in :mod:`nlrw.statistics`): mean CE over
+contexts (random choice: the trials are averaged per context first) with a percentile bootstrap
+95 % CI that resamples the contexts (``n_bootstrap``, seeded, the same resamples for every
+condition) and, where latents are drawn at random, the trials too (hierarchical); the paired
+difference to zero ablation ``mean_c(CE_c − CE_zero,c)`` with its CI; a two-sided sign-flip
+permutation test of that difference (``p_value``; ``n_permutations`` random sign vectors,
+seeded), a one-sided one for "better than zero ablation" (``p_better``), a paired TOST of
+equivalence to zero ablation within a margin (``p_equivalent``; default margin 25 % of the
+zero-ablation − transcoder gap), Holm-adjusted p-values over the summary's comparisons beside
+the raw ones, and ``equivalent_to_zero`` (Holm-adjusted TOST p < ``alpha``).
 
 **Resume.** Contexts are evaluated in parts of ``part_size``, each written atomically to
 ``eval/results.parts/part-NNNNNN.parquet``; a rerun skips finished parts (:class:`PartStore`,
@@ -86,42 +112,92 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nlrw import statistics as _stats
 from nlrw import topk as _topk
 from nlrw.explain import PartStore, _remove_tree
 from nlrw.io import atomic_path, atomic_write_json
 from nlrw.provenance import config_hash, stage_record
 from nlrw.sparse import SparseCoder
+from nlrw.statistics import paired_sign_flip_p
 from nlrw.subject import Subject, splice
 
 __all__ = [
     "CONDITIONS",
+    "CONTROLS",
     "DEFAULT_FRACTIONS",
+    "DEFAULT_QUALITIES",
+    "SYNTHETIC_CALIBRATIONS",
     "EvaluateConfig",
     "Grid",
     "GridRow",
+    "Synthetic",
+    "equivalence_margin_of",
     "grid_ce",
     "grid_ce_full",
     "n_selected",
     "paired_sign_flip_p",
     "run",
     "summarize",
+    "synthetic_scores",
+    "synthetic_values",
     "topk_replace_torch",
 ]
 
 log = logging.getLogger(__name__)
 
-CONDITIONS = ("clean", "transcoder", "zero_ablation", "random_k", "simulated")
+CONDITIONS = (
+    "clean",
+    "transcoder",
+    "zero_ablation",
+    "random_k",
+    "simulated",
+    "matched_zero",
+    "oracle_support",
+    "oracle_magnitude",
+    "synthetic",
+)
 """Condition names, in the order of the grid and the summary."""
+
+CONTROLS = ("matched_zero", "oracle_support", "oracle_magnitude")
+"""The controls evaluated beside each simulated row (same calibration, fraction, choice and
+trial)."""
 
 DEFAULT_FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 """The paper's fractions of simulated latents."""
 
+DEFAULT_QUALITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+"""Target AUROCs of the synthetic simulators."""
+
+SYNTHETIC_CALIBRATIONS = ("uncalibrated", "quantile")
+"""Calibrations a synthetic simulator can be given (both need only the cache's statistics)."""
+
 Choice = Literal["top", "random"]
 RandomMode = Literal["fixed", "per-context"]
 
-_CLEAN, _TRUE, _ZERO, _RANDOM_K, _SIMULATED = range(5)
+(
+    _CLEAN,
+    _TRUE,
+    _ZERO,
+    _RANDOM_K,
+    _SIMULATED,
+    _MATCHED_ZERO,
+    _ORACLE_SUPPORT,
+    _ORACLE_MAGNITUDE,
+    _SYNTHETIC,
+) = range(9)
+_REWRITES = (_SIMULATED, _MATCHED_ZERO, _ORACLE_SUPPORT, _ORACLE_MAGNITUDE, _SYNTHETIC)
 # Seed-stream tags, so that the draws of different purposes never share a stream.
-_TAG_FIXED, _TAG_PER_CONTEXT, _TAG_RANDOM_K, _TAG_BOOTSTRAP, _TAG_PERMUTATION = range(5)
+(
+    _TAG_FIXED,
+    _TAG_PER_CONTEXT,
+    _TAG_RANDOM_K,
+    _TAG_BOOTSTRAP,
+    _TAG_PERMUTATION,
+    _TAG_SYNTHETIC_NOISE,
+    _TAG_SYNTHETIC_FIXED,
+    _TAG_SYNTHETIC_PER_CONTEXT,
+    _TAG_BOOTSTRAP_TRIALS,
+) = range(9)
 
 
 @dataclass(frozen=True)
@@ -172,7 +248,34 @@ class EvaluateConfig:
     """Bootstrap resamples of the contexts for the 95 % confidence intervals."""
 
     n_permutations: int = 10000
-    """Random sign flips of the paired sign-flip test against zero ablation."""
+    """Random sign flips of the paired sign-flip tests against zero ablation."""
+
+    controls: tuple[str, ...] = CONTROLS
+    """Controls evaluated beside every simulated row: matched_zero (the rewritten latents set
+    to 0), oracle_support (simulated values on the true support), oracle_magnitude (the
+    simulated support with true magnitudes; needs the cache's mean active values)."""
+
+    synthetic_qualities: tuple[float, ...] = DEFAULT_QUALITIES
+    """Target AUROCs in [0.5, 1] of the synthetic simulators, evaluated on every latent of the
+    coder (empty: no synthetic condition)."""
+
+    synthetic_calibrations: tuple[str, ...] = SYNTHETIC_CALIBRATIONS
+    """Calibrations of the synthetic scores: uncalibrated and/or quantile."""
+
+    synthetic_fractions: tuple[float, ...] | None = None
+    """Fractions of all the coder's latents rewritten by the synthetic simulators (None: the
+    same as fractions)."""
+
+    equivalence_margin: float = 0.25
+    """TOST margin against zero ablation, as a fraction of the gap mean CE(zero ablation) -
+    mean CE(transcoder) measured on the same contexts; > 0."""
+
+    equivalence_margin_nats: float | None = None
+    """TOST margin in nats, instead of the fraction of the gap (None: use
+    equivalence_margin); > 0."""
+
+    alpha: float = 0.05
+    """Level of the equivalence test and of the Holm-adjusted claims, in (0, 1)."""
 
     seed: int = 0
     """Seed of the random choices, random_k latents, bootstrap and permutation test."""
@@ -208,6 +311,48 @@ class EvaluateConfig:
             raise ValueError(f"max_contexts must be at least 1, got {self.max_contexts}")
         if self.calibrations is not None and not self.calibrations:
             raise ValueError("calibrations must be None (all) or name at least one")
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown or len(set(self.controls)) != len(self.controls):
+            raise ValueError(
+                f"controls must be distinct names among {', '.join(CONTROLS)}, got {self.controls}"
+            )
+        for q in self.synthetic_qualities:
+            if not (isinstance(q, int | float) and 0.5 <= q <= 1.0):
+                raise ValueError(f"every synthetic_qualities level must be in [0.5, 1], got {q!r}")
+        if len(set(self.synthetic_qualities)) != len(self.synthetic_qualities):
+            raise ValueError(f"synthetic_qualities must be distinct: {self.synthetic_qualities}")
+        bad = [c for c in self.synthetic_calibrations if c not in SYNTHETIC_CALIBRATIONS]
+        if bad or len(set(self.synthetic_calibrations)) != len(self.synthetic_calibrations):
+            raise ValueError(
+                "synthetic_calibrations must be distinct names among "
+                f"{', '.join(SYNTHETIC_CALIBRATIONS)}, got {self.synthetic_calibrations}"
+            )
+        if self.synthetic_qualities and not self.synthetic_calibrations:
+            raise ValueError("synthetic_calibrations must name at least one calibration")
+        if self.synthetic_fractions is not None:
+            if not self.synthetic_fractions:
+                raise ValueError("synthetic_fractions must be None (as fractions) or not empty")
+            for f in self.synthetic_fractions:
+                if not (isinstance(f, int | float) and 0.0 < f <= 1.0):
+                    raise ValueError(
+                        f"every synthetic_fractions entry must be in (0, 1], got {f!r}"
+                    )
+            if len(set(self.synthetic_fractions)) != len(self.synthetic_fractions):
+                raise ValueError(
+                    f"synthetic_fractions must be distinct: {self.synthetic_fractions}"
+                )
+        _check_margin("equivalence_margin", self.equivalence_margin)
+        if self.equivalence_margin_nats is not None:
+            _check_margin("equivalence_margin_nats", self.equivalence_margin_nats)
+        if not (isinstance(self.alpha, int | float) and 0.0 < self.alpha < 1.0):
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha!r}")
+
+
+def _check_margin(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 (an equivalence margin), got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,15 +367,17 @@ class GridRow:
     condition: str
     """One of :data:`CONDITIONS`."""
     calibration: str | None = None
-    """The calibration whose values are used (simulated only)."""
+    """The calibration whose values are used (rewrites only)."""
     fraction: float | None = None
-    """Fraction of the simulated latents rewritten (simulated only)."""
+    """Fraction of the rewritable latents rewritten (rewrites only)."""
     choice: str | None = None
-    """"top" or "random" (simulated only)."""
+    """"top" or "random" (rewrites only)."""
     trial: int = 0
     """Trial of a random choice (0 otherwise)."""
     n_selected: int = 0
-    """Latents given simulated values (simulated only)."""
+    """Latents rewritten (rewrites only)."""
+    quality: float | None = None
+    """Target AUROC of the synthetic simulator (synthetic only)."""
 
 
 def n_selected(fraction: float, n_simulated: int) -> int:
@@ -263,6 +410,156 @@ def topk_replace_torch(
     return sorted_v[:, :k].contiguous(), sorted_i[:, :k].contiguous()
 
 
+# --------------------------------------------------------------------------------------------
+# Synthetic simulators
+# --------------------------------------------------------------------------------------------
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return torch.special.ndtr(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+
+
+def synthetic_scores(
+    true: np.ndarray,
+    quality: float,
+    scale: np.ndarray,
+    noise: np.ndarray,
+    rounding: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores ``E`` ``[n_contexts, L]`` of a synthetic simulator of AUROC ``quality``, and the
+    AUROC each latent measures (NaN where the contexts hold one class only).
+
+    ``true`` ``[n_contexts, L]``: the true activations; ``scale`` ``[L]`` > 0: the activation
+    an ``E = 9`` stands for (the cache's max); ``noise`` ``[n_contexts, L]`` standard normal
+    draws (seeded by the caller, the same for every quality so that the levels differ only in
+    their signal).
+
+    * ``quality = 1``: the exact simulator ``E = 9 · a / scale`` (uncalibrated maps it back
+      to ``a``).
+    * ``quality < 1``: a binormal simulator ``E = 9 · Φ(x)``, ``x = z`` on the contexts where
+      the latent is inactive and ``x = d_l + z`` where it is active, the active contexts'
+      draws sorted in the order of their true activations (so that the ranking among active
+      contexts, and with it the magnitudes a quantile calibration gives, is right). The
+      shift ``d_l`` is tuned per latent so that the AUROC **measured on these contexts** is
+      the target: with ``P`` active and ``N`` inactive contexts, ``AUROC(d) = #{(i, j):
+      z_j − z_i < d} / (P·N)``, so ``d`` is taken between the m-th and (m+1)-th smallest
+      pairwise difference ``z_j − z_i``, ``m = ⌊quality · P·N + u_l⌋``: the measured AUROC is
+      ``m / (P·N)``, one of the two attainable values around the target, and with ``u_l``
+      uniform in [0, 1) (``rounding``, seeded by the caller; 0.5 when None: the nearest)
+      the rounding is unbiased, ``E[m] = quality · P·N``, so the mean measured AUROC over
+      latents is the target even where P·N is small. A latent with one class only gets
+      ``x = z`` (pure noise). At ``quality = 0.5`` the active contexts rank among the
+      inactive ones as often above as below: uninformative for detection (the order among
+      active contexts still follows their magnitudes).
+    """
+    if not 0.5 <= quality <= 1.0:
+        raise ValueError(f"synthetic_qualities levels must be in [0.5, 1], got {quality}")
+    t = np.asarray(true, dtype=np.float64)
+    n_ctx, n_lat = t.shape
+    active = t > 0
+    n_pos = active.sum(axis=0)
+    measured = np.full(n_lat, np.nan)
+    both = (n_pos > 0) & (n_pos < n_ctx)
+    if quality == 1.0:
+        measured[both] = 1.0
+        return (9.0 * t / np.asarray(scale, dtype=np.float64)[None, :]), measured
+    x = np.array(noise, dtype=np.float64, copy=True)
+    for j in np.flatnonzero(both):
+        pos = np.flatnonzero(active[:, j])
+        neg = np.flatnonzero(~active[:, j])
+        z_pos = np.sort(x[pos, j])
+        # the largest draws to the largest activations (stable: ties by context)
+        x[pos[np.argsort(t[pos, j], kind="stable")], j] = z_pos
+        diffs = np.sort((x[neg, j][:, None] - z_pos[None, :]).ravel())
+        total = diffs.size
+        u = 0.5 if rounding is None else float(rounding[j])
+        m = math.floor(quality * total + u)
+        if m <= 0:
+            d = diffs[0] - 1.0
+        elif m >= total:
+            d = diffs[-1] + 1.0
+        else:
+            d = 0.5 * (diffs[m - 1] + diffs[m])
+        x[pos, j] += d
+        measured[j] = m / total
+    return 9.0 * _normal_cdf(x), measured
+
+
+def synthetic_values(
+    true: np.ndarray,
+    qualities: Sequence[float],
+    calibrations: Sequence[str],
+    *,
+    max_activation: np.ndarray,
+    active_tables: np.ndarray,
+    frequency: np.ndarray,
+    seed: int,
+) -> tuple[dict[tuple[str, float], np.ndarray], dict[float, np.ndarray]]:
+    """Calibrated activations of every synthetic simulator on every latent and context.
+
+    ``true`` ``[n_contexts, L]`` (all L latents of the coder), ``max_activation`` ``[L]``,
+    ``active_tables`` ``[L, Q]`` and ``frequency`` ``[L]`` from the cache's statistics (its
+    reference: :mod:`nlrw.cache`). Scores from
+    :func:`synthetic_scores` (scale: the cache's max, or the largest true activation on these
+    contexts for a latent the cache never saw active); calibrations as the calibrate stage
+    computes them (:func:`nlrw.calibrate.uncalibrated`, :func:`nlrw.calibrate.
+    quantile_calibrate` with F_sim fitted on the evaluated contexts, the paper's protocol),
+    clipped at 0. Returns ``{(calibration, quality): float32 [n_contexts, L]}`` and the
+    measured AUROC of each latent per quality.
+    """
+    from nlrw.calibrate import quantile_calibrate, uncalibrated
+
+    t = np.asarray(true, dtype=np.float32)
+    n_ctx, n_lat = t.shape
+    max_a = np.asarray(max_activation, dtype=np.float64)
+    scale = np.where(max_a > 0, max_a, t.max(axis=0, initial=0.0))
+    scale = np.where(scale > 0, scale, 1.0)
+    noise = np.random.default_rng([seed, _TAG_SYNTHETIC_NOISE]).standard_normal((n_ctx, n_lat))
+    rounding = np.random.default_rng([seed, _TAG_SYNTHETIC_NOISE, 2]).random(n_lat)
+    index = np.tile(np.arange(n_lat, dtype=np.int64), n_ctx)
+    values: dict[tuple[str, float], np.ndarray] = {}
+    measured: dict[float, np.ndarray] = {}
+    for q in qualities:
+        scores, measured[float(q)] = synthetic_scores(t, float(q), scale, noise, rounding)
+        flat = scores.astype(np.float32).reshape(-1)
+        for cal in calibrations:
+            if cal == "uncalibrated":
+                a = uncalibrated(scores, max_a[None, :])
+            elif cal == "quantile":
+                offsets = np.random.default_rng([seed, _TAG_SYNTHETIC_NOISE, 1]).random(flat.size)
+                a, _ = quantile_calibrate(
+                    index, flat, index, flat, active_tables, frequency, 0, offsets - 0.5
+                )
+                a = np.asarray(a).reshape(n_ctx, n_lat)
+            else:
+                raise ValueError(f"unknown synthetic calibration {cal!r}")
+            values[(cal, float(q))] = np.maximum(np.asarray(a, dtype=np.float32), 0.0)
+    return values, measured
+
+
+class Synthetic:
+    """The synthetic simulators of a grid: every latent of the coder, on every context.
+
+    ``values[(calibration, quality)]`` float32 ``[n_contexts, num_latents]``; ``auroc[quality]``
+    the AUROC each latent measures (NaN: one class), which ranks the latents for the "top"
+    choice (highest first, NaN last, ties by latent id).
+    """
+
+    def __init__(
+        self, values: dict[tuple[str, float], np.ndarray], auroc: dict[float, np.ndarray]
+    ) -> None:
+        self.values = values
+        self.auroc = auroc
+        self._top: dict[float, np.ndarray] = {}
+
+    def top_order(self, quality: float) -> np.ndarray:
+        if quality not in self._top:
+            a = self.auroc[quality]
+            key = np.where(np.isnan(a), -np.inf, a)
+            self._top[quality] = np.lexsort((np.arange(len(a)), -key))
+        return self._top[quality]
+
+
 class Grid:
     """The conditions of an evaluation and everything they need per context.
 
@@ -277,6 +574,9 @@ class Grid:
         random: "fixed" or "per-context".
         seed: seed of every random draw.
         k, num_latents: the coder's.
+        mean_active: ``[N]`` each simulated latent's mean active value in the cache (needed by
+            ``oracle_magnitude`` rows).
+        synthetic: the synthetic simulators (needed by ``synthetic`` rows).
 
     Attribute ``torch_topk``: re-apply top-k with :func:`topk_replace_torch` even on the CPU
     (what a GPU always uses; the tests compare both paths).
@@ -294,6 +594,8 @@ class Grid:
         seed: int,
         k: int,
         num_latents: int,
+        mean_active: npt.ArrayLike | None = None,
+        synthetic: Synthetic | None = None,
     ) -> None:
         self.rows = list(rows)
         self.latents = np.asarray(latents, dtype=np.int64)
@@ -304,9 +606,14 @@ class Grid:
         self.seed = seed
         self.k = k
         self.num_latents = num_latents
+        self.mean_active = (
+            None if mean_active is None else np.asarray(mean_active, dtype=np.float32)
+        )
+        self.synthetic = synthetic
+        self._all_latents = np.arange(num_latents, dtype=np.int64)
         self._ctx_pos = {int(c): i for i, c in enumerate(self.context_ids)}
         self._kind = np.array([CONDITIONS.index(r.condition) for r in self.rows], dtype=np.int64)
-        self._fixed: dict[int, np.ndarray] = {}
+        self._fixed: dict[tuple[bool, int], np.ndarray] = {}
         self.torch_topk = False
         n = len(self.latents)
         for name, v in values.items():
@@ -315,6 +622,19 @@ class Grid:
                     f"values of calibration {name!r} have shape {v.shape}, expected "
                     f"{(len(self.context_ids), n)}"
                 )
+        if (self._kind == _ORACLE_MAGNITUDE).any() and (
+            self.mean_active is None or self.mean_active.shape != (n,)
+        ):
+            raise ValueError("oracle_magnitude rows need the mean active value of each latent")
+        if (self._kind == _SYNTHETIC).any():
+            if synthetic is None:
+                raise ValueError("synthetic rows need the synthetic simulators' values")
+            for key, v in synthetic.values.items():
+                if v.shape != (len(self.context_ids), num_latents):
+                    raise ValueError(
+                        f"synthetic values {key} have shape {v.shape}, expected "
+                        f"{(len(self.context_ids), num_latents)}"
+                    )
 
     @classmethod
     def build(
@@ -327,24 +647,41 @@ class Grid:
         balanced_accuracy: npt.ArrayLike | None,
         k: int,
         num_latents: int,
+        mean_active: npt.ArrayLike | None = None,
+        synthetic: Synthetic | None = None,
     ) -> Grid:
-        """The grid of ``cfg``: the four baselines, then for each calibration (sorted), choice
-        and fraction the simulated rows (``n_trials`` of them for "random").
+        """The grid of ``cfg``: the four baselines; then for each calibration (sorted),
+        choice and fraction the simulated rows (``n_trials`` of them for "random"), each
+        followed by its ``cfg.controls`` (same calibration, fraction, choice and trial); then,
+        when ``synthetic`` is given, for each quality, synthetic calibration, choice and
+        synthetic fraction the synthetic rows over all ``num_latents`` latents.
 
         ``balanced_accuracy[j]`` ranks ``latents[j]`` for the "top" choice (NaN ranks last).
         """
         lat = np.asarray(latents, dtype=np.int64)
         if lat.ndim != 1 or len(lat) == 0:
             raise ValueError("a grid needs at least one simulated latent")
-        rows = [GridRow(c) for c in CONDITIONS[:-1]]
+        rows = [GridRow(c) for c in CONDITIONS[:4]]
         for cal in sorted(values):
             for choice in cfg.choices:
                 for f in cfg.fractions:
                     trials = range(cfg.n_trials) if choice == "random" else range(1)
                     for t in trials:
-                        rows.append(
-                            GridRow("simulated", cal, float(f), choice, t, n_selected(f, len(lat)))
-                        )
+                        n_sel = n_selected(f, len(lat))
+                        for condition in ("simulated", *cfg.controls):
+                            rows.append(GridRow(condition, cal, float(f), choice, t, n_sel))
+        if synthetic is not None and cfg.synthetic_qualities:
+            fractions = cfg.synthetic_fractions or cfg.fractions
+            for q in cfg.synthetic_qualities:
+                for cal in cfg.synthetic_calibrations:
+                    for choice in cfg.choices:
+                        for f in fractions:
+                            trials = range(cfg.n_trials) if choice == "random" else range(1)
+                            for t in trials:
+                                n_sel = n_selected(f, num_latents)
+                                rows.append(
+                                    GridRow("synthetic", cal, float(f), choice, t, n_sel, float(q))
+                                )
         top_order = None
         if "top" in cfg.choices:
             if balanced_accuracy is None:
@@ -362,21 +699,32 @@ class Grid:
             seed=cfg.seed,
             k=k,
             num_latents=num_latents,
+            mean_active=mean_active,
+            synthetic=synthetic,
         )
 
     # ---------------------------------------------------------------- draws
-    def order(self, choice: str, trial: int, context_id: int) -> np.ndarray:
-        """Positions into :attr:`latents` in the order a choice takes them (prefix = chosen)."""
+    def order(
+        self, choice: str, trial: int, context_id: int, *, quality: float | None = None
+    ) -> np.ndarray:
+        """Positions in the order a choice takes them (prefix = chosen): into :attr:`latents`,
+        or, for a synthetic row (``quality`` given), into all ``num_latents`` latents."""
+        synthetic = quality is not None
         if choice == "top":
+            if synthetic:
+                assert self.synthetic is not None
+                return self.synthetic.top_order(quality)
             assert self.top_order is not None
             return self.top_order
-        n = len(self.latents)
+        n = self.num_latents if synthetic else len(self.latents)
         if self.random == "fixed":
-            if trial not in self._fixed:
-                rng = np.random.default_rng([self.seed, _TAG_FIXED, trial])
-                self._fixed[trial] = rng.permutation(n)
-            return self._fixed[trial]
-        rng = np.random.default_rng([self.seed, _TAG_PER_CONTEXT, trial, context_id])
+            if (synthetic, trial) not in self._fixed:
+                tag = _TAG_SYNTHETIC_FIXED if synthetic else _TAG_FIXED
+                rng = np.random.default_rng([self.seed, tag, trial])
+                self._fixed[(synthetic, trial)] = rng.permutation(n)
+            return self._fixed[(synthetic, trial)]
+        tag = _TAG_SYNTHETIC_PER_CONTEXT if synthetic else _TAG_PER_CONTEXT
+        rng = np.random.default_rng([self.seed, tag, trial, context_id])
         return rng.permutation(n)
 
     def random_k_latents(self, context_id: int) -> np.ndarray:
@@ -417,9 +765,9 @@ class Grid:
             indices[torch.as_tensor(rand, device=indices.device)] = torch.as_tensor(
                 drawn, device=indices.device
             )
-        sim = np.flatnonzero(kinds == _SIMULATED)
+        sim = np.flatnonzero(np.isin(kinds, _REWRITES))
         if len(sim):
-            new_v, new_i = self._simulated(
+            new_v, new_i = self._rewritten(
                 values[torch.as_tensor(sim, device=values.device)],
                 indices[torch.as_tensor(sim, device=values.device)],
                 row_index[sim],
@@ -442,7 +790,32 @@ class Grid:
             out[c] = y[c]
         return out
 
-    def _simulated(
+    def rewrite_values(
+        self, condition: str, simulated: np.ndarray, true: np.ndarray, mean_active: np.ndarray
+    ) -> np.ndarray:
+        """The values the chosen latents take in a rewrite row, given their calibrated
+        simulated values ``s``, true values ``a`` (0 where inactive) and cache mean active
+        values ``μ`` (elementwise):
+
+        * ``simulated``, ``synthetic``: ``s``;
+        * ``matched_zero``: ``0``;
+        * ``oracle_support``: ``s`` where ``a > 0``, else 0 (the true support, simulated
+          magnitudes);
+        * ``oracle_magnitude``: where ``s > 0``: ``a`` if ``a > 0`` else ``μ``; 0 where
+          ``s = 0`` (the simulated support, true magnitudes).
+        """
+        if condition in ("simulated", "synthetic"):
+            return simulated
+        if condition == "matched_zero":
+            return np.zeros_like(simulated)
+        if condition == "oracle_support":
+            return np.where(true > 0, simulated, 0).astype(simulated.dtype)
+        if condition == "oracle_magnitude":
+            magnitude = np.where(true > 0, true, mean_active)
+            return np.where(simulated > 0, magnitude, 0).astype(simulated.dtype)
+        raise ValueError(f"{condition!r} is not a rewrite condition")
+
+    def _rewritten(
         self,
         values: Tensor,
         indices: Tensor,
@@ -452,28 +825,44 @@ class Grid:
         true_i: Tensor,
         slot: dict[int, int],
     ) -> tuple[Tensor, Tensor]:
-        """Top-k after the chosen latents of each simulated row take their simulated values.
+        """Top-k after the chosen latents of each rewrite row take their values
+        (:meth:`rewrite_values`).
 
         A replacement by 0 of a latent that is not active on the context changes nothing, so
         only nonzero values and currently active latents are passed to the top-k kernel.
         """
         tv, ti = true_v.cpu().numpy(), true_i.cpu().numpy()
-        active = np.zeros((len(tv), self.num_latents), dtype=bool)
+        true_dense = np.zeros((len(tv), self.num_latents), dtype=np.float32)
         for j in range(len(tv)):
-            active[j, ti[j][tv[j] > 0]] = True
-        prepared: dict[tuple[int, str, str, int], tuple[np.ndarray, ...]] = {}
+            on = tv[j] > 0
+            true_dense[j, ti[j][on]] = tv[j][on]
+        prepared: dict[tuple[Any, ...], tuple[np.ndarray, ...]] = {}
         rows_m: list[np.ndarray] = []
         lat_m: list[np.ndarray] = []
         val_m: list[np.ndarray] = []
         for r, (g, ctx) in enumerate(zip(row_index.tolist(), context_ids.tolist(), strict=True)):
             row = self.rows[g]
             assert row.calibration is not None and row.choice is not None
-            key = (ctx, row.calibration, row.choice, row.trial)
+            key = (ctx, row.condition, row.calibration, row.quality, row.choice, row.trial)
             if key not in prepared:
-                order = self.order(row.choice, row.trial, ctx)
-                vals = self.values[row.calibration][self._ctx_pos[ctx], order]
-                lat = self.latents[order]
-                keep = np.flatnonzero((vals != 0) | active[slot[ctx], lat])
+                order = self.order(row.choice, row.trial, ctx, quality=row.quality)
+                if row.quality is not None:
+                    assert self.synthetic is not None
+                    sim = self.synthetic.values[(row.calibration, row.quality)]
+                    lat = self._all_latents[order]
+                else:
+                    sim = self.values[row.calibration]
+                    lat = self.latents[order]
+                true = true_dense[slot[ctx], lat]
+                mean = (
+                    self.mean_active[order]
+                    if self.mean_active is not None and row.condition == "oracle_magnitude"
+                    else np.zeros(0, np.float32)
+                )
+                vals = self.rewrite_values(
+                    row.condition, sim[self._ctx_pos[ctx], order], true, mean
+                )
+                keep = np.flatnonzero((vals != 0) | (true > 0))
                 prepared[key] = (keep, lat[keep], vals[keep])
             keep, lat, vals = prepared[key]
             m = int(np.searchsorted(keep, row.n_selected))
@@ -483,7 +872,13 @@ class Grid:
         rows_a, lat_a, val_a = (np.concatenate(a) for a in (rows_m, lat_m, val_m))
         if values.device.type == "cpu" and not self.torch_topk:
             out_v, out_i = _topk.topk_replace(
-                values.numpy(), indices.numpy(), rows_a, lat_a, val_a, self.k, self.num_latents
+                values.numpy(),
+                indices.numpy(),
+                rows_a,
+                lat_a,
+                val_a.astype(np.float32),
+                self.k,
+                self.num_latents,
             )
             return torch.from_numpy(np.asarray(out_v)), torch.from_numpy(
                 np.asarray(out_i).astype(np.int64)
@@ -652,20 +1047,28 @@ def grid_ce_full(
 # --------------------------------------------------------------------------------------------
 
 
-def paired_sign_flip_p(diff: np.ndarray, signs: np.ndarray) -> float:
-    """Two-sided p-value of a sign-flip permutation test of ``mean(diff) = 0``.
-
-    ``signs`` ``[n_permutations, n]`` of ±1: ``p = (1 + #{|mean(s·d)| ≥ |mean(d)|}) /
-    (1 + n_permutations)`` (a relative tolerance of 1e-12 counts ties as extreme).
-    """
-    d = np.asarray(diff, dtype=np.float64)
-    observed = abs(d.mean())
-    flipped = np.abs(signs @ d) / len(d)
-    extreme = int(np.count_nonzero(flipped >= observed * (1 - 1e-12)))
-    return (1 + extreme) / (1 + signs.shape[0])
+_SUMMARY_KEYS = ("condition", "calibration", "quality", "fraction", "choice")
+_HOLM_COLUMNS = (("p_value", "p_value_holm"), ("p_better", "p_better_holm"))
 
 
-_SUMMARY_KEYS = ("condition", "calibration", "fraction", "choice")
+def equivalence_margin_of(
+    ce_zero: float,
+    ce_transcoder: float | None,
+    *,
+    fraction: float = 0.25,
+    nats: float | None = None,
+) -> float:
+    """The TOST margin in nats: ``nats`` when given, else ``fraction · (CE_zero −
+    CE_transcoder)`` (NaN without a transcoder row or when that gap is not positive: the
+    equivalence test is then not made)."""
+    _check_margin("equivalence_margin", fraction)
+    if nats is not None:
+        _check_margin("equivalence_margin_nats", nats)
+        return float(nats)
+    if ce_transcoder is None:
+        return math.nan
+    gap = ce_zero - ce_transcoder
+    return fraction * gap if gap > 0 else math.nan
 
 
 def summarize(
@@ -675,44 +1078,94 @@ def summarize(
     n_permutations: int = 10000,
     seed: int = 0,
     n_selected_of: dict[tuple[Any, ...], int] | None = None,
+    equivalence_margin: float = 0.25,
+    equivalence_margin_nats: float | None = None,
+    alpha: float = 0.05,
 ) -> pl.DataFrame:
-    """``eval/summary.parquet`` from ``eval/results.parquet`` (see the module docstring).
+    """``eval/summary.parquet`` from ``eval/results.parquet``.
 
-    Trials are averaged per context first; contexts missing from a condition are an error
-    (every condition must have been evaluated on the same contexts, for the paired test).
+    Per condition key (condition, calibration, quality, fraction, choice), with ``d_c`` the
+    per-context difference to zero ablation (trials averaged per context first):
+
+    * ``mean_ce``, ``diff_vs_zero``: means over contexts (and trials);
+    * ``ci_low``/``ci_high``, ``diff_ci_low``/``diff_ci_high``: percentile 95 % intervals of a
+      hierarchical bootstrap (:func:`nlrw.statistics.hierarchical_bootstrap_means`): the
+      same ``n_bootstrap`` resamples of the contexts for every condition, and for a condition
+      with T > 1 trials (random choices) a resample of its trials too, the same for every
+      condition with T trials;
+    * ``p_value``: two-sided sign-flip test of ``d``; ``p_better``: one-sided sign-flip test
+      of "lower CE than zero ablation"; ``p_equivalent``: paired TOST within
+      ``±equivalence_margin`` nats (the margin used is in the column of that name, see
+      :func:`equivalence_margin_of`), NaN when the margin is undefined;
+    * ``*_holm``: Holm's adjustment of each p-value column over the rows of this summary
+      other than zero ablation (one family per column); ``equivalent_to_zero`` is
+      ``p_equivalent_holm < alpha`` (null when not tested).
+
+    Zero ablation's own row has ``p_value = 1`` and no other test. Contexts missing from a
+    condition, or a trial missing on some context, are an error (the tests are paired).
+    See :mod:`nlrw.statistics` for the formulas.
     """
-    per_ctx = (
-        results.group_by([*_SUMMARY_KEYS, "context_id"])
-        .agg(pl.col("ce").mean(), pl.col("trial").n_unique().alias("n_trials"))
-        .sort("context_id")
-    )
+    if not (0.0 < alpha < 1.0):
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    results = results.sort("context_id", "trial")
     contexts = np.sort(results["context_id"].unique().to_numpy())
     n = len(contexts)
-    zero = per_ctx.filter(pl.col("condition") == "zero_ablation").sort("context_id")
+    zero = (
+        results.filter(pl.col("condition") == "zero_ablation")
+        .group_by("context_id")
+        .agg(pl.col("ce").mean())
+        .sort("context_id")
+    )
     if zero.height != n:
         raise ValueError("results lack the zero_ablation condition on some contexts")
     ce_zero = zero["ce"].to_numpy()
+    transcoder = results.filter(pl.col("condition") == "transcoder")["ce"]
+    margin = equivalence_margin_of(
+        float(ce_zero.mean()),
+        float(transcoder.to_numpy().mean()) if transcoder.len() else None,
+        fraction=equivalence_margin,
+        nats=equivalence_margin_nats,
+    )
+    if not math.isfinite(margin):
+        log.warning(
+            "evaluate: no equivalence test (the zero-ablation - transcoder gap is not positive "
+            "or there is no transcoder row); pass equivalence_margin_nats to set a margin"
+        )
     boot = np.random.default_rng([seed, _TAG_BOOTSTRAP]).integers(0, n, size=(n_bootstrap, n))
     signs = np.random.default_rng([seed, _TAG_PERMUTATION]).choice(
         np.array([-1.0, 1.0]), size=(n_permutations, n)
     )
+    trial_draws: dict[int, np.ndarray] = {}
     rows: list[dict[str, Any]] = []
-    for key, group in per_ctx.group_by(list(_SUMMARY_KEYS), maintain_order=True):
-        group = group.sort("context_id")
-        if group.height != n or not np.array_equal(group["context_id"].to_numpy(), contexts):
-            raise ValueError(f"condition {key} was not evaluated on every context")
-        ce = group["ce"].to_numpy()
-        diff = ce - ce_zero
-        means = ce[boot].mean(axis=1)
-        diff_means = diff[boot].mean(axis=1)
-        condition, calibration, fraction, choice = key
+    for key, group in results.group_by(list(_SUMMARY_KEYS), maintain_order=True):
+        trials = np.sort(group["trial"].unique().to_numpy())
+        t = len(trials)
+        group = group.sort("context_id", "trial")
+        ctx = group["context_id"].to_numpy()
+        if group.height != n * t or not np.array_equal(ctx[::t], contexts):
+            raise ValueError(f"condition {key} was not evaluated on every context and trial")
+        if not (group["trial"].to_numpy().reshape(n, t) == trials[None, :]).all():
+            raise ValueError(f"condition {key} was not evaluated on every context and trial")
+        ce_m = group["ce"].to_numpy().reshape(n, t)
+        diff_m = ce_m - ce_zero[:, None]
+        if t not in trial_draws:
+            trial_draws[t] = np.random.default_rng([seed, _TAG_BOOTSTRAP_TRIALS, t]).integers(
+                0, t, size=(n_bootstrap, t)
+            )
+        means = _stats.hierarchical_bootstrap_means(ce_m, boot, trial_draws[t])
+        diff_means = _stats.hierarchical_bootstrap_means(diff_m, boot, trial_draws[t])
+        ce, diff = ce_m.mean(axis=1), diff_m.mean(axis=1)
+        condition, calibration, quality, fraction, choice = key
+        reference = condition == "zero_ablation"
+        tested = not reference and math.isfinite(margin) and n >= 2
         rows.append(
             {
                 "condition": condition,
                 "calibration": calibration,
+                "quality": quality,
                 "fraction": fraction,
                 "choice": choice,
-                "n_trials": int(group["n_trials"].max()),  # pyright: ignore[reportArgumentType]
+                "n_trials": t,
                 "n_contexts": n,
                 "n_simulated_latents": (n_selected_of or {}).get(tuple(key), 0),
                 "mean_ce": float(ce.mean()),
@@ -721,16 +1174,38 @@ def summarize(
                 "diff_vs_zero": float(diff.mean()),
                 "diff_ci_low": float(np.percentile(diff_means, 2.5)),
                 "diff_ci_high": float(np.percentile(diff_means, 97.5)),
-                "p_value": paired_sign_flip_p(diff, signs),
+                "p_value": 1.0 if reference else paired_sign_flip_p(diff, signs),
+                "p_better": math.nan if reference else _stats.sign_flip_p_less(diff, signs),
+                "equivalence_margin": margin,
+                "p_equivalent": (
+                    _stats.tost_paired(diff, margin, alpha).p_value if tested else math.nan
+                ),
             }
         )
-    table = pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
+    table = pl.DataFrame(
+        rows,
+        schema={
+            k: v for k, v in SUMMARY_SCHEMA.items() if "holm" not in k and k != "equivalent_to_zero"
+        },
+    )
+    family = (table["condition"] != "zero_ablation").to_numpy()
+    adjusted: dict[str, np.ndarray] = {}
+    for raw, name in (*_HOLM_COLUMNS, ("p_equivalent", "p_equivalent_holm")):
+        p = table[raw].to_numpy().astype(np.float64)
+        adj = np.full(len(p), np.nan)
+        adj[family] = _stats.holm(p[family])
+        adjusted[name] = adj
+    equivalent = [None if math.isnan(p) else bool(p < alpha) for p in adjusted["p_equivalent_holm"]]
+    table = table.with_columns(
+        *(pl.Series(name, values, dtype=pl.Float64) for name, values in adjusted.items()),
+        pl.Series("equivalent_to_zero", equivalent, dtype=pl.Boolean),
+    ).select(list(SUMMARY_SCHEMA))
     order = {c: i for i, c in enumerate(CONDITIONS)}
     return (
         table.with_columns(
             pl.col("condition").replace_strict(order, return_dtype=pl.Int32).alias("_order")
         )
-        .sort("_order", "calibration", "choice", "fraction", nulls_last=False)
+        .sort("_order", "calibration", "quality", "choice", "fraction", nulls_last=False)
         .drop("_order")
     )
 
@@ -738,6 +1213,7 @@ def summarize(
 RESULTS_SCHEMA: dict[str, Any] = {
     "condition": pl.String,
     "calibration": pl.String,
+    "quality": pl.Float64,
     "fraction": pl.Float64,
     "choice": pl.String,
     "trial": pl.Int32,
@@ -748,6 +1224,7 @@ RESULTS_SCHEMA: dict[str, Any] = {
 SUMMARY_SCHEMA: dict[str, Any] = {
     "condition": pl.String,
     "calibration": pl.String,
+    "quality": pl.Float64,
     "fraction": pl.Float64,
     "choice": pl.String,
     "n_trials": pl.Int32,
@@ -760,7 +1237,27 @@ SUMMARY_SCHEMA: dict[str, Any] = {
     "diff_ci_low": pl.Float64,
     "diff_ci_high": pl.Float64,
     "p_value": pl.Float64,
+    "p_value_holm": pl.Float64,
+    "p_better": pl.Float64,
+    "p_better_holm": pl.Float64,
+    "equivalence_margin": pl.Float64,
+    "p_equivalent": pl.Float64,
+    "p_equivalent_holm": pl.Float64,
+    "equivalent_to_zero": pl.Boolean,
 }
+"""Columns of ``eval/summary.parquet`` (see :func:`summarize`)."""
+
+SUMMARY_COLUMNS_SINCE_CONTROLS = (
+    "quality",
+    "p_value_holm",
+    "p_better",
+    "p_better_holm",
+    "equivalence_margin",
+    "p_equivalent",
+    "p_equivalent_holm",
+    "equivalent_to_zero",
+)
+"""Summary columns added with the controls (issue 17): a summary without them predates them."""
 
 
 def _results_frame(grid: Grid, ce: np.ndarray, context_ids: np.ndarray) -> pl.DataFrame:
@@ -771,6 +1268,7 @@ def _results_frame(grid: Grid, ce: np.ndarray, context_ids: np.ndarray) -> pl.Da
         {
             "condition": col["condition"] * n_ctx,
             "calibration": col["calibration"] * n_ctx,
+            "quality": col["quality"] * n_ctx,
             "fraction": col["fraction"] * n_ctx,
             "choice": col["choice"] * n_ctx,
             "trial": col["trial"] * n_ctx,
@@ -796,6 +1294,8 @@ class _Inputs:
         self.latents = np.zeros(0, np.int64)
         self.values: dict[str, np.ndarray] = {}
         self.balanced_accuracy: np.ndarray | None = None
+        self.mean_active: np.ndarray | None = None
+        self.synthetic: Synthetic | None = None
         self.notes: dict[str, Any] = {}
 
 
@@ -970,6 +1470,70 @@ def _check_coder(run_dir: Path, coder: SparseCoder, hookpoint: str, inputs: _Inp
     inputs.notes["n_active_latents"] = len(np.unique(active))
 
 
+def _read_cache_stats(
+    run_dir: Path, cfg: EvaluateConfig, inputs: _Inputs, coder: SparseCoder
+) -> None:
+    """The cache's per-latent statistics that ``oracle_magnitude`` (mean active values) and
+    ``synthetic`` (max, quantile tables, and the true activations of every latent on the eval
+    contexts) need; the synthetic simulators are generated and calibrated here."""
+    need_mean = "oracle_magnitude" in cfg.controls
+    if not (need_mean or cfg.synthetic_qualities):
+        return
+    path = run_dir / "latents" / "stats.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the oracle_magnitude control and the synthetic simulators "
+            f"need the cache stage's statistics (run `nlrw cache {run_dir}`), or pass "
+            "controls without oracle_magnitude and synthetic_qualities=()"
+        )
+    stats = pl.read_parquet(path).sort("latent")
+    missing = {
+        "latent",
+        "mean",
+        "reference_max",
+        "reference_frequency",
+        "active_quantiles",
+    } - set(stats.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}: re-run the cache stage")
+    if not np.array_equal(stats["latent"].to_numpy(), np.arange(coder.num_latents)):
+        raise ValueError(
+            f"{path} has {stats.height} latents, the coder {coder.num_latents}: the cache was "
+            "built with another coder; re-run the cache stage"
+        )
+    mean = stats["mean"].fill_null(0.0).to_numpy().astype(np.float32)
+    if not np.isfinite(mean).all() or (mean < 0).any():
+        raise ValueError(f"{path}: mean active values must be finite and >= 0")
+    inputs.mean_active = mean[inputs.latents]
+    if not cfg.synthetic_qualities:
+        return
+    from nlrw.contexts import true_activations
+
+    started = time.perf_counter()
+    tables = np.array(stats["active_quantiles"].to_list(), dtype=np.float32)
+    if tables.ndim != 2 or tables.shape[0] != coder.num_latents:
+        raise ValueError(f"{path}: the quantile tables must have one length for every latent")
+    true = true_activations(run_dir, np.arange(coder.num_latents), inputs.context_ids).T
+    values, auroc = synthetic_values(
+        true,
+        cfg.synthetic_qualities,
+        cfg.synthetic_calibrations,
+        max_activation=stats["reference_max"].fill_null(0.0).to_numpy(),
+        active_tables=tables,
+        frequency=stats["reference_frequency"].fill_null(0.0).to_numpy().astype(np.float32),
+        seed=cfg.seed,
+    )
+    inputs.synthetic = Synthetic(values, auroc)
+    measured = {
+        str(q): (float(np.nanmean(a)) if np.isfinite(a).any() else None) for q, a in auroc.items()
+    }
+    inputs.notes["synthetic_measured_auroc"] = measured
+    inputs.notes["synthetic_latents_with_both_classes"] = int(
+        np.isfinite(next(iter(auroc.values()))).sum()
+    )
+    inputs.notes["synthetic_seconds"] = time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
@@ -1035,6 +1599,7 @@ def run(
     _read_scores(run_dir, cfg, inputs)
     coder = sparse.load(transcoder_dir(run_dir) / hookpoint)
     _check_coder(run_dir, coder, hookpoint, inputs)
+    _read_cache_stats(run_dir, cfg, inputs, coder)
     never = inputs.notes["n_never_simulated_active_latents"]
     if never and cfg.missing_explanations == "error":
         raise ValueError(
@@ -1050,6 +1615,8 @@ def run(
         balanced_accuracy=inputs.balanced_accuracy,
         k=coder.k,
         num_latents=coder.num_latents,
+        mean_active=inputs.mean_active,
+        synthetic=inputs.synthetic,
     )
     store = PartStore(parts_dir, _parts_hash(cfg, hookpoint, model, inputs))
     n = len(inputs.context_ids)
@@ -1085,13 +1652,19 @@ def run(
                 bar.update(ce.shape[0])
     seconds = time.perf_counter() - started
     results = store.merge(RESULTS_SCHEMA).sort("context_id", maintain_order=True)
-    selected = {(r.condition, r.calibration, r.fraction, r.choice): r.n_selected for r in grid.rows}
+    selected = {
+        (r.condition, r.calibration, r.quality, r.fraction, r.choice): r.n_selected
+        for r in grid.rows
+    }
     summary = summarize(
         results,
         n_bootstrap=cfg.n_bootstrap,
         n_permutations=cfg.n_permutations,
         seed=cfg.seed,
         n_selected_of=selected,
+        equivalence_margin=cfg.equivalence_margin,
+        equivalence_margin_nats=cfg.equivalence_margin_nats,
+        alpha=cfg.alpha,
     )
     with atomic_path(out_dir / "results.parquet") as tmp:
         results.write_parquet(tmp)
