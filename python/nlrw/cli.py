@@ -260,6 +260,47 @@ def status(run_dir: Path, /) -> None:
         print(f"{s.name:<10} {s.state:<12} {took}  {s.detail}")
 
 
+# --- explanations from and for other tools (nlrw.interop) ---------------------------------
+
+
+def import_explanations(
+    run_dir: Path,
+    source: Path,
+    /,
+    hookpoint: str | None = None,
+    explainer_model: str | None = None,
+) -> None:
+    """Import explanations (and detection scores) written elsewhere into RUN_DIR: SOURCE is
+    a delphi results folder (run_config.json, explanations/<hookpoint>_latent<i>.txt,
+    optionally scores/detection/) or a JSON object {"<latent>": "<explanation>"} for one
+    hookpoint. `nlrw run` then keeps them and continues with the stages after them.
+
+    Args:
+        hookpoint: the JSON object's hookpoint, or which of a delphi run's hookpoints to
+            import (default: the one of RUN_DIR's coder).
+        explainer_model: the model that wrote the explanations (default: a delphi run's
+            explainer_model).
+    """
+    from nlrw.interop import import_explanations as run_import
+
+    done = run_import(run_dir, source, hookpoint=hookpoint, explainer_model=explainer_model)
+    counts = done.explanations["status"].value_counts().sort("status").iter_rows()
+    scored = f", detection scores of {done.scores.height}" if done.scores is not None else ""
+    print(
+        f"{run_dir}: imported {done.explanations.height} explanations "
+        f"({', '.join(f'{n} {s}' for s, n in counts)}{scored}) of hookpoint "
+        f"{done.provenance['hookpoint']!r} from {done.provenance['source']}"
+    )
+
+
+def export_explanations(run_dir: Path, out: Path, /) -> None:
+    """Write RUN_DIR's explanations and detection scores to OUT in delphi's layout
+    (run_config.json, explanations/, scores/detection/); import-explanations reads it back."""
+    from nlrw.interop import export_explanations as run_export
+
+    print(run_export(run_dir, out))
+
+
 def _run_command(preset: str) -> Callable[..., None]:
     default = load_preset(preset)
 
@@ -331,6 +372,8 @@ def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
         "calibrate": calibrate,
         "evaluate": evaluate,
         "report": report,
+        "import-explanations": import_explanations,
+        "export-explanations": export_explanations,
         "info": info,
         "shards-verify": shards_verify,
     }

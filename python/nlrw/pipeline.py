@@ -8,7 +8,9 @@ and everything downstream of it, never anything upstream:
 * record ``stages/<name>.json`` says ``done`` with the same chained hash → skipped;
 * no record, or a ``running`` record with the same hash (the run was killed) → the stage
   runs and resumes from its own checkpoints;
-* a record with another hash → the stage's old outputs are replaced (``overwrite``).
+* a record with another hash → the stage's old outputs are replaced (``overwrite``);
+* a record ``imported`` (explanations and scores from ``nlrw import-explanations``) → kept
+  whatever the config says, refused once the coder they were checked against is replaced.
 
 ``config.json`` holds the resolved config of every stage with its hash, package versions,
 the git revision and the seeds; it is rewritten (atomically) at the start of each run.
@@ -536,7 +538,18 @@ def _run_locked(
     for stage in STAGES:
         record = _read_record(run_dir, stage.name)
         h = hashes[stage.name]
-        if record is not None and record.get("status") == "done" and record.get("hash") == h:
+        if record is not None and record.get("status") == "imported":
+            # `nlrw import-explanations` wrote this stage's output: kept whatever the config
+            # says, unless the coder it was checked against has been replaced since.
+            if record.get("coder_hash") not in (None, hashes["train"]):
+                raise RunDirError(
+                    f"{run_dir}: the {stage.name} output imported from {record.get('source')} "
+                    "belongs to a coder the train stage has since replaced; import again, or "
+                    f"delete {_record_path(run_dir, stage.name)} to run the stage"
+                )
+            log(f"[{stage.name}] imported from {record.get('source')}, kept")
+            summaries[stage.name] = record.get("summary")
+        elif record is not None and record.get("status") == "done" and record.get("hash") == h:
             log(f"[{stage.name}] done already ({record.get('seconds', 0):.0f} s), skipped")
             summaries[stage.name] = record.get("summary")
         else:
@@ -584,8 +597,8 @@ class StageStatus(NamedTuple):
 
     name: str
     state: str
-    """``done``, ``partial`` (started, not finished), ``stale`` (done for another config)
-    or ``not started``."""
+    """``done``, ``partial`` (started, not finished), ``stale`` (done for another config),
+    ``imported`` (by ``nlrw import-explanations``) or ``not started``."""
     seconds: float | None
     detail: str
 
@@ -605,6 +618,8 @@ def status(run_dir: str | Path) -> list[StageStatus]:
         record = _read_record(run_dir, stage.name)
         if record is None:
             out.append(StageStatus(stage.name, "not started", None, ""))
+        elif record.get("status") == "imported":
+            out.append(StageStatus(stage.name, "imported", None, f"from {record.get('source')}"))
         elif record.get("hash") != hashes.get(stage.name):
             out.append(StageStatus(stage.name, "stale", record.get("seconds"), "other config"))
         elif record.get("status") == "done":
