@@ -119,6 +119,27 @@ def test_from_cache_reproduces_the_papers_windows(run_dir: Path, tmp_path: Path)
         assert cfg.ctx_len <= w < tokens.shape[1]
 
 
+def test_paper_positions_follow_the_papers_range_and_seed(run_dir: Path, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        load_preset("smoke").contexts,
+        source="from-cache",
+        n_contexts=5,
+        n_calibration=2,
+        positions="paper",
+    )
+    target = tmp_path / "run"
+    target.mkdir()
+    for name in ("activations", "transcoder", "latents"):
+        (target / name).symlink_to(run_dir / name)
+    table = contexts.run(cfg, target)
+    tokens = np.load(run_dir / "activations" / "eval" / "tokens.npy")
+    draws = np.random.default_rng(42).integers(33, 224, size=table.height)
+    for row, draw in zip(table.iter_rows(named=True), draws, strict=True):
+        w = row["offset"] + cfg.ctx_len
+        assert w == min(int(draw), tokens.shape[1] - 1)
+        assert row["input_ids"] == tokens[row["context_id"], w - cfg.ctx_len : w].tolist()
+
+
 def test_seeded_rerun_is_identical_and_a_finished_stage_is_skipped(
     run_dir: Path, tmp_path: Path
 ) -> None:
@@ -155,6 +176,7 @@ def test_too_many_contexts_is_an_error_naming_the_option(run_dir: Path, tmp_path
         ({"ctx_len": 0}, "contexts.ctx_len"),
         ({"sequence_len": 8, "ctx_len": 8}, "must exceed"),
         ({"source": "web"}, "contexts.source"),
+        ({"positions": "anywhere"}, "contexts.positions"),
         ({"n_calibration": -1}, "contexts.n_calibration"),
     ],
 )

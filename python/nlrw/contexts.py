@@ -8,11 +8,15 @@ the latent cache, hence the explanations' examples); training documents never ap
 sequences (``activations/<cache.source>/tokens.npy``), the text the explanations were built
 from.
 
-**Sampling (the paper's, made exact).** Documents are tokenized in the held-out visiting order
-(``collect``'s, seeded), separated by the separator token, and cut into consecutive
-non-overlapping *sequences* of ``sequence_len`` tokens (for ``from-cache``: the cache's stored
-sequences). From sequence ``s`` one position ``w`` is drawn uniformly from
-``[ctx_len, sequence_len - 1]`` by ``numpy.random.default_rng([seed, s])``; the context is
+**Sampling.** Documents are tokenized in the held-out visiting order (``collect``'s, seeded),
+separated by the separator token, and cut into consecutive non-overlapping *sequences* of
+``sequence_len`` tokens (for ``from-cache``: the cache's stored sequences). From sequence
+``s`` one position ``w`` is drawn (``positions``): ``uniform`` (nlrw's default) from
+``[ctx_len, sequence_len - 1]`` by ``numpy.random.default_rng([seed, s])``, each sequence's
+draw independent of how many others there are; ``paper`` in the paper's range ``33..223``
+(clipped to the sequence) from one ``numpy.random.default_rng(42)`` stream, one draw per
+sequence in order (the authors' seed and range; their generator is not published); the
+context is
 ``input_ids = seq[w - ctx_len : w]`` and ``target_id = seq[w]``, the token that follows it in
 the source. The first ``n_contexts`` sequences give the ``eval`` split, the next
 ``n_calibration`` the ``calibration`` split (fits of the extra calibrations use only those).
@@ -87,7 +91,11 @@ class ContextsConfig:
     """Contexts per forward pass of the subject."""
 
     seed: int = 0
-    """Seed of the position drawn in each sequence."""
+    """Seed of the position drawn in each sequence (uniform positions)."""
+
+    positions: Literal["uniform", "paper"] = "uniform"
+    """Where each context ends: uniform in [ctx_len, sequence_len - 1] (nlrw) or the paper's
+    range 33..223 with its seed 42."""
 
     def __post_init__(self) -> None:
         for name, minimum in (
@@ -104,6 +112,10 @@ class ContextsConfig:
             raise ValueError(
                 f"contexts.sequence_len ({self.sequence_len}) must exceed contexts.ctx_len "
                 f"({self.ctx_len}): the context and its next token come from one sequence"
+            )
+        if self.positions not in ("uniform", "paper"):
+            raise ValueError(
+                f"contexts.positions must be 'uniform' or 'paper', not {self.positions!r}"
             )
         if self.source not in ("held-out", "from-cache"):
             raise ValueError(
@@ -211,6 +223,11 @@ def draw_position(sequence: int, seed: int, ctx_len: int, length: int) -> int:
     return int(rng.integers(ctx_len, length))
 
 
+PAPER_POSITIONS = (33, 223)
+"""The paper's range of window ends (inclusive) and its seed."""
+PAPER_SEED = 42
+
+
 def build_contexts(cfg: ContextsConfig, run_dir: Path, collect_cfg: Any) -> pl.DataFrame:
     """The ``contexts.parquet`` table (no model run)."""
     need = cfg.n_contexts + cfg.n_calibration
@@ -219,6 +236,7 @@ def build_contexts(cfg: ContextsConfig, run_dir: Path, collect_cfg: Any) -> pl.D
     else:
         sequences = _cache_sequences(run_dir)
     rows: dict[str, list[Any]] = {name: [] for name in SCHEMA}
+    paper = np.random.default_rng(PAPER_SEED)
     for s, seq in enumerate(sequences):
         if s == need:
             break
@@ -228,7 +246,16 @@ def build_contexts(cfg: ContextsConfig, run_dir: Path, collect_cfg: Any) -> pl.D
                 f"the cache's sequences hold {length} tokens, too short for contexts of "
                 f"ctx_len = {cfg.ctx_len} plus their next token"
             )
-        w = draw_position(s, cfg.seed, cfg.ctx_len, length)
+        if cfg.positions == "paper":
+            lo, hi = PAPER_POSITIONS
+            w = min(int(paper.integers(lo, hi + 1)), length - 1)
+            if w < cfg.ctx_len:
+                raise ValueError(
+                    f"contexts.positions = paper: position {w} of a {length}-token sequence "
+                    f"leaves less than ctx_len = {cfg.ctx_len} tokens before it"
+                )
+        else:
+            w = draw_position(s, cfg.seed, cfg.ctx_len, length)
         rows["context_id"].append(s)
         rows["split"].append("eval" if s < cfg.n_contexts else "calibration")
         rows["input_ids"].append(seq.tokens[w - cfg.ctx_len : w].tolist())
