@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
-import math
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from nlrw import explain, pipeline, report, score
+from nlrw import evaluate, explain, pipeline, report, score
 from nlrw.report import ReportConfig, select_browser_latents, token_spans_html
 
 CALIBRATIONS = ("uncalibrated", "quantile", "isotonic", "gate")
@@ -115,19 +114,6 @@ def write_explanations_and_scores(run_dir: Path, rng: np.random.Generator) -> np
     scores = pl.DataFrame(score_rows, schema=score.SCHEMA)
     scores.write_parquet(run_dir / "scores.parquet")
     return scores["latent"].to_numpy()
-
-
-def _bootstrap_ci(x: np.ndarray, rng: np.random.Generator, n: int = 200) -> tuple[float, float]:
-    means = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
-def _paired_p(d: np.ndarray) -> float:
-    sd = d.std(ddof=1)
-    if sd == 0:
-        return float("nan")
-    t = d.mean() / (sd / math.sqrt(len(d)))
-    return math.erfc(abs(t) / math.sqrt(2))  # normal approximation, two-sided
 
 
 def write_later_stages(run_dir: Path, n_eval: int = 80, n_calibration: int = 20, seed: int = 0):
@@ -230,23 +216,25 @@ def write_later_stages(run_dir: Path, n_eval: int = 80, n_calibration: int = 20,
         run_dir / "calibration_metrics.parquet"
     )
 
-    # Evaluation: per-context CE of each condition, then the summary as the evaluate stage
-    # defines it (bootstrap CIs, paired differences to zero ablation).
+    # Evaluation: per-context CE of each condition, then the summary of the evaluate stage
+    # (nlrw.evaluate.summarize: bootstrap CIs, paired tests against zero ablation).
     base = rng.gamma(4.0, 0.8, n_eval)
     conditions: list[dict[str, Any]] = []
+    selected: dict[tuple[Any, ...], int] = {}
 
-    def add(condition, ce, calibration=None, fraction=None, choice=None, trial=0, k=None):
+    def add(condition, ce, calibration=None, fraction=None, choice=None, trial=0, k=None, q=None):
         conditions.append(
             {
                 "condition": condition,
                 "calibration": calibration,
+                "quality": q,
                 "fraction": fraction,
                 "choice": choice,
                 "trial": trial,
                 "ce": ce,
-                "n_simulated_latents": k,
             }
         )
+        selected[(condition, calibration, q, fraction, choice)] = k or 0
 
     add("clean", base)
     add("transcoder", base + rng.normal(0.02, 0.05, n_eval))
@@ -259,69 +247,32 @@ def write_later_stages(run_dir: Path, n_eval: int = 80, n_calibration: int = 20,
             for f in FRACTIONS:
                 scale = harm[cal] * f ** (0.6 if choice == "top" else 0.5)
                 trials = 1 if choice == "top" else 2
+                k = max(1, round(f * n_lat))
                 for trial in range(trials):
                     ce = zero + scale + rng.normal(0, 0.1 + 0.2 * scale, n_eval) * 0.3
-                    add("simulated", ce, cal, f, choice, trial, max(1, round(f * n_lat)))
-    results, summary = [], []
-    for c in conditions:
-        results.append(
+                    add("simulated", ce, cal, f, choice, trial, k)
+                    add("matched_zero", zero - 0.1 * f, cal, f, choice, trial, k)
+                    add("oracle_support", ce - 0.5 * scale, cal, f, choice, trial, k)
+                    add("oracle_magnitude", ce - 0.2 * scale, cal, f, choice, trial, k)
+    for cal in ("uncalibrated", "quantile"):
+        for q in (0.5, 0.9, 1.0):
+            ce = zero + (1.0 - q) * 2 - 0.15 * q + rng.normal(0, 0.02, n_eval)
+            add("synthetic", ce, cal, 1.0, "top", 0, 4096, q)
+    results = pl.concat(
+        [
             pl.DataFrame(
-                {
-                    "condition": c["condition"],
-                    "calibration": c["calibration"],
-                    "fraction": c["fraction"],
-                    "choice": c["choice"],
-                    "trial": c["trial"],
-                    "context_id": np.arange(n_eval, dtype=np.int32),
-                    "ce": c["ce"],
-                },
-                schema={
-                    "condition": pl.Utf8,
-                    "calibration": pl.Utf8,
-                    "fraction": pl.Float64,
-                    "choice": pl.Utf8,
-                    "trial": pl.Int32,
-                    "context_id": pl.Int32,
-                    "ce": pl.Float64,
-                },
+                {**c, "context_id": np.arange(n_eval, dtype=np.int32)},
+                schema=evaluate.RESULTS_SCHEMA,
             )
-        )
-    pooled: dict[tuple, list] = {}
-    for c in conditions:
-        key = (c["condition"], c["calibration"], c["fraction"], c["choice"])
-        pooled.setdefault(key, []).append(c)
-    for (condition, cal, fraction, choice), group in pooled.items():
-        ce = np.mean([g["ce"] for g in group], axis=0)
-        lo, hi = _bootstrap_ci(ce, rng)
-        d = ce - zero
-        dlo, dhi = _bootstrap_ci(d, rng)
-        summary.append(
-            {
-                "condition": condition,
-                "calibration": "" if cal is None else cal,
-                "fraction": fraction,
-                "choice": choice,
-                "mean_ce": float(ce.mean()),
-                "ci_low": lo,
-                "ci_high": hi,
-                "n_contexts": n_eval,
-                "diff_vs_zero": float(d.mean()),
-                "diff_ci_low": dlo,
-                "diff_ci_high": dhi,
-                "p_value": _paired_p(d),
-                "n_simulated_latents": group[0]["n_simulated_latents"],
-            }
-        )
+            for c in conditions
+        ]
+    )
+    summary = evaluate.summarize(
+        results, n_bootstrap=200, n_permutations=500, seed=seed, n_selected_of=selected
+    )
     (run_dir / "eval").mkdir(exist_ok=True)
-    pl.concat(results).write_parquet(run_dir / "eval" / "results.parquet")
-    pl.DataFrame(
-        summary,
-        schema_overrides={
-            "fraction": pl.Float64,
-            "choice": pl.Utf8,
-            "n_simulated_latents": pl.Int64,
-        },
-    ).write_parquet(run_dir / "eval" / "summary.parquet")
+    results.write_parquet(run_dir / "eval" / "results.parquet")
+    summary.write_parquet(run_dir / "eval" / "summary.parquet")
 
 
 @pytest.fixture
@@ -495,6 +446,63 @@ def test_summary_without_its_columns_is_a_clear_error(run_dir: Path) -> None:
         report.run(ReportConfig(), run_dir)
 
 
+def test_summary_from_before_the_controls_is_refused(run_dir: Path) -> None:
+    assert report.SUMMARY_COLUMNS_SINCE_CONTROLS == evaluate.SUMMARY_COLUMNS_SINCE_CONTROLS
+    path = run_dir / "eval" / "summary.parquet"
+    old = pl.read_parquet(path).drop(report.SUMMARY_COLUMNS_SINCE_CONTROLS)
+    old.write_parquet(path)
+    with pytest.raises(ValueError, match=r"predates the controls.*nlrw evaluate"):
+        report.run(ReportConfig(), run_dir)
+    assert not (run_dir / "report" / "index.html").exists()
+
+
+def _row(**values: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "condition": "simulated",
+        "diff_vs_zero": 0.01,
+        "p_value_holm": 0.5,
+        "p_better_holm": 0.9,
+        "equivalence_margin": 0.04,
+        "p_equivalent": 0.01,
+        "equivalent_to_zero": False,
+    }
+    return row | values
+
+
+def test_claims_come_from_the_tests() -> None:
+    assert report.claim(_row(condition="zero_ablation")) == ""
+    # similarity only from a passed TOST, never from a large p-value alone
+    assert report.claim(_row()) == "inconclusive: neither a difference nor similarity shown"
+    assert report.claim(_row(p_value_holm=0.99)).startswith("inconclusive")
+    similar = report.claim(_row(equivalent_to_zero=True))
+    assert similar == "similar to zero ablation (within ±0.040 nats)"
+    both = report.claim(_row(equivalent_to_zero=True, p_better_holm=0.001, diff_vs_zero=-0.01))
+    assert both.startswith("better than, and similar to zero ablation")
+    assert report.claim(_row(p_better_holm=0.01, diff_vs_zero=-0.3)) == "better than zero ablation"
+    assert report.claim(_row(p_value_holm=0.01, diff_vs_zero=0.3)) == "worse than zero ablation"
+    untested = report.claim(_row(p_equivalent=float("nan"), equivalent_to_zero=None))
+    assert "similar" not in untested and "no equivalence test" in untested
+
+
+def test_report_words_similarity_only_where_tost_passes(run_dir: Path) -> None:
+    page = report.run(ReportConfig(n_browser_latents=1, dpi=40), run_dir).read_text()
+    md = (run_dir / "report" / "report.md").read_text()
+    summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    equivalent = summary.filter(pl.col("equivalent_to_zero").fill_null(False))
+    assert 0 < equivalent.height < summary.height - 1  # the fixture has both kinds
+    # the conditions table: one claim per row, "similar" exactly on the equivalent rows
+    table = md.split("## Every condition")[1].split("## Synthetic simulators")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    not_synthetic = summary.filter(pl.col("condition") != "synthetic")
+    assert len(lines) == not_synthetic.height
+    n_similar = sum("similar to zero ablation" in ln for ln in lines)
+    assert n_similar == equivalent.filter(pl.col("condition") != "synthetic").height
+    assert "similar to zero ablation" in page and "p (Holm)" in page
+    # the synthetic simulators' own table and where they reach the baselines
+    assert "## Synthetic simulators" in md and "reaches zero ablation's mean CE from" in md
+    assert "oracle support" in page and "matched zero" in page
+
+
 def test_missing_optional_inputs_leave_sections_out_with_notes(run_dir: Path) -> None:
     for rel in ("simulations.parquet", "calibration.parquet", "scores.parquet", "contexts.parquet"):
         (run_dir / rel).unlink()
@@ -529,7 +537,10 @@ def test_report_of_a_run_with_only_the_summary(tmp_path: Path) -> None:
             "mean_ce": [3.2, 3.4, 7.3],
             "ci_low": [3.1, 3.3, 7.0],
             "ci_high": [3.3, 3.5, 7.6],
-        }
+            **{c: [None, None, None] for c in report.SUMMARY_COLUMNS_SINCE_CONTROLS},
+        },
+        schema_overrides={c: pl.Float64 for c in report.SUMMARY_COLUMNS_SINCE_CONTROLS}
+        | {"equivalent_to_zero": pl.Boolean},
     ).write_parquet(run_dir / "eval" / "summary.parquet")
     page = report.run(ReportConfig(), run_dir).read_text()
     assert len(_images(page)) == 1

@@ -151,6 +151,31 @@ _ACTIVE_COLOR = "#e6550d"
 _INACTIVE_COLOR = "#3182bd"
 _SUMMARY_COLUMNS = ("condition", "mean_ce", "ci_low", "ci_high")
 
+SUMMARY_COLUMNS_SINCE_CONTROLS = (
+    "quality",
+    "p_value_holm",
+    "p_better",
+    "p_better_holm",
+    "equivalence_margin",
+    "p_equivalent",
+    "p_equivalent_holm",
+    "equivalent_to_zero",
+)
+"""The evaluate stage's summary columns of the controls and equivalence tests (the same as
+:data:`nlrw.evaluate.SUMMARY_COLUMNS_SINCE_CONTROLS`, kept here so that the report does not
+import torch): a summary without them was written before, and is refused."""
+
+CLAIM_ALPHA = 0.05
+"""Level at which the report words a claim from a Holm-adjusted p-value."""
+
+_CONTROL_LABELS = {
+    "simulated": "simulated",
+    "matched_zero": "matched zero (chosen latents = 0)",
+    "oracle_support": "oracle support (true support, simulated values)",
+    "oracle_magnitude": "oracle magnitude (simulated support, true values)",
+    "synthetic": "synthetic simulator",
+}
+
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
@@ -297,6 +322,13 @@ def read_summary(run_dir: Path) -> pl.DataFrame:
     lacking = [c for c in _SUMMARY_COLUMNS if c not in table.columns]
     if lacking:
         raise ValueError(f"{path} lacks the columns {lacking}: re-run the evaluate stage")
+    lacking = [c for c in SUMMARY_COLUMNS_SINCE_CONTROLS if c not in table.columns]
+    if lacking:
+        raise ValueError(
+            f"{path} predates the controls and equivalence tests (it lacks the columns "
+            f"{lacking}): re-run the evaluate stage, `nlrw evaluate {run_dir} --overwrite` "
+            "(or `nlrw run`)"
+        )
     for name, dtype in (
         ("calibration", pl.Utf8),
         ("choice", pl.Utf8),
@@ -317,7 +349,7 @@ def read_summary(run_dir: Path) -> pl.DataFrame:
         .alias("calibration"),
         pl.col("fraction").cast(pl.Float64),
     )
-    order = {c: i for i, c in enumerate((*_BASELINES, "simulated"))}
+    order = {c: i for i, c in enumerate((*_BASELINES, *_CONTROL_LABELS))}
     return (
         table.with_columns(
             pl.col("condition")
@@ -333,7 +365,17 @@ def read_summary(run_dir: Path) -> pl.DataFrame:
             .map_elements(lambda c: {"top": 0, "random": 1}.get(c, 2), return_dtype=pl.Int64)
             .alias("_h")
         )
-        .sort("_c", "condition", "_k", "calibration", "_h", "choice", "fraction", nulls_last=False)
+        .sort(
+            "_c",
+            "condition",
+            "_k",
+            "calibration",
+            "quality",
+            "_h",
+            "choice",
+            "fraction",
+            nulls_last=False,
+        )
         .drop("_c", "_k", "_h")
     )
 
@@ -1036,20 +1078,54 @@ _TABLE_HEAD = (
     "Δ vs zero ablation",
     "Δ 95% CI",
     "p",
+    "p (Holm)",
+    "vs zero ablation",
 )
+
+
+def claim(row: dict[str, Any]) -> str:
+    """How a summary row compares with zero ablation, in words, from its tests (Holm-adjusted,
+    at :data:`CLAIM_ALPHA`): "similar to zero ablation" only when the equivalence test (TOST
+    within ±margin) passes, never from a large p-value; "better" / "worse" from the one-sided
+    and two-sided tests; "inconclusive" otherwise. Empty for zero ablation itself."""
+    if row["condition"] == "zero_ablation":
+        return ""
+    margin = row.get("equivalence_margin")
+    within = f"within ±{margin:.3f} nats" if _finite(margin) else ""
+    better = _finite(row.get("p_better_holm")) and row["p_better_holm"] < CLAIM_ALPHA
+    worse = (
+        _finite(row.get("p_value_holm"))
+        and row["p_value_holm"] < CLAIM_ALPHA
+        and _finite(row.get("diff_vs_zero"))
+        and row["diff_vs_zero"] > 0
+    )
+    if row.get("equivalent_to_zero") is True:
+        return f"{'better than, and ' if better else ''}similar to zero ablation ({within})"
+    if better:
+        return "better than zero ablation"
+    if worse:
+        return "worse than zero ablation"
+    if not _finite(row.get("p_equivalent")):
+        return "no difference shown (no equivalence test)"
+    return "inconclusive: neither a difference nor similarity shown"
 
 
 def _condition_rows(summary: pl.DataFrame) -> list[tuple[bool, list[str]]]:
     """(is_baseline, cells) per summary row."""
     out = []
     for r in summary.iter_rows(named=True):
-        baseline = r["condition"] != "simulated"
+        baseline = r["condition"] in _BASELINES
         choice = _choice_label(r["choice"])
+        label = _BASELINE_LABELS.get(r["condition"]) or _CONTROL_LABELS.get(
+            r["condition"], r["condition"]
+        )
+        if r["condition"] == "synthetic" and _finite(r.get("quality")):
+            label = f"{label}, AUROC {r['quality']:g}"
         out.append(
             (
                 baseline,
                 [
-                    _BASELINE_LABELS.get(r["condition"], r["condition"]),
+                    label,
                     r["calibration"] or "",
                     choice,
                     _fmt_fraction(r["fraction"]),
@@ -1064,6 +1140,8 @@ def _condition_rows(summary: pl.DataFrame) -> list[tuple[bool, list[str]]]:
                     if r["condition"] == "zero_ablation"
                     else _fmt_ci(r["diff_ci_low"], r["diff_ci_high"]),
                     "" if r["condition"] == "zero_ablation" else _fmt_p(r["p_value"]),
+                    "" if r["condition"] == "zero_ablation" else _fmt_p(r.get("p_value_holm")),
+                    claim(r),
                 ],
             )
         )
@@ -1071,8 +1149,8 @@ def _condition_rows(summary: pl.DataFrame) -> list[tuple[bool, list[str]]]:
 
 
 def _significant(summary_row: dict[str, Any]) -> bool:
-    p = summary_row.get("p_value")
-    return isinstance(p, float) and p < 0.05 and summary_row["condition"] != "zero_ablation"
+    p = summary_row.get("p_value_holm")
+    return isinstance(p, float) and p < CLAIM_ALPHA and summary_row["condition"] != "zero_ablation"
 
 
 def _table_html(summary: pl.DataFrame) -> str:
@@ -1084,16 +1162,98 @@ def _table_html(summary: pl.DataFrame) -> str:
         _condition_rows(summary), summary.iter_rows(named=True), strict=True
     ):
         sig = _significant(row)
+        last = len(cells) - 1
+        classes = [
+            "l" if i < 3 or i == last else ("sig" if sig and i >= 8 else "")
+            for i in range(len(cells))
+        ]
         tds = "".join(
-            f'<td class="{"l" if i < 3 else ("sig" if sig and i >= 8 else "")}">{_esc(c)}</td>'
-            for i, c in enumerate(cells)
+            f'<td class="{k}">{_esc(c)}</td>' for k, c in zip(classes, cells, strict=True)
         )
         body.append(f'<tr class="{"base" if baseline else ""}">{tds}</tr>')
     return (
         f'<table class="wide"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
-        '<p class="sub">Δ: mean paired per-context difference ce − ce(zero ablation); p: paired '
-        "test against zero ablation (bold: p &lt; 0.05). CIs are bootstrap 95% intervals.</p>"
+        '<p class="sub">Δ: mean paired per-context difference ce − ce(zero ablation); p: '
+        "two-sided paired sign-flip test against zero ablation, p (Holm): adjusted over every "
+        "comparison of the table (bold: p (Holm) &lt; 0.05). The last column words each claim "
+        "from the Holm-adjusted tests: <i>similar to zero ablation</i> only when a paired TOST "
+        "within the stated margin passes (a large p-value is not similarity); "
+        "<i>better</i> from a one-sided test. CIs are bootstrap 95% intervals (contexts, and "
+        "trials where latents are drawn at random).</p>"
     )
+
+
+def _synthetic_rows(summary: pl.DataFrame) -> tuple[list[list[str]], list[str]]:
+    """The synthetic simulators at their largest fraction (top choice where present): one
+    row per (calibration, quality), and per calibration a sentence saying from which quality
+    on the rewrite's mean CE reaches zero ablation's and the transcoder's."""
+    synth = summary.filter((pl.col("condition") == "synthetic") & pl.col("quality").is_not_null())
+    if synth.height == 0:
+        return [], []
+    largest = synth["fraction"].max()
+    synth = synth.filter(pl.col("fraction") == largest)
+    top = synth.filter(pl.col("choice") == "top")
+    synth = (top if top.height else synth).sort("calibration", "quality")
+    reference = {
+        c: summary.filter(pl.col("condition") == c)["mean_ce"].mean()
+        for c in ("zero_ablation", "transcoder")
+    }
+    rows, sentences = [], []
+    for (cal,), group in synth.group_by(["calibration"], maintain_order=True):
+        reached = {}
+        for c, ce in reference.items():
+            hits = group.filter(pl.col("mean_ce") <= ce)["quality"] if _finite(ce) else []
+            reached[c] = f"AUROC {min(hits):g}" if len(hits) else "none of the levels"
+        sentences.append(
+            f"{cal}: the rewrite of {_fmt_fraction(largest)} of all latents reaches zero "
+            f"ablation's mean CE from {reached['zero_ablation']}, the transcoder's from "
+            f"{reached['transcoder']}."
+        )
+        for r in group.iter_rows(named=True):
+            rows.append(
+                [
+                    str(cal),
+                    f"{r['quality']:g}",
+                    _fmt(r["mean_ce"]),
+                    _fmt_ci(r["ci_low"], r["ci_high"]),
+                    f"{r['diff_vs_zero']:+.3f}" if _finite(r["diff_vs_zero"]) else "—",
+                    claim(r),
+                ]
+            )
+    return rows, sentences
+
+
+_SYNTHETIC_HEAD = ("calibration", "AUROC", "mean CE", "95% CI", "Δ vs zero ablation", "claim")
+
+
+def _synthetic_html(summary: pl.DataFrame) -> str:
+    rows, sentences = _synthetic_rows(summary)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in _SYNTHETIC_HEAD)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return (
+        "<h2>Synthetic simulators</h2>"
+        '<p class="sub">A positive control without LLM: scores made from the true '
+        "activations with seeded noise tuned to each AUROC, for every latent of the coder, "
+        "calibrated and rewritten like the real simulations.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        + "".join(f'<p class="sub">{_esc(t)}</p>' for t in sentences)
+    )
+
+
+def _synthetic_md(summary: pl.DataFrame) -> list[str]:
+    rows, sentences = _synthetic_rows(summary)
+    if not rows:
+        return []
+    lines = [
+        "## Synthetic simulators",
+        "",
+        "| " + " | ".join(_SYNTHETIC_HEAD) + " |",
+        "|" + "|".join("--" for _ in _SYNTHETIC_HEAD) + "|",
+    ]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return [*lines, "", *sentences, ""]
 
 
 def _table_md(summary: pl.DataFrame) -> str:
@@ -1580,7 +1740,11 @@ def _headline_cards(
         if plain.height:
             r = plain.row(0, named=True)
             cards.append(
-                (f"{what}, uncalibrated", _fmt(r["mean_ce"]), _fmt_ci(r["ci_low"], r["ci_high"]))
+                (
+                    f"{what}, uncalibrated",
+                    _fmt(r["mean_ce"]),
+                    f"{_fmt_ci(r['ci_low'], r['ci_high'])}; {claim(r)}",
+                )
             )
         calibrated = at.filter(pl.col("calibration") != "uncalibrated").sort("mean_ce")
         if calibrated.height:
@@ -1589,7 +1753,7 @@ def _headline_cards(
                 (
                     f"{what}, best calibration",
                     _fmt(r["mean_ce"]),
-                    f"{r['calibration']} {_fmt_ci(r['ci_low'], r['ci_high'])}",
+                    f"{r['calibration']} {_fmt_ci(r['ci_low'], r['ci_high'])}; {claim(r)}",
                 )
             )
     if partial:
@@ -1701,7 +1865,8 @@ explanations. Run directory <code>{_esc(run_dir)}</code>.</p>
 <h2>Headline</h2>
 {_figure_html(headline)}
 <h2>Every condition</h2>
-{_table_html(summary)}
+{_table_html(summary.filter(pl.col("condition") != "synthetic"))}
+{_synthetic_html(summary)}
 <h2>Diagnosis</h2>
 {diag_html}
 <h2>Latent browser</h2>
@@ -1751,7 +1916,13 @@ def _render_md(
             "",
         ]
     lines += ["## Headline", "", f"![{headline.alt}]({headline.name})", "", headline.caption, ""]
-    lines += ["## Every condition", "", _table_md(summary), ""]
+    lines += [
+        "## Every condition",
+        "",
+        _table_md(summary.filter(pl.col("condition") != "synthetic")),
+        "",
+        *_synthetic_md(summary),
+    ]
     lines += ["## Diagnosis", ""]
     for f in diagnosis:
         lines += [f"![{f.alt}]({f.name})", "", f.caption, ""]
@@ -1806,7 +1977,7 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
         explanations = explanations_for(run_dir)
     else:
         r.missing("explanations.parquet", "Explanations in the latent browser")
-    keys = ["condition", "calibration", "choice", "fraction"]
+    keys = ["condition", "calibration", "quality", "choice", "fraction"]
     repeated = summary.height - summary.unique(subset=keys).height
     if repeated:
         r.notes.append(
