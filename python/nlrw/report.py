@@ -206,6 +206,26 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if _finite(x) else "—"
 
 
+MIN_RECOVERY_GAP = 0.01
+"""Nats per token zero ablation must lie above clean for loss recovered to be shown: below it
+the ratio's denominator is noise (a random model's −2724%)."""
+
+
+def _loss_recovered(result: dict[str, Any]) -> float | None:
+    """``loss_recovered`` of a recovery record, None where its denominator vanishes."""
+    clean, zero, lr = result.get("ce_clean"), result.get("ce_zero"), result.get("loss_recovered")
+    if not (isinstance(clean, int | float) and isinstance(zero, int | float) and _finite(lr)):
+        return None
+    return lr if abs(zero - clean) >= MIN_RECOVERY_GAP else None  # NaN gaps fail this too
+
+
+def _fmt_recovered(result: dict[str, Any]) -> str:
+    lr = _loss_recovered(result)
+    if lr is not None:
+        return _fmt(lr, 4)
+    return f"— (zero ablation within {MIN_RECOVERY_GAP} nats of clean: the ratio is undefined)"
+
+
 def _fmt_p(p: Any) -> str:
     if not _finite(p):
         return "—"
@@ -1042,7 +1062,10 @@ def _stage_times(run: _Run) -> list[tuple[str, str, Any]]:
         if record is None:
             continue
         when = record.get("finished_at") or record.get("started_at") or ""
-        rows.append((when, path.stem, record.get("status", "?"), record.get("seconds")))
+        state, seconds = record.get("status", "?"), record.get("seconds")
+        if path.stem == "report" and state == "running":
+            state = "done"  # this page is its last step: the record says so once it is written
+        rows.append((when, path.stem, state, seconds))
     rows.sort()
     return [(name, state, seconds) for _, name, state, seconds in rows]
 
@@ -1763,11 +1786,12 @@ def _headline_cards(
             detail += f", {100 * kept:.1f}% of the eval contexts' nonzero top-k activations"
         cards.append(("latents simulated", f"{n_simulated:,} of {num_latents:,}", detail))
     result = (recovery or {}).get("result")
-    if isinstance(result, dict) and _finite(result.get("loss_recovered")):
+    recovered = _loss_recovered(result) if isinstance(result, dict) else None
+    if isinstance(result, dict) and recovered is not None:
         cards.append(
             (
                 "loss recovered",
-                f"{100 * result['loss_recovered']:.1f}%",
+                f"{100 * recovered:.1f}%",
                 f"transcoder, {result.get('n_tokens', '?')} held-out tokens",
             )
         )
@@ -1784,12 +1808,11 @@ def _recovery_html(recovery: dict[str, Any] | None) -> str:
         ("zero ablation", result.get("ce_zero")),
     ]
     body = "".join(f'<tr><td class="l">{k}</td><td>{_fmt(v, 4)}</td></tr>' for k, v in rows)
-    lr = result.get("loss_recovered")
     return (
         '<table><thead><tr><th class="l">splice on every position</th><th>mean CE</th></tr>'
         f"</thead><tbody>{body}</tbody></table>"
         f'<p class="sub">Loss recovered 1 − (CE<sub>transcoder</sub> − CE<sub>clean</sub>) / '
-        f"(CE<sub>zero</sub> − CE<sub>clean</sub>) = <b>{_fmt(lr, 4)}</b> over "
+        f"(CE<sub>zero</sub> − CE<sub>clean</sub>) = <b>{_esc(_fmt_recovered(result))}</b> over "
         f"{_esc(result.get('n_tokens', '?'))} held-out tokens "
         "(transcoder/recovery.json).</p>"
     )
@@ -1909,7 +1932,7 @@ def _render_md(
     result = (recovery or {}).get("result")
     if isinstance(result, dict):
         lines += [
-            f"Loss recovered by the transcoder: {_fmt(result.get('loss_recovered'), 4)} "
+            f"Loss recovered by the transcoder: {_fmt_recovered(result)} "
             f"(CE clean {_fmt(result.get('ce_clean'), 4)}, transcoder "
             f"{_fmt(result.get('ce_transcoder'), 4)}, zero {_fmt(result.get('ce_zero'), 4)}; "
             f"{result.get('n_tokens', '?')} held-out tokens).",
