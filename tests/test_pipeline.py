@@ -11,6 +11,7 @@ import pytest
 from nlrw.cli import main
 from nlrw.pipeline import (
     STAGES,
+    RerunRefused,
     RunConfig,
     chained_hashes,
     load_preset,
@@ -79,7 +80,11 @@ def test_smoke_run_skips_finished_stages_and_reruns_only_downstream(tmp_path: Pa
 
     lines.clear()
     train = cfg.train.__class__(**{**cfg.train.__dict__, "k": 4})
-    run(dataclasses.replace(cfg, train=train), tmp_path, log=lines.append)
+    changed = dataclasses.replace(cfg, train=train)
+    with pytest.raises(RerunRefused, match=r"train \(.*recovery \(.*report \("):
+        run(changed, tmp_path, log=lines.append)
+    assert not lines  # refused before anything ran
+    run(changed, tmp_path, rerun=True, log=lines.append)
     assert lines[0] == "[collect] done already" + lines[0].split("done already")[1]
     assert "[train] re-running (config changed)" in lines
     assert "[recovery] re-running (config changed)" in lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import types
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +28,7 @@ from nlrw.contexts import ContextsConfig
 from nlrw.evaluate import EvaluateConfig
 from nlrw.explain import ExplainConfig
 from nlrw.pipeline import RunConfig, load_preset, preset_names
+from nlrw.recovery import RecoveryConfig
 from nlrw.report import ReportConfig
 from nlrw.score import ScoreConfig
 from nlrw.simulate import SimulateConfig
@@ -34,6 +36,7 @@ from nlrw.train import TrainConfig
 
 # Config dataclasses appear without a prefix: `nlrw collect --n-tokens 1000`.
 _Flat = tyro.conf.arg(name="")
+_RunDir = Annotated[Path, tyro.conf.arg(metavar="RUN_DIR", help="the run directory")]
 
 
 def info() -> None:
@@ -60,81 +63,148 @@ def shards_verify(path: Path, /) -> None:
     print(f"{path}: {reader.num_rows} rows of width {reader.width} ({reader.dtype}), all shards ok")
 
 
-def collect(cfg: Annotated[CollectConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
-    """Collect activations at a hookpoint into RUN_DIR/activations (resumes a killed run)."""
-    from nlrw import collect as stage
+# --- stage subcommands ---------------------------------------------------------------------
+#
+# `nlrw STAGE RUN_DIR [options]` runs one stage with the run's own config (RUN_DIR/config.json,
+# the demo preset's for a new directory) for everything not given, under the run lock, and
+# records it as `nlrw run` does; a change to a stage already run is refused unless --overwrite.
+# The defaults tyro shows are the run's: `commands` fills them in from the RUN_DIR it finds in
+# argv (see `_with_defaults`).
 
-    result = stage.run(cfg, run_dir, overwrite=overwrite)
-    print(
-        f"{result.n_train_tokens} train + {result.n_eval_tokens} eval tokens in {result.train_dir}"
-    )
+_DEMO = load_preset("demo")
+
+
+def _stage(name: str, cfg: Any, run_dir: Path, overwrite: bool) -> Any:
+    from nlrw.pipeline import run_stage
+
+    _check_defaults(run_dir)
+    return run_stage(name, cfg, run_dir, overwrite=overwrite)
+
+
+def _print_summary(summary: Any) -> None:
+    import json
+
+    from nlrw.provenance import to_jsonable
+
+    if summary is not None:
+        print(json.dumps(to_jsonable(summary), indent=1))
+
+
+def collect(
+    run_dir: _RunDir,
+    /,
+    cfg: Annotated[CollectConfig, _Flat] = _DEMO.collect,
+    overwrite: bool = False,
+) -> None:
+    """Collect activations at a hookpoint into RUN_DIR/activations (resumes a killed run).
+
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("collect", cfg, run_dir, overwrite))
 
 
 def train(
-    cfg: Annotated[TrainConfig, _Flat],
-    run_dir: Path,
-    hookpoint: str = "model.layers.15.mlp",
+    run_dir: _RunDir, /, cfg: Annotated[TrainConfig, _Flat] = _DEMO.train, overwrite: bool = False
+) -> None:
+    """Train a transcoder (or SAE) on RUN_DIR/activations into RUN_DIR/transcoder, at the
+    run's collect hookpoint.
+
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("train", cfg, run_dir, overwrite))
+
+
+def recovery(
+    run_dir: _RunDir,
+    /,
+    cfg: Annotated[RecoveryConfig, _Flat] = _DEMO.recovery,
     overwrite: bool = False,
 ) -> None:
-    """Train a transcoder (or SAE) on RUN_DIR/activations into RUN_DIR/transcoder."""
-    from nlrw.pipeline import train_transcoder
+    """Measure the loss recovered by RUN_DIR's transcoder spliced into the subject model
+    (RUN_DIR/transcoder/recovery.json).
 
-    print(train_transcoder(cfg, run_dir, hookpoint, overwrite))
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("recovery", cfg, run_dir, overwrite))
 
 
 def cache(
-    cfg: Annotated[CacheConfig, _Flat],
-    run_dir: Path,
-    hookpoint: str = "model.layers.15.mlp",
-    overwrite: bool = False,
+    run_dir: _RunDir, /, cfg: Annotated[CacheConfig, _Flat] = _DEMO.cache, overwrite: bool = False
 ) -> None:
     """Encode held-out activations with RUN_DIR's transcoder into RUN_DIR/latents: sparse
-    latents, per-latent statistics and quantile tables, top activating windows."""
-    from nlrw import cache as stage
+    latents, per-latent statistics and quantile tables, top activating windows.
 
-    print(stage.run(cfg, run_dir, hookpoint=hookpoint, overwrite=overwrite))
-
-
-def explain(cfg: Annotated[ExplainConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
-    """Explain RUN_DIR's cached latents with an LLM into RUN_DIR/explanations.parquet."""
-    from nlrw import explain as stage
-
-    table = stage.run(cfg, run_dir, overwrite=overwrite)
-    print(table.select("latent", "status", "explanation"))
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("cache", cfg, run_dir, overwrite))
 
 
-def score(cfg: Annotated[ScoreConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
-    """Detection-score RUN_DIR's explanations into RUN_DIR/scores.parquet."""
-    from nlrw import score as stage
-
-    table = stage.run(cfg, run_dir, overwrite=overwrite)
-    print(table.select("latent", "balanced_accuracy", "shuffled_balanced_accuracy", "auroc"))
-
-
-def contexts(cfg: Annotated[ContextsConfig, _Flat], run_dir: Path, overwrite: bool = False) -> None:
+def contexts(
+    run_dir: _RunDir,
+    /,
+    cfg: Annotated[ContextsConfig, _Flat] = _DEMO.contexts,
+    overwrite: bool = False,
+) -> None:
     """Draw RUN_DIR's evaluation and calibration contexts from held-out text
-    (RUN_DIR/contexts.parquet) and store the transcoder's true latents on their last token."""
-    from nlrw import contexts as stage
+    (RUN_DIR/contexts.parquet) and store the transcoder's true latents on their last token.
 
-    table = stage.run(cfg, run_dir, overwrite=overwrite)
-    print(table.group_by("split", maintain_order=True).len())
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("contexts", cfg, run_dir, overwrite))
+
+
+def explain(
+    run_dir: _RunDir,
+    /,
+    cfg: Annotated[ExplainConfig, _Flat] = _DEMO.explain,
+    overwrite: bool = False,
+) -> None:
+    """Explain RUN_DIR's cached latents with an LLM into RUN_DIR/explanations.parquet.
+
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("explain", cfg, run_dir, overwrite))
+
+
+def score(
+    run_dir: _RunDir, /, cfg: Annotated[ScoreConfig, _Flat] = _DEMO.score, overwrite: bool = False
+) -> None:
+    """Detection-score RUN_DIR's explanations into RUN_DIR/scores.parquet.
+
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("score", cfg, run_dir, overwrite))
 
 
 def simulate(
-    cfg: Annotated[SimulateConfig, _Flat],
-    run_dir: Path,
+    run_dir: _RunDir,
+    /,
+    cfg: Annotated[SimulateConfig, _Flat] = _DEMO.simulate,
     overwrite: bool = False,
     merge: bool = False,
 ) -> None:
     """Simulate RUN_DIR's explained latents on its contexts with an LLM
-    (RUN_DIR/simulations.parquet). With --shard i/n only part i runs; once every shard has
+    (RUN_DIR/simulations.parquet). With --shard i/n only part i runs (without the run lock,
+    so that the shards run side by side, and without a stage record); once every shard has
     finished, --merge (same options) writes the merged table.
 
     Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
         merge: only merge the parts the shards wrote (names any that are missing).
     """
+    if cfg.shard is None and not merge:
+        _print_summary(_stage("simulate", cfg, run_dir, overwrite))
+        return
     from nlrw import simulate as stage
 
+    _check_defaults(run_dir)
     table = stage.merge(cfg, run_dir) if merge else stage.run(cfg, run_dir, overwrite=overwrite)
     print(
         f"{table.height} (latent, context) prompts, {table['latent'].n_unique()} latents, "
@@ -143,9 +213,9 @@ def simulate(
 
 
 def simulate_distributed(
-    run_dir: Path,
+    run_dir: _RunDir,
     /,
-    cfg: Annotated[SimulateConfig, _Flat],
+    cfg: Annotated[SimulateConfig, _Flat] = _DEMO.simulate,
     n_workers: int = 2,
     address: str | None = None,
     max_retries: int = 2,
@@ -165,6 +235,7 @@ def simulate_distributed(
     """
     from nlrw.distributed import simulate_distributed as run_distributed
 
+    _check_defaults(run_dir)
     table = run_distributed(
         cfg,
         run_dir,
@@ -180,75 +251,48 @@ def simulate_distributed(
 
 
 def calibrate(
-    cfg: Annotated[CalibrateConfig, _Flat], run_dir: Path, overwrite: bool = False
+    run_dir: _RunDir,
+    /,
+    cfg: Annotated[CalibrateConfig, _Flat] = _DEMO.calibrate,
+    overwrite: bool = False,
 ) -> None:
     """Calibrate RUN_DIR's simulated scores into activations (RUN_DIR/calibration.parquet)
-    and measure each calibration against the true activations on the eval contexts."""
-    import polars as pl
+    and measure each calibration against the true activations on the eval contexts.
 
-    from nlrw import calibrate as stage
-
-    metrics = stage.run(cfg, run_dir, overwrite=overwrite)
-    print(
-        metrics.group_by("calibration", maintain_order=True).agg(
-            pl.col("pearson", "specificity", "sensitivity", "auroc").fill_nan(None).mean()
-        )
-    )
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("calibrate", cfg, run_dir, overwrite))
 
 
 def evaluate(
-    cfg: Annotated[EvaluateConfig, _Flat],
-    run_dir: Path,
-    hookpoint: str | None = None,
-    model: str | None = None,
+    run_dir: _RunDir,
+    /,
+    cfg: Annotated[EvaluateConfig, _Flat] = _DEMO.evaluate,
     overwrite: bool = False,
 ) -> None:
     """Measure RUN_DIR's next-token CE with latents rewritten from their calibrated
-    simulations (RUN_DIR/eval/), against clean, transcoder, zero-ablation and random-k.
+    simulations (RUN_DIR/eval/), against clean, transcoder, zero-ablation and random-k, with
+    the subject model and hookpoint of the run's collect stage.
 
     Args:
-        hookpoint: where the coder is spliced (default: the run's collect hookpoint).
-        model: the subject model (default: the run's collect model).
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
     """
-    from nlrw import evaluate as stage
-    from nlrw.pipeline import collected_config
-
-    collected = collected_config(run_dir)
-    summary = stage.run(
-        cfg,
-        run_dir,
-        hookpoint=hookpoint or collected.hookpoint,
-        model=model or collected.model,
-        overwrite=overwrite,
-    )
-    print(
-        summary.select(
-            "condition",
-            "calibration",
-            "fraction",
-            "choice",
-            "mean_ce",
-            "ci_low",
-            "ci_high",
-            "diff_vs_zero",
-            "p_value",
-        )
-    )
-
-
-_REPORT_DEFAULTS = ReportConfig()
+    _print_summary(_stage("evaluate", cfg, run_dir, overwrite))
 
 
 def report(
-    run_dir: Path,
+    run_dir: _RunDir,
     /,
-    cfg: Annotated[ReportConfig, _Flat] = _REPORT_DEFAULTS,
+    cfg: Annotated[ReportConfig, _Flat] = _DEMO.report,
     overwrite: bool = False,
 ) -> None:
-    """Render RUN_DIR/report/: a self-contained index.html, report.md and the PNG figures."""
-    from nlrw import report as stage
+    """Render RUN_DIR/report/: a self-contained index.html, report.md and the PNG figures.
 
-    print(stage.run(cfg, run_dir, overwrite=overwrite))
+    Args:
+        overwrite: redo the stage (replacing its outputs) if it was run with other options.
+    """
+    _print_summary(_stage("report", cfg, run_dir, overwrite))
 
 
 def status(run_dir: Path, /) -> None:
@@ -301,32 +345,106 @@ def export_explanations(run_dir: Path, out: Path, /) -> None:
     print(run_export(run_dir, out))
 
 
-def _run_command(preset: str) -> Callable[..., None]:
-    default = load_preset(preset)
+# --- defaults from the run directory --------------------------------------------------------
+#
+# tyro needs every default before it parses, and a run's defaults are in RUN_DIR/config.json:
+# so `commands` finds RUN_DIR in argv first (`_run_dir_from_argv`). Each command then checks
+# that the RUN_DIR tyro parsed is the one its defaults came from (`_check_defaults`); if argv
+# was read wrongly it raises `_Reparse` and `main` parses again with the right one.
+
+
+class _Reparse(Exception):
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+_defaults_from: list[Path | None] = [None]
+"""The config.json the parsed command's defaults came from (None: the demo preset's)."""
+
+
+def _config_of(run_dir: Path | None) -> Path | None:
+    path = None if run_dir is None else run_dir / "config.json"
+    return path.resolve() if path is not None and path.is_file() else None
+
+
+def _check_defaults(run_dir: Path) -> None:
+    if _config_of(run_dir) != _defaults_from[0]:
+        raise _Reparse(run_dir)
+
+
+def _option_value(argv: Sequence[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _run_dir_from_argv(argv: Sequence[str]) -> Path | None:
+    """RUN_DIR of a stage subcommand: the first positional argument holding a config.json
+    (tyro's own parse is checked against it)."""
+    for arg in argv[1:]:
+        if not arg.startswith("-") and (Path(arg) / "config.json").is_file():
+            return Path(arg)
+    return None
+
+
+def _with_defaults(command: Callable[..., Any], cfg: Any) -> Callable[..., Any]:
+    """A copy of a stage subcommand whose ``cfg`` default is ``cfg`` (the run's)."""
+    defaults = command.__defaults__ or ()
+    copy = types.FunctionType(
+        command.__code__, command.__globals__, command.__name__, (cfg, *defaults[1:])
+    )
+    copy.__doc__, copy.__qualname__ = command.__doc__, command.__qualname__
+    copy.__annotations__, copy.__module__ = dict(command.__annotations__), command.__module__
+    return copy
+
+
+def _run_command(argv: Sequence[str], known_run_dir: Path | None) -> Callable[..., None]:
+    from nlrw.pipeline import load_run_config
+
+    named = _preset_from_argv(argv)
+    given = known_run_dir or _option_value(argv, "--run-dir", "--run_dir")
+    guess = Path(given) if given else Path("runs") / Path(named or "demo").stem
+    from_run = None if named is not None or not argv else load_run_config(guess)
+    default = from_run or load_preset(named or "demo")
+    _defaults_from[0] = _config_of(guess) if from_run is not None else None
 
     def run(
         cfg: Annotated[RunConfig, _Flat] = default,
-        preset: str = preset,
+        preset: str | None = named,
         run_dir: Path | None = None,
         until: str | None = None,
         dry_run: bool = False,
+        rerun: bool = False,
     ) -> None:
-        """Run the whole pipeline from a preset, skipping finished stages and resuming the
-        rest. Override any preset value, e.g. --collect.n-tokens 50000.
+        """Run the whole pipeline, skipping finished stages and resuming the rest. A new run
+        starts from a preset (demo by default); an existing run directory resumes with its
+        own config.json. Override any value, e.g. --collect.n-tokens 50000; an override or
+        --preset that changes a stage the run has already run is refused (listing them)
+        unless --rerun.
 
         Args:
-            preset: a shipped preset name or a TOML file (it sets the defaults shown here).
+            preset: a shipped preset name or a TOML file (it sets the defaults shown here);
+                default: the run directory's config.json if it has one, else demo.
             run_dir: the run directory (default: runs/<preset>).
             until: stop after this stage.
             dry_run: print the resolved config and each stage's work size, run nothing.
+            rerun: redo the stages the given options or preset change (their outputs are
+                replaced).
         """
         from nlrw.pipeline import run as run_pipeline
 
-        target = run_dir or Path("runs") / Path(preset).stem
+        target = run_dir or Path("runs") / Path(preset or "demo").stem
+        if preset is None and _config_of(target) != _defaults_from[0]:
+            raise _Reparse(target)
         if dry_run:
-            _print_plan(cfg, preset, target)
+            _print_plan(cfg, preset or str(target / "config.json"), target)
             return
-        run_pipeline(cfg, target, until=until)
+        run_pipeline(cfg, target, until=until, rerun=rerun)
 
     run.__doc__ = (run.__doc__ or "") + f"\n        Shipped presets: {', '.join(preset_names())}."
     return run
@@ -335,7 +453,7 @@ def _run_command(preset: str) -> Callable[..., None]:
 def _print_plan(cfg: RunConfig, preset: str, run_dir: Path) -> None:
     import json
 
-    from nlrw.pipeline import chained_hashes, work_sizes
+    from nlrw.pipeline import chained_hashes, changed_stages, work_sizes
     from nlrw.provenance import to_jsonable
 
     print(f"# preset {preset!r}, run directory {run_dir} (dry run: nothing is written)")
@@ -344,34 +462,56 @@ def _print_plan(cfg: RunConfig, preset: str, run_dir: Path) -> None:
     print("# work per stage")
     for name, size in work_sizes(cfg).items():
         print(f"{name:<10} {hashes[name]}  {size}")
+    changed = changed_stages(cfg, run_dir) if run_dir.is_dir() else []
+    if changed:
+        names = ", ".join(name for name, _, _ in changed)
+        print(f"# stages of {run_dir} this config changes (refused without --rerun): {names}")
 
 
-def _preset_from_argv(argv: Sequence[str]) -> str:
-    """The value of --preset (the run command's defaults depend on it)."""
-    for i, arg in enumerate(argv):
-        if arg == "--preset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--preset="):
-            return arg.split("=", 1)[1]
-    return "demo"
+def _preset_from_argv(argv: Sequence[str]) -> str | None:
+    """The value of --preset (the run command's defaults depend on it), None if not given."""
+    return _option_value(argv, "--preset")
 
 
-def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
-    """The subcommands, with ``run``'s defaults taken from the preset named in ``argv``."""
+_STAGE_COMMANDS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "collect": ("collect", collect),
+    "train": ("train", train),
+    "recovery": ("recovery", recovery),
+    "cache": ("cache", cache),
+    "contexts": ("contexts", contexts),
+    "explain": ("explain", explain),
+    "score": ("score", score),
+    "simulate": ("simulate", simulate),
+    "simulate-distributed": ("simulate", simulate_distributed),
+    "calibrate": ("calibrate", calibrate),
+    "evaluate": ("evaluate", evaluate),
+    "report": ("report", report),
+}
+"""Subcommand: (the stage whose config it takes, the function)."""
+
+
+def commands(
+    argv: Sequence[str], known_run_dir: Path | None = None
+) -> dict[str, Callable[..., Any]]:
+    """The subcommands. ``run``'s defaults come from the preset named in ``argv``, else from
+    the run directory's config.json, else the demo preset; a stage subcommand's from its
+    RUN_DIR's config.json, else the demo preset (``known_run_dir``: RUN_DIR as parsed)."""
+    from nlrw.pipeline import load_run_config
+
+    subcommand = argv[0] if argv else ""
+    # For any other subcommand, run's defaults only feed the help text: the demo preset's.
+    run = _run_command(argv, known_run_dir) if subcommand == "run" else _run_command([], None)
+    stage_commands = dict(_STAGE_COMMANDS)
+    if subcommand in _STAGE_COMMANDS:
+        run_dir = known_run_dir or _run_dir_from_argv(argv)
+        base = load_run_config(run_dir) if run_dir is not None else None
+        _defaults_from[0] = _config_of(run_dir) if base is not None else None
+        stage, command = _STAGE_COMMANDS[subcommand]
+        stage_commands[subcommand] = (stage, _with_defaults(command, getattr(base or _DEMO, stage)))
     return {
-        "run": _run_command(_preset_from_argv(argv)),
+        "run": run,
         "status": status,
-        "collect": collect,
-        "train": train,
-        "cache": cache,
-        "contexts": contexts,
-        "explain": explain,
-        "score": score,
-        "simulate": simulate,
-        "simulate-distributed": simulate_distributed,
-        "calibrate": calibrate,
-        "evaluate": evaluate,
-        "report": report,
+        **{name: command for name, (_, command) in stage_commands.items()},
         "import-explanations": import_explanations,
         "export-explanations": export_explanations,
         "info": info,
@@ -379,24 +519,48 @@ def commands(argv: Sequence[str]) -> dict[str, Callable[..., Any]]:
     }
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause (a path, a device, a server, a damaged file, a bad option):
+    printed as one line. Anything else is a bug and keeps its traceback."""
+    from polars.exceptions import PolarsError
+
+    from nlrw.backends.base import BackendError
+
+    return (ShardError, OSError, ValueError, ImportError, BackendError, PolarsError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``nlrw`` console script and ``python -m nlrw``."""
+    """Entry point of the ``nlrw`` console script and ``python -m nlrw``.
+
+    A user error ends as one ``nlrw: error: ...`` line and exit status 2; ``--debug``
+    (anywhere in the arguments) shows its traceback instead.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    known_run_dir: Path | None = None
     try:
-        tyro.extras.subcommand_cli_from_dict(
-            commands(args),
-            prog="nlrw",
-            description="Partially rewrite a transformer in natural language.",
-            args=args,
-        )
-    except (
-        ShardError,
-        FileNotFoundError,
-        FileExistsError,
-        ValueError,
-        ImportError,
-        ConnectionError,
-    ) as e:
-        print(f"nlrw: error: {e}", file=sys.stderr)
+        for _ in range(2):
+            try:
+                tyro.extras.subcommand_cli_from_dict(
+                    commands(args, known_run_dir),
+                    prog="nlrw",
+                    description="Partially rewrite a transformer in natural language. "
+                    "--debug (with any subcommand) shows the traceback of an error.",
+                    args=args,
+                )
+                return 0
+            except _Reparse as again:  # argv's RUN_DIR was read wrongly: parse with tyro's
+                known_run_dir = again.run_dir
+        raise AssertionError("the run directory's defaults did not settle")
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("nlrw: interrupted (finished parts are kept; run again to resume)", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"nlrw: error: {message}", file=sys.stderr)
         return 2
-    return 0

@@ -57,13 +57,17 @@ from nlrw.train import TrainConfig
 __all__ = [
     "RUN_FORMAT",
     "STAGES",
+    "RerunRefused",
     "RunConfig",
     "RunDirError",
     "Stage",
     "StageStatus",
+    "changed_stages",
     "load_preset",
+    "load_run_config",
     "preset_names",
     "run",
+    "run_stage",
     "status",
 ]
 
@@ -507,37 +511,257 @@ def _check_format(run_dir: Path) -> None:
         )
 
 
+def load_run_config(run_dir: str | Path) -> RunConfig | None:
+    """The config a run directory was last run with (its ``config.json``), or None for a
+    directory that has none yet. ``nlrw run`` and the stage subcommands start from it."""
+    path = Path(run_dir) / "config.json"
+    _check_format(Path(run_dir))
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path} is damaged ({e}); pass --preset to start from a preset") from e
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise RunDirError(f"{path} has no 'config' table; pass --preset to start from a preset")
+    return _from_dict(RunConfig, record["config"], str(path))
+
+
+class RerunRefused(RunDirError):
+    """A config that would redo (or leave stale) stages a run directory has already run."""
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "unfinished"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def changed_stages(cfg: RunConfig, run_dir: str | Path) -> list[tuple[str, str, float | None]]:
+    """Stages ``run_dir`` has already run (finished or partly) whose chained hash ``cfg``
+    changes from the run's ``config.json``: ``(name, state, recorded seconds)`` each. Running
+    ``cfg`` replaces their outputs (or, for those after the ones run, leaves them stale).
+    Stages already stale under ``config.json`` (a stage subcommand changed an earlier stage)
+    are not listed: ``config.json`` is what they are redone for."""
+    run_dir = Path(run_dir)
+    hashes = chained_hashes(cfg)
+    try:
+        before = json.loads((run_dir / "config.json").read_text()).get("stage_hashes") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        before = {}
+    out: list[tuple[str, str, float | None]] = []
+    for stage in STAGES:
+        record = _read_record(run_dir, stage.name)
+        if record is None or record.get("status") in ("imported", "invalidated"):
+            continue  # kept whatever the config says / to be redone anyway
+        h = hashes[stage.name]
+        if record.get("hash") != h and before.get(stage.name) != h:
+            state = "done" if record.get("status") == "done" else "partial"
+            out.append((stage.name, state, record.get("seconds")))
+    return out
+
+
 def run(
     cfg: RunConfig,
     run_dir: str | Path,
     *,
     until: str | None = None,
+    only: str | None = None,
+    rerun: bool = False,
+    rerun_flag: str = "--rerun",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every stage (up to and including ``until``) that is not already done.
+    """Run every stage (up to and including ``until``; or just stage ``only``) that is not
+    already done.
 
+    A config that changes stages the directory has already run (finished or partly) is
+    refused with :class:`RerunRefused` listing them and their recorded time, before anything
+    is written, unless ``rerun`` (the CLI's ``rerun_flag``); then their outputs are replaced.
+    With ``only`` and ``rerun``, that stage runs again even when its config is unchanged.
     Returns each stage's summary. Safe to kill at any moment and call again; a second
     process on the same directory is refused (:class:`RunDirError`) while the first runs.
     """
     run_dir = Path(run_dir)
     names = [s.name for s in STAGES]
-    if until is not None and until not in names:
-        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(names)}")
+    for name in (until, only):
+        if name is not None and name not in names:
+            raise ValueError(f"unknown stage {name!r}; stages: {', '.join(names)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_format(run_dir)
     with locked(run_dir):
-        return _run_locked(cfg, run_dir, until, log)
+        changed = changed_stages(cfg, run_dir)
+        if changed and not rerun:
+            listed = ", ".join(
+                f"{name} ({_format_seconds(seconds) if state == 'done' else 'partial'})"
+                for name, state, seconds in changed
+            )
+            raise RerunRefused(
+                f"{run_dir}: this config changes {len(changed)} stage"
+                f"{'s' * (len(changed) != 1)} the run has already run: {listed}; nothing was "
+                f"changed. Pass {rerun_flag} to redo them (their outputs are replaced), or "
+                "leave out the options or --preset that change them (a run resumes with its "
+                "own config.json)"
+            )
+        force = rerun and only is not None
+        pending = _pending(cfg, run_dir, until, only, force)
+        preflight(cfg, pending)
+        if pending:
+            check_inputs(run_dir, pending[0])
+        return _run_locked(cfg, run_dir, until, log, only=only, force=force)
+
+
+def _pending(
+    cfg: RunConfig, run_dir: Path, until: str | None, only: str | None, force: bool
+) -> list[str]:
+    """The stages a call of :func:`run` will run (not skipped as done)."""
+    hashes = chained_hashes(cfg)
+    out: list[str] = []
+    for stage in STAGES:
+        if only is None or stage.name == only:
+            record = _read_record(run_dir, stage.name) or {}
+            done = record.get("status") == "imported" or (
+                record.get("status") == "done" and record.get("hash") == hashes[stage.name]
+            )
+            if force or not done:
+                out.append(stage.name)
+        if stage.name == until:
+            break
+    return out
+
+
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "collect": ("activations/collect.json",),
+    "train": ("transcoder/train.json",),
+    "recovery": ("transcoder/recovery.json",),
+    "cache": ("latents/cache.json", "latents/*.parquet"),
+    "contexts": ("contexts.json", "contexts.parquet"),
+    "explain": ("explain.json", "explanations.parquet"),
+    "score": ("score.json", "scores.parquet"),
+    "simulate": ("simulate.json", "simulations.parquet"),
+    "calibrate": ("calibrate.json", "calibration*.parquet"),
+    "evaluate": ("eval.json", "eval/*.parquet"),
+    "report": ("report/index.html",),
+}
+"""Each stage's main outputs in the run directory (names, or globs of parquet tables)."""
+
+
+def check_inputs(run_dir: str | Path, stage: str) -> None:
+    """Before ``stage`` runs: the outputs of every finished stage before it exist and their
+    parquet tables open (a truncated table fails on its footer). Raises FileNotFoundError
+    or ValueError naming the file and the stage that wrote it."""
+    import polars as pl
+    from polars.exceptions import PolarsError
+
+    run_dir = Path(run_dir)
+    for upstream in STAGES[: [s.name for s in STAGES].index(stage)]:
+        record = _read_record(run_dir, upstream.name) or {}
+        if record.get("status") not in ("done", "imported"):
+            continue  # not finished: the stage reports what it lacks itself
+        redo = f"nlrw {upstream.name} {run_dir} --overwrite"
+        for pattern in OUTPUTS[upstream.name]:
+            paths = sorted(run_dir.glob(pattern)) if "*" in pattern else [run_dir / pattern]
+            for path in paths:
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{path} is missing, though the {upstream.name} stage is recorded as "
+                        f"done: redo it with `{redo}`"
+                    )
+                if path.suffix == ".parquet":
+                    try:
+                        pl.read_parquet_schema(path)
+                    except (OSError, ValueError, PolarsError) as e:
+                        raise ValueError(
+                            f"{path} is damaged ({' '.join(str(e).split())}); the "
+                            f"{upstream.name} stage wrote it: redo it with `{redo}`"
+                        ) from e
+
+
+_LLM_STAGES = ("explain", "score", "simulate")
+"""Stages that build an LLM backend from ``backend`` + ``backend_options``."""
+
+
+def _check_device(option: str, device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if device.count(":") == 1 and device[5:].isdigit() else 0
+    if index >= count:
+        have = f"{count} CUDA device{'s' * (count != 1)}" if count else "no CUDA device"
+        raise ValueError(f"--{option} {device}: this machine has {have}; use cpu or auto")
+
+
+def _check_model_path(option: str, model: str) -> None:
+    """A model given as a local path (not a hub name or alias) must exist."""
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(f"--{option} {model}: no such file or directory")
+
+
+def preflight(cfg: RunConfig, stages: list[str]) -> None:
+    """Check what ``stages`` will need before any of them runs or writes anything: devices
+    exist, models given as paths exist, LLM backend options are known and parse to their
+    types. Each error names its option."""
+    from nlrw.backends.base import backend_options
+
+    for name in stages:
+        stage_cfg = getattr(cfg, name)
+        device = getattr(stage_cfg, "device", None)
+        if isinstance(device, str):
+            _check_device(f"{name}.device", device)
+        if name in ("collect", "recovery", "evaluate"):
+            _check_device("collect.device", cfg.collect.device)
+            _check_model_path("collect.model", cfg.collect.model)
+        if name in _LLM_STAGES:
+            _check_model_path(f"{name}.model", stage_cfg.model)
+            try:
+                backend_options(stage_cfg.backend, stage_cfg.backend_options)
+            except ValueError as e:
+                raise ValueError(f"--{name}.backend-options: {e}") from None
+
+
+def run_stage(
+    name: str,
+    stage_cfg: Any,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Any:
+    """Run stage ``name`` alone with config ``stage_cfg``, every other stage's config taken
+    from the run's ``config.json`` (the demo preset's for a new directory); what the stage
+    subcommands (``nlrw simulate RUN_DIR ...``) run. The stage's record and ``config.json``
+    are updated as by :func:`run` (later stages whose config hash this changes show as
+    stale); a change to a stage already run is refused unless ``overwrite``."""
+    base = load_run_config(run_dir) or load_preset("demo")
+    cfg = dataclasses.replace(base, **{name: stage_cfg})
+    summaries = run(cfg, run_dir, only=name, rerun=overwrite, rerun_flag="--overwrite", log=log)
+    return summaries.get(name)
 
 
 def _run_locked(
-    cfg: RunConfig, run_dir: Path, until: str | None, log: Callable[[str], None]
+    cfg: RunConfig,
+    run_dir: Path,
+    until: str | None,
+    log: Callable[[str], None],
+    *,
+    only: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     write_run_config(cfg, run_dir)
     hashes = chained_hashes(cfg)
     summaries: dict[str, Any] = {}
     for stage in STAGES:
+        if only is not None and stage.name != only:
+            continue
         record = _read_record(run_dir, stage.name)
         h = hashes[stage.name]
+        if force and record is not None and record.get("status") == "done":
+            record = {**record, "hash": None}  # redo on request: outputs replaced
         if record is not None and record.get("status") == "imported":
             # `nlrw import-explanations` wrote this stage's output: kept whatever the config
             # says, unless the coder it was checked against has been replaced since.
@@ -550,11 +774,14 @@ def _run_locked(
             log(f"[{stage.name}] imported from {record.get('source')}, kept")
             summaries[stage.name] = record.get("summary")
         elif record is not None and record.get("status") == "done" and record.get("hash") == h:
-            log(f"[{stage.name}] done already ({record.get('seconds', 0):.0f} s), skipped")
+            again = " (--overwrite redoes it)" if only is not None else ""
+            log(f"[{stage.name}] done already ({record.get('seconds', 0):.0f} s), skipped{again}")
             summaries[stage.name] = record.get("summary")
         else:
             overwrite = record is not None and record.get("hash") != h
             action = "re-running (config changed)" if overwrite else "running"
+            if force and overwrite and record is not None and record.get("status") == "done":
+                action = "re-running (--overwrite)"
             if record is not None and not overwrite:
                 action = "resuming"
             log(f"[{stage.name}] {action}")
