@@ -55,6 +55,7 @@ FAST = EvaluateConfig(
     batch_size=64,
     progress=False,
     synthetic_qualities=(0.5, 1.0),
+    synthetic_fractions=(0.1, 1.0),
 )
 N_CONTROLS = len(evaluate.CONTROLS)
 
@@ -546,6 +547,29 @@ def test_kv_grid_equals_naive_full_forwards(tmp_path: Path, kind: str, arch: str
         assert np.ptp(naive, axis=1).min() > 1e-4  # the conditions really differ
 
 
+def test_grid_runs_identical_rows_once(tmp_path: Path) -> None:
+    """Rows that make the same replacement share one forward: every choice and trial at
+    full coverage, and matched_zero across calibrations. grid_ce_full (every row) is the
+    reference in test_kv_grid_equals_naive_full_forwards."""
+    run_dir, _, coder = make_run(tmp_path)
+    grid = _grid(run_dir, FAST, coder)
+    canonical = grid.canonical_rows()
+    rows = grid.rows
+    for i, j in enumerate(canonical):
+        a, b = rows[i], rows[j]
+        assert j <= i and a.condition == b.condition and a.quality == b.quality
+        if j != i:
+            full = a.n_selected in (len(SIMULATED), coder.num_latents)
+            assert full or a.condition == "matched_zero"
+            assert full or (a.choice, a.trial, a.n_selected) == (b.choice, b.trial, b.n_selected)
+    sim = [i for i, r in enumerate(rows) if r.condition == "simulated"]
+    # per calibration: 2 fractions x (top + 2 trials) + one row for fraction 1
+    assert len({canonical[i] for i in sim}) == 2 * (2 * 3 + 1)
+    matched = [i for i, r in enumerate(rows) if r.condition == "matched_zero"]
+    assert len({canonical[i] for i in matched}) == 2 * 3 + 1
+    assert len(np.unique(canonical)) < len(rows) * 0.8
+
+
 def test_sae_conditions_equal_plain_forward_hooks(tmp_path: Path) -> None:
     run_dir, subject, coder = make_run(tmp_path, "sae")
     summary = evaluate.run(FAST, run_dir, hookpoint=HOOK["sae"], model="tiny", subject=subject)
@@ -611,13 +635,15 @@ def test_outputs_schema_grid_and_record(tc_run) -> None:
     assert results.schema == pl.Schema(evaluate.RESULTS_SCHEMA)
     per_key = len(FAST.fractions) * (1 + FAST.n_trials)
     n_synthetic = len(FAST.synthetic_qualities) * len(FAST.synthetic_calibrations)
-    per_ctx = 4 + 2 * per_key * (1 + N_CONTROLS) + n_synthetic * per_key
+    assert FAST.synthetic_fractions is not None
+    per_synthetic = len(FAST.synthetic_fractions) * (1 + FAST.n_trials)
+    per_ctx = 4 + 2 * per_key * (1 + N_CONTROLS) + n_synthetic * per_synthetic
     assert results.height == N_EVAL * per_ctx
     assert results["context_id"].unique().sort().to_list() == list(range(N_EVAL))
     base = results.filter(pl.col("condition").is_in(evaluate.CONDITIONS[:4]))
     assert base["calibration"].null_count() == base.height and base["fraction"].null_count()
     synthetic = results.filter(pl.col("condition") == "synthetic")
-    assert synthetic.height == N_EVAL * n_synthetic * per_key
+    assert synthetic.height == N_EVAL * n_synthetic * per_synthetic
     assert sorted(synthetic["quality"].unique().to_list()) == [0.5, 1.0]
     assert results.filter(pl.col("condition") != "synthetic")["quality"].null_count() == (
         results.height - synthetic.height
@@ -625,7 +651,10 @@ def test_outputs_schema_grid_and_record(tc_run) -> None:
     summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
     assert summary.schema == pl.Schema(evaluate.SUMMARY_SCHEMA)
     per_summary = len(FAST.fractions) * 2
-    assert summary.height == 4 + 2 * per_summary * (1 + N_CONTROLS) + n_synthetic * per_summary
+    per_synthetic_summary = len(FAST.synthetic_fractions) * 2
+    assert summary.height == (
+        4 + 2 * per_summary * (1 + N_CONTROLS) + n_synthetic * per_synthetic_summary
+    )
     assert summary["condition"].to_list()[:4] == [
         "clean",
         "transcoder",
@@ -638,7 +667,7 @@ def test_outputs_schema_grid_and_record(tc_run) -> None:
     for control in evaluate.CONTROLS:  # the same keys as the simulated rows
         assert summary.filter(pl.col("condition") == control).select(keys).equals(sim.select(keys))
     synth = summary.filter(pl.col("condition") == "synthetic")
-    assert sorted(set(synth["n_simulated_latents"].to_list())) == [6, 32, 64]  # of all 64
+    assert sorted(set(synth["n_simulated_latents"].to_list())) == [6, 64]  # of all 64
     assert set(sim.filter(pl.col("choice") == "random")["n_trials"].to_list()) == {2}
     record = json.loads((run_dir / "eval.json").read_text())
     assert record["stage"] == "evaluate" and record["config"]["fractions"] == [0.1, 0.5, 1.0]
@@ -839,7 +868,8 @@ def test_synthetic_rows(tc_run) -> None:
         & (pl.col("quality") == 1.0)
         & (pl.col("calibration") == "uncalibrated")
     )
-    assert exact.height == N_EVAL * len(FAST.fractions) * (1 + FAST.n_trials)
+    assert FAST.synthetic_fractions is not None
+    assert exact.height == N_EVAL * len(FAST.synthetic_fractions) * (1 + FAST.n_trials)
     for key, rows in exact.group_by(["fraction", "choice", "trial"]):
         np.testing.assert_allclose(
             rows.sort("context_id")["ce"].to_numpy(), tc, rtol=1e-5, err_msg=str(key)

@@ -262,9 +262,10 @@ class EvaluateConfig:
     synthetic_calibrations: tuple[str, ...] = SYNTHETIC_CALIBRATIONS
     """Calibrations of the synthetic scores: uncalibrated and/or quantile."""
 
-    synthetic_fractions: tuple[float, ...] | None = None
+    synthetic_fractions: tuple[float, ...] | None = (1.0,)
     """Fractions of all the coder's latents rewritten by the synthetic simulators (None: the
-    same as fractions)."""
+    same as fractions). Default: every latent, the frontier's question; each further
+    fraction costs a row per quality, calibration, choice and trial."""
 
     equivalence_margin: float = 0.25
     """TOST margin against zero ablation, as a fraction of the gap mean CE(zero ablation) -
@@ -703,6 +704,23 @@ class Grid:
             synthetic=synthetic,
         )
 
+    def canonical_rows(self) -> np.ndarray:
+        """For each row, the first row that makes the same replacement on every context (so
+        that :func:`grid_ce` runs it once): a rewrite's latents depend on its choice, trial
+        and number selected only, and when it selects all of its latents not even on those;
+        ``matched_zero`` does not depend on the calibration. :func:`grid_ce_full` evaluates
+        every row, and the tests compare the two."""
+        first: dict[tuple[Any, ...], int] = {}
+        out = np.arange(len(self.rows))
+        for i, r in enumerate(self.rows):
+            if r.condition in CONDITIONS[:4]:
+                continue
+            n_all = self.num_latents if r.quality is not None else len(self.latents)
+            which = ("all",) if r.n_selected >= n_all else (r.choice, r.trial, r.n_selected)
+            calibration = None if r.condition == "matched_zero" else r.calibration
+            out[i] = first.setdefault((r.condition, calibration, r.quality, *which), i)
+        return out
+
     # ---------------------------------------------------------------- draws
     def order(
         self, choice: str, trial: int, context_id: int, *, quality: float | None = None
@@ -982,16 +1000,18 @@ def grid_ce(
     n, length = ids.shape
     n_rows = len(grid.rows)
     out = np.empty((n, n_rows), dtype=np.float64)
-    per_group = max(1, batch_size // n_rows)
+    canonical = grid.canonical_rows()
+    unique = np.unique(canonical)  # rows that differ; the others copy their canonical row
+    per_group = max(1, batch_size // len(unique))
     kw = _cache_kwarg(model.forward)
     with torch.inference_mode():
         for g0 in range(0, n, per_group):
             group = ids[g0 : g0 + per_group]
             b = group.shape[0]
             prefix = _prefix_cache(model, group[:, :-1]) if length > 1 else None
-            row_ctx = np.repeat(np.arange(b), n_rows)
-            row_idx = np.tile(np.arange(n_rows), b)
-            for c0 in range(0, b * n_rows, batch_size):
+            row_ctx = np.repeat(np.arange(b), len(unique))
+            row_idx = np.tile(unique, b)
+            for c0 in range(0, b * len(unique), batch_size):
                 rc, ri = row_ctx[c0 : c0 + batch_size], row_idx[c0 : c0 + batch_size]
                 select = torch.as_tensor(rc, device=device)
                 cache = None if prefix is None else _rows_of_cache(prefix, select)
@@ -1002,7 +1022,7 @@ def grid_ce(
                     logits.logits[:, -1].float(), tgt[g0 + select], reduction="none"
                 )
                 out[g0 + rc, ri] = ce.double().cpu().numpy()
-    return out
+    return out[:, canonical]
 
 
 def grid_ce_full(
