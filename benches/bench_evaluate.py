@@ -13,7 +13,9 @@ its runs is reported.
 
 Coder: a random-init TopK skip transcoder of the demo's shape (8192 latents, k = 32, d 576)
 at ``model.layers.15.mlp``; 8 contexts of 32 random tokens; grid: 4 baselines + 2
-calibrations x 9 fractions x (top + 2 random trials) = 58 conditions. Simulated values: one
+calibrations x 9 fractions x (top + 2 random trials) = 58 conditions (no controls, no
+synthetic simulators: the ratio is per condition; ours runs the 54 distinct ones, since at
+fraction 1 every choice and trial is the same rewrite). Simulated values: one
 calibration dense (every value > 0, like ``uncalibrated``), one sparse (2 % nonzero, like
 ``quantile``), so the top-k re-application sees both regimes.
 
@@ -71,7 +73,7 @@ def run(quick: bool) -> list[dict]:
     latents = np.arange(coder.num_latents)
     dense = rng.exponential(0.5, (n_ctx, len(latents))).astype(np.float32)
     sparse = np.where(rng.random((n_ctx, len(latents))) < 0.02, dense * 4, 0).astype(np.float32)
-    cfg = EvaluateConfig(n_trials=2)
+    cfg = EvaluateConfig(n_trials=2, controls=(), synthetic_qualities=())
     grid = Grid.build(
         cfg,
         latents,
@@ -82,6 +84,7 @@ def run(quick: bool) -> list[dict]:
         num_latents=coder.num_latents,
     )
     n_rows = len(grid.rows)
+    n_distinct = len(np.unique(grid.canonical_rows()))
 
     def ours() -> np.ndarray:
         return grid_ce(model, coder, HOOKPOINT, grid, ids, targets, context_ids, batch_size=256)
@@ -113,7 +116,10 @@ def run(quick: bool) -> list[dict]:
     def cps(seconds: float) -> float:
         return round(n_ctx / seconds, 3)
 
-    print(f"  subject: {which}, {n_ctx} contexts x {ctx_len} tokens, {n_rows} conditions")
+    print(
+        f"  subject: {which}, {n_ctx} contexts x {ctx_len} tokens, {n_rows} conditions "
+        f"({n_distinct} distinct)"
+    )
     print(
         f"  contexts/s: ours {cps(t_ours)}, naive {cps(t_naive)} "
         f"({t_naive / t_ours:.1f}x), batched full windows {cps(t_full)} "
@@ -129,6 +135,7 @@ def run(quick: bool) -> list[dict]:
             subject=which,
             hookpoint=HOOKPOINT,
             grid=f"{n_ctx} contexts x {ctx_len} tokens x {n_rows} conditions, float32",
+            distinct_conditions=n_distinct,
             ours_contexts_per_s=cps(t_ours),
             naive_contexts_per_s=cps(t_naive),
             batched_full_contexts_per_s=cps(t_full),
