@@ -883,6 +883,55 @@ def test_synthetic_rows(tc_run) -> None:
     assert record["synthetic_latents_with_both_classes"] > 0
 
 
+@pytest.mark.parametrize(
+    ("calibration", "choice"), [("quantile", "random"), ("uncalibrated", "top")]
+)
+def test_synthetic_rows_equal_a_manual_rewrite(tc_run, calibration: str, choice: str) -> None:
+    """Quality 0.5 at fraction 0.1 of all 64 latents: the chosen latents (a seeded
+    permutation of every latent, or the best measured synthetic AUROC first) take their
+    calibrated synthetic values, top-k re-applied, spliced by a plain forward hook."""
+    run_dir, subject, coder = tc_run
+    ids, targets = eval_windows(run_dir)
+    grid = _grid(run_dir, FAST, coder)
+    assert grid.synthetic is not None
+    values = grid.synthetic.values[(calibration, 0.5)]
+    n_sel = max(1, int(np.floor(0.1 * coder.num_latents + 0.5)))
+    trials = range(FAST.n_trials) if choice == "random" else range(1)
+    expected = np.zeros(len(ids))
+    for t in trials:
+        if choice == "random":  # the synthetic family's own seeded permutation of all latents
+            rng = np.random.default_rng([FAST.seed, evaluate._TAG_SYNTHETIC_FIXED, t])
+            chosen = rng.permutation(coder.num_latents)[:n_sel]
+        else:
+            a = grid.synthetic.auroc[0.5]
+            key = np.where(np.isnan(a), -np.inf, a)
+            chosen = np.lexsort((np.arange(len(a)), -key))[:n_sel]
+        for c in range(len(ids)):
+
+            def rewrite(x: torch.Tensor, y: torch.Tensor, chosen=chosen, c=c):
+                z = _manual_z(coder, x[0])
+                z[chosen] = values[c, chosen]
+                keep = np.argsort(-z, kind="stable")[: coder.k]
+                z2 = np.zeros_like(z)
+                z2[keep] = np.maximum(z[keep], 0)
+                return _decode(coder, z2, x[0])[None]
+
+            with torch.no_grad():
+                expected[c] += hooked_last_ce(
+                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
+                )[0]
+    expected /= len(trials)
+    got = _mean_over_trials(
+        results_of(run_dir),
+        "synthetic",
+        quality=0.5,
+        calibration=calibration,
+        fraction=0.1,
+        choice=choice,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_after_a_kill_evaluates_only_the_missing_part(tc_run, monkeypatch) -> None:
     run_dir, subject, _ = tc_run
     before = results_of(run_dir)
