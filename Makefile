@@ -18,11 +18,19 @@ run: $(VENV)/.built $(VENV)/.assets
 
 test: $(VENV)/.built lint cargo-test pytest
 
-# Runtime + dev requirements; pip keeps its cache in ~/.cache/pip and skips what is installed.
+# What the pipeline needs (runtime + maturin to build the extension), all `make run` installs;
+# pip keeps its cache in ~/.cache/pip and skips what is installed.
 $(VENV)/.deps: pyproject.toml tools/requirements.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tools/requirements.py dev ray > $(VENV)/requirements.txt
+	$(PY) tools/requirements.py > $(VENV)/requirements.txt
 	$(PIP) install --upgrade-strategy only-if-needed -r $(VENV)/requirements.txt
+	touch $@
+
+# What only the tests, lint and benches need (test tools, eai-sparsify, llama-cpp-python,
+# which compiles for minutes, Ray), on top of the runtime: `make test` and `make bench`.
+$(VENV)/.dev-deps: $(VENV)/.deps pyproject.toml tools/requirements.py Makefile
+	$(PY) tools/requirements.py dev ray > $(VENV)/requirements-dev.txt
+	$(PIP) install --upgrade-strategy only-if-needed -r $(VENV)/requirements-dev.txt
 	touch $@
 
 # The Rust extension, built in release mode into python/nlrw/ and installed editable.
@@ -46,20 +54,20 @@ assets: $(VENV)/.assets
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 
-pytest: $(VENV)/.built $(VENV)/.assets browser
+pytest: $(VENV)/.built $(VENV)/.dev-deps $(VENV)/.assets browser
 	$(VENV)/bin/pytest -q
 
 cargo-test:
 	cargo test --quiet
 
-lint: $(VENV)/.deps
+lint: $(VENV)/.dev-deps
 	$(VENV)/bin/ruff check python tests benches tools
 	$(VENV)/bin/ruff format --check python tests benches tools
 	$(VENV)/bin/basedpyright
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-bench: $(VENV)/.built
+bench: $(VENV)/.built $(VENV)/.dev-deps
 	$(PY) benches/run.py
 
 clean:
