@@ -120,6 +120,61 @@ def test_golden_simulation_chat_explanation_first() -> None:
     assert len(prompt.PROMPT_HASH) == 16
 
 
+def test_golden_paper_style_chat() -> None:
+    chat = prompt.render_chat(
+        "Words about cats.", "the big <<cat>>", "explanation-first", style="paper"
+    )
+    question = "\n\nRate the marked last token of each text."
+    assert chat == [
+        {"role": "system", "content": prompt.PAPER_SYSTEM},
+        {
+            "role": "user",
+            "content": "Feature explanation: Mentions of animals, especially pets.\n\nText 1: "
+            "When she came back from her walk, the children were playing in the garden with "
+            "their <<dog>>\nText 2: In the morning the weather had turned, and the road was "
+            "<<cold>>" + question,
+        },
+        {"role": "assistant", "content": "[8,0]"},
+        {
+            "role": "user",
+            "content": "Feature explanation: Words about money, wealth and income.\n\nText 1: "
+            "He had a good fortune and a fine house in town, and everyone agreed that he was "
+            "very <<generous>>\nText 2: After the sale of the estate she was left with a large "
+            "<<fortune>>" + question,
+        },
+        {"role": "assistant", "content": "[3,9]"},
+        {
+            "role": "user",
+            "content": "Feature explanation: Closing quotation marks at the end of spoken "
+            'dialogue.\n\nText 1: "I shall write to her tomorrow," said Mr. Elliot, taking up '
+            'his <<pen>>\nText 2: "Good morning, Anne," said Mr. Elliot, "it is a fine day<<.">>'
+            '\nText 3: "I shall come tomorrow<<.">>' + question,
+        },
+        {"role": "assistant", "content": "[0,0,8]"},
+        {
+            "role": "user",
+            "content": "Feature explanation: Words about cats.\n\nText 1: the big <<cat>>"
+            + question,
+        },
+    ]
+    # What the system prompt tells the model, as the authors' does.
+    system = prompt.PAPER_SYSTEM
+    assert "linguistics researcher" in system and "0 to 9" in system
+    assert "no relation" in system and "lower ratings are far more likely" in system
+    assert "Python list" in system
+    split = prompt.render_chat("x", "y <<z>>", "context-first", split=True, style="paper")
+    assert split[-1]["content"].startswith("Text 1: y <<z>>\n\n" + prompt.SPLIT)
+    assert prompt.prompt_hash("paper") == prompt.PAPER_PROMPT_HASH != prompt.PROMPT_HASH
+    with pytest.raises(ValueError, match="unknown simulation prompt"):
+        prompt.render_chat("x", "y", style="poem")  # type: ignore[arg-type]
+
+
+def test_paper_style_reads_the_digit_after_a_bracket() -> None:
+    digits = prompt.digit_tokens(tiny_tokenizer(), "paper")
+    assert digits.answer_prefix == "["
+    assert digits.tokens == tuple(str(d) for d in range(10))
+
+
 def test_golden_simulation_text_with_chat_template() -> None:
     tok = tiny_tokenizer(chat_template=True)
     chat = prompt.render_chat(
@@ -421,6 +476,22 @@ def test_stage_writes_the_table_and_the_record(
         assert f"latent {lat} " in message and prompt.PROMPT_HASH in message
 
 
+def test_stage_with_the_paper_prompt(run_dir: Path, tiny_backend: Any, tmp_path: Path) -> None:
+    target = tmp_path / "paper"
+    shutil.copytree(run_dir, target)
+    (target / "simulations.parquet").unlink(missing_ok=True)
+    (target / "simulate.json").unlink(missing_ok=True)
+    shutil.rmtree(target / "simulations", ignore_errors=True)
+    table = simulate.run(_cfg(prompt="paper"), target, backend=tiny_backend)
+    assert table.height == 3 * 18
+    record = json.loads((target / "simulate.json").read_text())
+    assert record["digit_tokens"]["answer_prefix"] == "["
+    assert record["prompt_hash"] == prompt.PAPER_PROMPT_HASH
+    assert record["config"]["prompt"] == "paper"
+    with pytest.raises(ValueError, match=r"simulate\.prompt"):
+        SimulateConfig(prompt="haiku")  # type: ignore[arg-type]
+
+
 def test_prompts_are_grouped_for_prefix_sharing(run_dir: Path) -> None:
     n_ctx = read_contexts(run_dir).height
     fake = FakeSimulator()
@@ -645,3 +716,9 @@ def test_default_simulator_reads_digits_with_most_of_the_mass(run_dir: Path) -> 
     }
     assert (table["digit_mass"] > 0.5).all()
     assert record["low_mass_latents"] == []
+    # The paper's prompt reads its digit after "[" with most of the mass too.
+    (run_dir / "simulations.parquet").unlink()
+    (run_dir / "simulate.json").unlink()
+    cfg = SimulateConfig(max_latents=1, dtype="float32", progress=False, prompt="paper")
+    table = simulate.run(cfg, run_dir, backend=backend, overwrite=True)
+    assert (table["digit_mass"] > 0.5).all()

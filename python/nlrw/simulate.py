@@ -76,7 +76,7 @@ from nlrw.backends.base import Backend, SplitPrompt, split_encode
 from nlrw.explain import PartStore, _remove_tree
 from nlrw.io import atomic_path, atomic_write_json
 from nlrw.prompts import simulation as prompt
-from nlrw.prompts.simulation import DigitTokens, Layout
+from nlrw.prompts.simulation import DigitTokens, Layout, Style
 from nlrw.provenance import config_hash, stage_record
 
 __all__ = [
@@ -130,6 +130,11 @@ class SimulateConfig:
     contexts of a latent) or context-first (the prefix ends with the context, shared by the
     latents of a chunk)."""
 
+    prompt: Style = "nlrw"
+    """Simulator prompt: nlrw (one text, "Rating: N") or paper (the authors' structure: a
+    linguistics-researcher system prompt, several texts per few-shot message answered as
+    Python lists, the digit read after a prefilled "[")."""
+
     ev: EV = "renormalized"
     """Expected value of the rating: renormalized (sum d p_d / sum p_d over the ten digits) or
     paper (sum d p_d, not renormalized, as the paper's code)."""
@@ -171,6 +176,10 @@ class SimulateConfig:
             raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
         if self.layout not in prompt.LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}: expected one of {prompt.LAYOUTS}")
+        if self.prompt not in prompt.STYLES:
+            raise ValueError(
+                f"unknown simulate.prompt {self.prompt!r}: expected one of {prompt.STYLES}"
+            )
         if self.ev not in ("renormalized", "paper"):
             raise ValueError(f"unknown ev {self.ev!r}: expected 'renormalized' or 'paper'")
         if self.missing_explanations not in ("exclude", "error"):
@@ -329,7 +338,7 @@ def _read_inputs(cfg: SimulateConfig, run_dir: Path) -> _Plan:
     digest = config_hash([contexts["context_id"].to_list(), contexts["input_ids"].to_list()])
     identity = {
         "config": {k: v for k, v in cfg.__dict__.items() if k not in _RUN_ONLY_FIELDS},
-        "prompt_hash": prompt.PROMPT_HASH,
+        "prompt_hash": prompt.prompt_hash(cfg.prompt),
         "latents": [(lat, explanations[lat]) for lat in latents],
         "contexts": digest,
     }
@@ -398,6 +407,7 @@ def build_prompts(
     latents: Sequence[int],
     context_ids: Sequence[int],
     answer_prefix: str,
+    style: Style = "nlrw",
 ) -> tuple[list[tuple[int, int]], list[SplitPrompt]]:
     """``(keys, prompts)`` for every (latent, context) pair, ordered for prefix sharing:
     latent by latent for ``"explanation-first"``, context by context for ``"context-first"``.
@@ -409,7 +419,7 @@ def build_prompts(
     shared: dict[tuple[int, ...], tuple[int, ...]] = {}
     prompts: list[SplitPrompt] = []
     for lat, c in keys:
-        chat = prompt.render_chat(explanations[lat], texts[c], layout, split=True)
+        chat = prompt.render_chat(explanations[lat], texts[c], layout, split=True, style=style)
         p = split_encode(tokenizer, chat, prompt.SPLIT, answer_prefix)
         prompts.append(SplitPrompt(shared.setdefault(p.prefix, p.prefix), p.suffix))
     return keys, prompts
@@ -496,7 +506,7 @@ def run(
         if todo:
             if backend is None:
                 backend = _load_backend(cfg)
-            digits = prompt.digit_tokens(_tokenizer_of(backend))
+            digits = prompt.digit_tokens(_tokenizer_of(backend), cfg.prompt)
             _write_simulator(parts_dir, digits, _dtype_of(backend, cfg))
             tokenizer = (
                 subject_tokenizer if subject_tokenizer is not None else _subject_tokenizer(run_dir)
@@ -620,7 +630,14 @@ def _simulate_chunk(
         lats = sorted({k[0] for k in part})
         ctxs = list(dict.fromkeys(k[1] for k in part))
         got, prompts = build_prompts(
-            tokenizer, cfg.layout, plan.explanations, texts, lats, ctxs, digits.answer_prefix
+            tokenizer,
+            cfg.layout,
+            plan.explanations,
+            texts,
+            lats,
+            ctxs,
+            digits.answer_prefix,
+            cfg.prompt,
         )
         assert got == part  # the same order as the keys
         answer = backend.answer_distribution_ids(prompts, list(digits.ids))
@@ -651,7 +668,7 @@ def _simulate_chunk(
                 lat,
                 median,
                 cfg.min_digit_mass,
-                prompt.PROMPT_HASH,
+                prompt.prompt_hash(cfg.prompt),
                 cfg.model,
             )
     return frame
@@ -702,7 +719,7 @@ def _finish(
             "simulate",
             replace(cfg, shard=None),
             key=plan.key,
-            prompt_hash=prompt.PROMPT_HASH,
+            prompt_hash=prompt.prompt_hash(cfg.prompt),
             layout=cfg.layout,
             ev=cfg.ev,
             digit_tokens=info.get("digit_tokens"),

@@ -26,6 +26,16 @@ are ``"Rating: N"``, so the model has seen the format three times.
 * ``"context-first"``: ``Text:`` first, then the explanation, cut before ``Feature
   explanation:``: the prefix (system, few-shot, text) is shared by every latent of a context.
 
+**Two prompts** (``style``): ``"nlrw"`` (the default, above) and ``"paper"``, which follows the
+authors' simulator prompt (delphi's ``nl_simulation/nl/prompting.py``, PROTOCOL.md) in structure
+and in what it tells the model: a "linguistics researcher" system prompt that asks how much
+the marked last token represents the feature as an integer 0 to 9, says most tokens have no
+relation to the feature and lower ratings are likelier than higher ones, and asks for a Python
+list; three few-shot messages of several texts each, answered as lists (``[8,0]``); the query
+holds one text (one context per prompt, as the paper) and the answer ``[`` is prefilled, so
+the next token is the digit, read as nlrw reads digits. (The authors' exact wording is not
+reproduced: the paper's prompt text is paraphrased from its description.)
+
 The cut sits after a blank line, at a word start, so tokenizing prefix and suffix separately
 (:func:`nlrw.backends.base.split_encode`) gives the tokens of the whole prompt for the usual
 BPE tokenizers.
@@ -50,22 +60,30 @@ __all__ = [
     "DIGITS",
     "FEW_SHOT",
     "LAYOUTS",
+    "PAPER_FEW_SHOT",
+    "PAPER_PROMPT_HASH",
+    "PAPER_SYSTEM",
     "PROMPT_HASH",
     "QUESTION",
     "SPLIT",
+    "STYLES",
     "SYSTEM",
     "DigitTokens",
     "Layout",
     "Shot",
+    "Style",
     "context_text",
     "digit_tokens",
     "mark_last",
+    "prompt_hash",
     "render_chat",
     "user_message",
 ]
 
 Layout = Literal["explanation-first", "context-first"]
 LAYOUTS: tuple[Layout, ...] = ("explanation-first", "context-first")
+Style = Literal["nlrw", "paper"]
+STYLES: tuple[Style, ...] = ("nlrw", "paper")
 
 SYSTEM = (
     "We're studying latents (neurons) of a language model. Each latent looks for one particular "
@@ -146,6 +164,78 @@ PROMPT_HASH = hashlib.sha256(
 ).hexdigest()[:16]
 
 
+PAPER_SYSTEM = (
+    "You are a meticulous linguistics researcher studying the features of a language model. "
+    "You will be given the explanation of one feature and one or more short texts. In each "
+    "text the LAST token is marked <<like this>>.\n"
+    "\n"
+    "For each text, say how much the marked last token represents the feature, as an integer "
+    "from 0 to 9: 0 means it has no relation to the feature, 9 means it represents the "
+    "feature as clearly as possible. Use the text before the marked token only as context. "
+    "Most tokens have no relation to the feature, so lower ratings are far more likely than "
+    "higher ones.\n"
+    "\n"
+    "Answer with a Python list of integers, one rating per text, in order, and nothing else."
+)
+PAPER_TEXT = "Text {number}: {text}"
+PAPER_QUESTION = "Rate the marked last token of each text."
+PAPER_ANSWER_PREFIX = "["
+"""The prefilled start of the paper's list answer: the next token is the first rating."""
+
+PAPER_FEW_SHOT: tuple[tuple[str, tuple[Shot, ...]], ...] = (
+    (
+        "Mentions of animals, especially pets",
+        (
+            FEW_SHOT[0],
+            Shot("", "In the morning the weather had turned, and the road was", " cold", 0),
+        ),
+    ),
+    (
+        "Words about money, wealth and income",
+        (
+            FEW_SHOT[1],
+            Shot("", "After the sale of the estate she was left with a large", " fortune", 9),
+        ),
+    ),
+    (
+        "Closing quotation marks at the end of spoken dialogue",
+        (
+            FEW_SHOT[2],
+            Shot("", '"Good morning, Anne," said Mr. Elliot, "it is a fine day', '."', 0),
+            Shot("", '"I shall come tomorrow', '."', 8),
+        ),
+    ),
+)
+"""The paper-style few-shot messages: several texts per message (the explanation is the
+first field of each pair; a ``Shot``'s own explanation is unused there)."""
+
+
+def prompt_hash(style: Style = "nlrw") -> str:
+    """A short hash of a style's template strings (``PROMPT_HASH`` for nlrw's)."""
+    if style == "nlrw":
+        return PROMPT_HASH
+    if style == "paper":
+        return PAPER_PROMPT_HASH
+    raise ValueError(f"unknown simulation prompt {style!r}: expected one of {list(STYLES)}")
+
+
+PAPER_PROMPT_HASH = hashlib.sha256(
+    "\x00".join(
+        [
+            PAPER_SYSTEM,
+            EXPLANATION,
+            PAPER_TEXT,
+            PAPER_QUESTION,
+            PAPER_ANSWER_PREFIX,
+            *(
+                f"{e}\x01" + "\x01".join(f"{s.head}\x02{s.last}\x02{s.rating}" for s in shots)
+                for e, shots in PAPER_FEW_SHOT
+            ),
+        ]
+    ).encode()
+).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------------------------
 # Text
 # --------------------------------------------------------------------------------------------
@@ -203,12 +293,45 @@ def user_message(explanation: str, text: str, layout: Layout, *, split: bool = F
     raise ValueError(f"unknown layout {layout!r}: expected one of {list(LAYOUTS)}")
 
 
+def paper_user_message(
+    explanation: str, texts: Sequence[str], layout: Layout, *, split: bool = False
+) -> str:
+    """The paper-style user message: the explanation and numbered texts (``split`` as in
+    :func:`user_message`)."""
+    expl = EXPLANATION.format(explanation=_explanation(explanation))
+    body = "\n".join(PAPER_TEXT.format(number=i + 1, text=t) for i, t in enumerate(texts))
+    cut = SPLIT if split else ""
+    if layout == "explanation-first":
+        return f"{expl}\n\n{cut}{body}\n\n{PAPER_QUESTION}"
+    if layout == "context-first":
+        return f"{body}\n\n{cut}{expl}\n\n{PAPER_QUESTION}"
+    raise ValueError(f"unknown layout {layout!r}: expected one of {list(LAYOUTS)}")
+
+
 def render_chat(
-    explanation: str, text: str, layout: Layout = "explanation-first", *, split: bool = False
+    explanation: str,
+    text: str,
+    layout: Layout = "explanation-first",
+    *,
+    split: bool = False,
+    style: Style = "nlrw",
 ) -> list[Message]:
     """The simulator chat: system message, the three few-shot exchanges (in the same layout),
-    and the query; the assistant's ``"Rating: "`` is prefilled by the backend."""
-    chat: list[Message] = [{"role": "system", "content": SYSTEM}]
+    and the query; the backend prefills the answer (``"Rating: "``, or ``"["`` for the
+    paper's style)."""
+    if style == "paper":
+        chat: list[Message] = [{"role": "system", "content": PAPER_SYSTEM}]
+        for expl, shots in PAPER_FEW_SHOT:
+            texts = [mark_last(s.head, s.last) for s in shots]
+            chat.append({"role": "user", "content": paper_user_message(expl, texts, layout)})
+            ratings = ",".join(str(s.rating) for s in shots)
+            chat.append({"role": "assistant", "content": f"[{ratings}]"})
+        query = paper_user_message(explanation, [text], layout, split=split)
+        chat.append({"role": "user", "content": query})
+        return chat
+    if style != "nlrw":
+        raise ValueError(f"unknown simulation prompt {style!r}: expected one of {list(STYLES)}")
+    chat = [{"role": "system", "content": SYSTEM}]
     for shot in FEW_SHOT:
         chat.append(
             {
@@ -245,7 +368,7 @@ class DigitTokens(NamedTuple):
         }
 
 
-def digit_tokens(tokenizer: Any) -> DigitTokens:
+def digit_tokens(tokenizer: Any, style: Style = "nlrw") -> DigitTokens:
     """The answer prefix and the digits' token ids for ``tokenizer``.
 
     Tries each of :data:`ANSWER_PREFIXES` in turn with
@@ -258,13 +381,15 @@ def digit_tokens(tokenizer: Any) -> DigitTokens:
             prefix); the message gives each prefix's reason.
     """
     reasons: list[str] = []
-    for prefix in ANSWER_PREFIXES:
+    prefixes = ANSWER_PREFIXES if style == "nlrw" else (PAPER_ANSWER_PREFIX,)
+    for prefix in prefixes:
         try:
             ids = answer_token_ids(tokenizer, DIGITS, prefix=prefix)
         except ValueError as e:
             reasons.append(f"after {prefix!r}: {e}")
             continue
-        want = ANSWER.format(rating="")[len(prefix) :]  # "" or " "
+        # "" or " " after "Rating: " / "Rating:"; nothing after the paper's "["
+        want = ANSWER.format(rating="")[len(prefix) :] if style == "nlrw" else ""
         pieces = [str(tokenizer.decode([i])) for i in ids]
         if any(p != want + d for p, d in zip(pieces, DIGITS, strict=True)):
             reasons.append(
