@@ -501,6 +501,10 @@ def test_report_words_similarity_only_where_tost_passes(run_dir: Path) -> None:
     # the synthetic simulators' own table and where they reach the baselines
     assert "## Synthetic simulators" in md and "reaches zero ablation's mean CE from" in md
     assert "oracle support" in page and "matched zero" in page
+    # the frontier figure, with the real simulator at its measured mean AUROC
+    real = report.real_simulator_auroc(pl.read_parquet(run_dir / "calibration_metrics.parquet"))
+    assert real is not None and f"measured mean AUROC {real:.3f}" in page
+    assert (run_dir / "report" / "frontier.png").is_file()
 
 
 def test_missing_optional_inputs_leave_sections_out_with_notes(run_dir: Path) -> None:
@@ -520,7 +524,7 @@ def test_missing_optional_inputs_leave_sections_out_with_notes(run_dir: Path) ->
     # The headline, the table and the calibration metrics stay; the browser falls back to
     # latent order with the explanations and top windows.
     assert "headline.png" not in page  # embedded, not linked
-    assert len(_images(page)) == 3  # headline, paired headline, calibration metrics
+    assert len(_images(page)) == 4  # headline, paired headline, calibration metrics, frontier
     assert page.count('class="latent"') == 3 and "unscored" in page
     assert 'class="tok act"' in page
 

@@ -1638,6 +1638,69 @@ def _decode_rated(
     return out
 
 
+def _synthetic_curves(summary: pl.DataFrame) -> pl.DataFrame:
+    """The synthetic rows at their largest fraction, top choice where present."""
+    synth = summary.filter(
+        (pl.col("condition") == "synthetic")
+        & pl.col("quality").is_not_null()
+        & pl.col("mean_ce").is_not_null()
+    )
+    if synth.height == 0:
+        return synth
+    synth = synth.filter(pl.col("fraction") == synth["fraction"].max())
+    top = synth.filter(pl.col("choice") == "top")
+    return (top if top.height else synth).sort("calibration", "quality")
+
+
+def real_simulator_auroc(metrics: pl.DataFrame | None) -> float | None:
+    """Mean over latents of the real simulator's AUROC (``calibration_metrics.parquet``; the
+    same for every calibration, which does not change the ranking)."""
+    if metrics is None or "auroc" not in metrics.columns:
+        return None
+    values = metrics.group_by("latent").agg(pl.col("auroc").first())["auroc"].to_numpy()
+    values = values[np.isfinite(values.astype(np.float64))]
+    return float(values.mean()) if values.size else None
+
+
+def frontier_figure(summary: pl.DataFrame, real_auroc: float | None, dpi: int) -> bytes:
+    """Mean CE of the synthetic simulators against their AUROC, one line per calibration
+    (bootstrap 95% bands), zero ablation and the transcoder as horizontal lines, the real
+    simulator's measured AUROC as a vertical one."""
+    curves = _synthetic_curves(summary)
+    fig = _figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    names = [str(c) for c in curves["calibration"].unique().to_list()]
+    for (cal,), group in curves.group_by(["calibration"], maintain_order=True):
+        q = group["quality"].to_numpy()
+        color = _calibration_color(str(cal), names)
+        ax.plot(q, group["mean_ce"].to_numpy(), marker="o", label=str(cal), color=color)
+        ax.fill_between(
+            q, group["ci_low"].to_numpy(), group["ci_high"].to_numpy(), alpha=0.2, color=color
+        )
+    for condition in ("zero_ablation", "transcoder"):
+        rows = summary.filter(pl.col("condition") == condition)
+        if rows.height:
+            ax.axhline(
+                float(rows["mean_ce"][0]),
+                color=_BASELINE_COLORS[condition],
+                linestyle="--",
+                label=_BASELINE_LABELS[condition],
+            )
+    if real_auroc is not None:
+        ax.axvline(real_auroc, color="#555555", linestyle=":", label="this run's simulator")
+    ax.set_xlabel("simulator quality: AUROC of active vs inactive contexts")
+    ax.set_ylabel("mean next-token CE (nats)")
+    fraction = curves["fraction"].max() if curves.height else None
+    ax.set_title(
+        f"Synthetic simulators, {_fmt_fraction(fraction)} of all latents rewritten"
+        if fraction is not None
+        else "Synthetic simulators"
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig, dpi)
+
+
 def _figures(
     cfg: ReportConfig,
     run: _Run,
@@ -1703,6 +1766,24 @@ def _figures(
                 "per-latent pearson, specificity and sensitivity per calibration",
                 "One point per latent: agreement of its calibrated simulated activations with "
                 "the true ones on the eval contexts (active: activation > 0).",
+            )
+        )
+    if _synthetic_curves(summary).height:
+        real = real_simulator_auroc(metrics)
+        where = (
+            f" Dotted: this run's simulator at its measured mean AUROC {real:.3f}."
+            if real is not None
+            else ""
+        )
+        diagnosis.append(
+            _Figure(
+                "frontier.png",
+                frontier_figure(summary, real, cfg.dpi),
+                "mean CE vs synthetic simulator quality",
+                "Synthetic simulators (no LLM): scores from the true activations with seeded "
+                "noise tuned to each AUROC, for every latent of the coder, calibrated and "
+                "rewritten like the real simulations. Where a line crosses zero ablation is "
+                "how faithful a simulator must be for the rewrite to beat it." + where,
             )
         )
     if scores is not None:
