@@ -71,7 +71,9 @@ from its context's (``Cache.batch_select_indices`` on a fresh copy per batch), w
 :func:`nlrw.subject.splice` that gives row r condition r's replacement. This equals the
 naive way (a full forward per condition, :func:`grid_ce_full` with ``rows_per_forward=1``)
 to float32 rounding, and costs one token per condition instead of ``ctx_len``
-(``benches/bench_evaluate.py`` measures the ratio).
+(``benches/bench_evaluate.py`` measures the ratio). Rows that make the same replacement run
+once (:meth:`Grid.canonical_rows`: every choice and trial of a rewrite of all its latents,
+``matched_zero`` across calibrations).
 
 **Statistics** (``eval/summary.parquet``, one row per condition x calibration x quality x
 fraction x choice; :func:`summarize`, formulas in :mod:`nlrw.statistics`): mean CE over
@@ -1708,6 +1710,7 @@ def run(
             ),
             n_contexts=n,
             n_conditions_per_context=len(grid.rows),
+            n_distinct_conditions_per_context=len(np.unique(grid.canonical_rows())),
             calibrations=sorted(inputs.values),
             n_simulated_latents=len(inputs.latents),
             contexts_evaluated_now=evaluated,

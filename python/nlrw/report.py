@@ -15,8 +15,17 @@ PNGs beside it) and the PNGs themselves (matplotlib's Agg renderer, no pyplot st
   simulated (log x), one line per (calibration, choice of latents), bands from the bootstrap
   95% CIs, horizontal lines with CI bands for the clean model, the transcoder, zero ablation and
   random active latents.
-* *Conditions table*: every row of the summary with its mean CE, CI, paired difference to zero
-  ablation (CI) and p-value.
+* *Conditions table*: every row of the summary but the synthetic ones (the controls
+  ``matched_zero``, ``oracle_support``, ``oracle_magnitude`` beside the simulated rows) with its
+  mean CE, CI, paired difference to zero ablation (CI), raw and Holm-adjusted p-values, and a
+  claim in words (:func:`claim`): "similar to zero ablation" only where the paired TOST passes
+  (``equivalent_to_zero``), "better" / "worse" from the Holm-adjusted one- and two-sided
+  tests, "inconclusive" otherwise. A summary from before these columns is refused with the
+  command that re-runs ``evaluate``.
+* *Synthetic simulators*: their rows at the largest fraction per calibration and quality, the
+  lowest quality at which the rewrite's mean CE reaches zero ablation's and the transcoder's,
+  and a figure of mean CE against quality with this run's simulator at its measured mean AUROC
+  (``calibration_metrics.parquet``).
 * *Diagnosis figures*: the simulator's expected digit on eval contexts where the latent truly
   fires vs where it does not (``simulations.parquet``; the false-positive story); per-latent
   Pearson correlation, specificity and sensitivity per calibration
