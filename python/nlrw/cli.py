@@ -304,6 +304,28 @@ def status(run_dir: Path, /) -> None:
         print(f"{s.name:<10} {s.state:<12} {took}  {s.detail}")
 
 
+def verify(run_dir: _RunDir, /) -> None:
+    """Check every finished stage's outputs in full against its record: each file present,
+    of its size and digest when written. A damaged stage is an error naming its file;
+    `nlrw run RUN_DIR` redoes it and the stages after it."""
+    from nlrw.pipeline import STAGES
+    from nlrw.pipeline import status as pipeline_status
+    from nlrw.pipeline import verify as verify_run
+
+    problems = verify_run(run_dir)
+    states = {s.name: s.state for s in pipeline_status(run_dir)}
+    damaged = dict(problems)
+    for stage in STAGES:
+        state = states[stage.name]
+        print(f"{stage.name:<10} {damaged.get(stage.name, 'ok' if state == 'done' else state)}")
+    if problems:
+        listed = "; ".join(f"{name}: {problem}" for name, problem in problems)
+        raise ValueError(
+            f"{run_dir}: {len(problems)} damaged stage{'s' * (len(problems) != 1)} ({listed}); "
+            f"`nlrw run --run-dir {run_dir}` redoes them and what follows"
+        )
+
+
 # --- explanations from and for other tools (nlrw.interop) ---------------------------------
 
 
@@ -516,6 +538,7 @@ def commands(
         "export-explanations": export_explanations,
         "info": info,
         "shards-verify": shards_verify,
+        "verify": verify,
     }
 
 

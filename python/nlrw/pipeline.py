@@ -12,6 +12,15 @@ and everything downstream of it, never anything upstream:
 * a record ``imported`` (explanations and scores from ``nlrw import-explanations``) → kept
   whatever the config says, refused once the coder they were checked against is replaced.
 
+A run directory never loses work to a mistake: an existing run resumes with its own
+``config.json``; a config that changes a stage already run is refused unless ``rerun``
+(:func:`changed_stages`); devices, model paths and backend options are checked before any
+stage runs (:func:`preflight`); a stage that replaces outputs first sets the previous ones
+aside in ``.replaced/<stage>/`` and deletes them only once it has finished, a failure or a
+kill puts them back; a finished stage's record lists its outputs with their sizes and
+digests, checked (size always, digests before later stages read them and by :func:`verify`):
+a damaged stage is redone, and so is what follows it.
+
 ``config.json`` holds the resolved config of every stage with its hash, package versions,
 the git revision and the seeds; it is rewritten (atomically) at the start of each run.
 Presets are TOML files shipped in ``nlrw/presets`` (one table per stage); any value can be
@@ -25,6 +34,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import time
 import tomllib
 import typing
@@ -43,7 +53,7 @@ from nlrw.collect import CollectConfig
 from nlrw.contexts import ContextsConfig
 from nlrw.evaluate import EvaluateConfig
 from nlrw.explain import ExplainConfig
-from nlrw.io import atomic_write_json
+from nlrw.io import atomic_write, atomic_write_json, file_digest, fsync_dir
 from nlrw.prompts import detection as detection_prompt
 from nlrw.prompts import explain as explain_prompt
 from nlrw.prompts import simulation as simulation_prompt
@@ -69,6 +79,7 @@ __all__ = [
     "run",
     "run_stage",
     "status",
+    "verify",
 ]
 
 
@@ -609,9 +620,9 @@ def run(
         force = rerun and only is not None
         pending = _pending(cfg, run_dir, until, only, force)
         preflight(cfg, pending)
-        if pending:
-            check_inputs(run_dir, pending[0])
-        return _run_locked(cfg, run_dir, until, log, only=only, force=force)
+        if pending and only is not None:
+            check_inputs(run_dir, pending[0])  # `run` redoes damaged stages instead
+        return _run_locked(cfg, run_dir, until, log, only=only, force=force, digests=bool(pending))
 
 
 def _pending(
@@ -624,7 +635,9 @@ def _pending(
         if only is None or stage.name == only:
             record = _read_record(run_dir, stage.name) or {}
             done = record.get("status") == "imported" or (
-                record.get("status") == "done" and record.get("hash") == hashes[stage.name]
+                record.get("status") == "done"
+                and record.get("hash") == hashes[stage.name]
+                and _damage(run_dir, record, digests=False) is None
             )
             if force or not done:
                 out.append(stage.name)
@@ -662,6 +675,12 @@ def check_inputs(run_dir: str | Path, stage: str) -> None:
         if record.get("status") not in ("done", "imported"):
             continue  # not finished: the stage reports what it lacks itself
         redo = f"nlrw {upstream.name} {run_dir} --overwrite"
+        problem = _damage(run_dir, record, digests=True)
+        if problem is not None:
+            raise ValueError(
+                f"{problem}: an output of the {upstream.name} stage, which {stage} reads "
+                f"from; redo it with `{redo}` (or `nlrw run {run_dir}`, which redoes it)"
+            )
         for pattern in OUTPUTS[upstream.name]:
             paths = sorted(run_dir.glob(pattern)) if "*" in pattern else [run_dir / pattern]
             for path in paths:
@@ -751,62 +770,254 @@ def _run_locked(
     *,
     only: str | None = None,
     force: bool = False,
+    digests: bool = False,
 ) -> dict[str, Any]:
+    """Run the stages; a done stage whose outputs are damaged (missing, resized, or with
+    ``digests`` of other content) is redone, and so is every stage after one that ran."""
+    for stage in STAGES:  # replacements a kill interrupted: the previous outputs come back
+        if _roll_back(run_dir, stage.name):
+            log(f"[{stage.name}] an interrupted replacement was rolled back: previous outputs kept")
+    config_path = run_dir / "config.json"
+    previous_config = config_path.read_bytes() if config_path.is_file() else None
     write_run_config(cfg, run_dir)
     hashes = chained_hashes(cfg)
     summaries: dict[str, Any] = {}
-    for stage in STAGES:
-        if only is not None and stage.name != only:
-            continue
-        record = _read_record(run_dir, stage.name)
-        h = hashes[stage.name]
-        if force and record is not None and record.get("status") == "done":
-            record = {**record, "hash": None}  # redo on request: outputs replaced
-        if record is not None and record.get("status") == "imported":
-            # `nlrw import-explanations` wrote this stage's output: kept whatever the config
-            # says, unless the coder it was checked against has been replaced since.
-            if record.get("coder_hash") not in (None, hashes["train"]):
-                raise RunDirError(
-                    f"{run_dir}: the {stage.name} output imported from {record.get('source')} "
-                    "belongs to a coder the train stage has since replaced; import again, or "
-                    f"delete {_record_path(run_dir, stage.name)} to run the stage"
+    redone_upstream: str | None = None
+    ran: list[str] = []
+    try:
+        for stage in STAGES:
+            if only is not None and stage.name != only:
+                continue
+            record = _read_record(run_dir, stage.name)
+            h = hashes[stage.name]
+            if force and record is not None and record.get("status") == "done":
+                record = {**record, "hash": None}  # redo on request: outputs replaced
+            damage = None
+            if record is not None and record.get("status") == "done" and record.get("hash") == h:
+                damage = _damage(run_dir, record, digests=digests)
+                if damage is None and redone_upstream is not None:
+                    damage = f"its input from {redone_upstream} was redone"
+            if record is not None and record.get("status") == "imported":
+                # `nlrw import-explanations` wrote this stage's output: kept whatever the config
+                # says, unless the coder it was checked against has been replaced since.
+                if record.get("coder_hash") not in (None, hashes["train"]):
+                    raise RunDirError(
+                        f"{run_dir}: the {stage.name} output imported from {record.get('source')} "
+                        "belongs to a coder the train stage has since replaced; import again, or "
+                        f"delete {_record_path(run_dir, stage.name)} to run the stage"
+                    )
+                log(f"[{stage.name}] imported from {record.get('source')}, kept")
+                summaries[stage.name] = record.get("summary")
+            elif (
+                record is not None
+                and record.get("status") == "done"
+                and record.get("hash") == h
+                and damage is None
+            ):
+                again = " (--overwrite redoes it)" if only is not None else ""
+                took = f"{record.get('seconds', 0):.0f} s"
+                log(f"[{stage.name}] done already ({took}), skipped{again}")
+                summaries[stage.name] = record.get("summary")
+            else:
+                overwrite = record is not None and (record.get("hash") != h or damage is not None)
+                action = "re-running (config changed)" if overwrite else "running"
+                if force and overwrite and record is not None and record.get("status") == "done":
+                    action = "re-running (--overwrite)"
+                if damage is not None:
+                    action = f"re-running ({damage})"
+                if record is not None and not overwrite:
+                    action = "resuming"
+                log(f"[{stage.name}] {action}")
+                summaries[stage.name] = _run_stage_replacing(
+                    stage, cfg, run_dir, h, replace=overwrite, log=log
                 )
-            log(f"[{stage.name}] imported from {record.get('source')}, kept")
-            summaries[stage.name] = record.get("summary")
-        elif record is not None and record.get("status") == "done" and record.get("hash") == h:
-            again = " (--overwrite redoes it)" if only is not None else ""
-            log(f"[{stage.name}] done already ({record.get('seconds', 0):.0f} s), skipped{again}")
-            summaries[stage.name] = record.get("summary")
-        else:
-            overwrite = record is not None and record.get("hash") != h
-            action = "re-running (config changed)" if overwrite else "running"
-            if force and overwrite and record is not None and record.get("status") == "done":
-                action = "re-running (--overwrite)"
-            if record is not None and not overwrite:
-                action = "resuming"
-            log(f"[{stage.name}] {action}")
-            started = time.perf_counter()
-            atomic_write_json(
-                _record_path(run_dir, stage.name),
-                {"status": "running", "hash": h, "started_at": _now()},
-            )
-            summary = stage.run(cfg, run_dir, overwrite)
-            seconds = time.perf_counter() - started
-            atomic_write_json(
-                _record_path(run_dir, stage.name),
-                {
-                    "status": "done",
-                    "hash": h,
-                    "finished_at": _now(),
-                    "seconds": seconds,
-                    "summary": to_jsonable(summary),
-                },
-            )
-            log(f"[{stage.name}] done in {seconds:.0f} s")
-            summaries[stage.name] = summary
-        if stage.name == until:
-            break
+                redone_upstream = redone_upstream or stage.name
+                ran.append(stage.name)
+            if stage.name == until:
+                break
+    except BaseException:
+        if not ran:  # nothing finished under the new config: the run stays as it was
+            if previous_config is None:
+                config_path.unlink(missing_ok=True)
+            else:
+                atomic_write(config_path, lambda f: f.write(previous_config))
+        raise
     return summaries
+
+
+def _run_stage_replacing(
+    stage: Stage,
+    cfg: RunConfig,
+    run_dir: Path,
+    h: str,
+    *,
+    replace: bool,
+    log: Callable[[str], None],
+) -> Any:
+    """Run one stage and record it done with its outputs' sizes and digests. With
+    ``replace``, the previous outputs (and record) are first set aside in
+    ``.replaced/<stage>/`` and only deleted once the new ones are complete; any failure
+    (an exception here, or a kill, rolled back at the next run) puts them back."""
+    if replace:
+        _set_aside(run_dir, stage.name)
+    started = time.perf_counter()
+    try:
+        atomic_write_json(
+            _record_path(run_dir, stage.name),
+            {"status": "running", "hash": h, "started_at": _now()},
+        )
+        summary = stage.run(cfg, run_dir, replace)
+        seconds = time.perf_counter() - started
+        atomic_write_json(
+            _record_path(run_dir, stage.name),
+            {
+                "status": "done",
+                "hash": h,
+                "finished_at": _now(),
+                "seconds": seconds,
+                "summary": to_jsonable(summary),
+                "outputs": _outputs(run_dir, stage.name),
+            },
+        )
+    except BaseException:
+        if _roll_back(run_dir, stage.name):
+            log(f"[{stage.name}] failed: its previous outputs are back in place")
+        raise
+    shutil.rmtree(_replaced_dir(run_dir, stage.name), ignore_errors=True)
+    log(f"[{stage.name}] done in {seconds:.0f} s")
+    return summary
+
+
+# --- what a stage wrote: set aside, rolled back, digested -----------------------------------
+
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "collect": ("activations",),
+    "train": ("transcoder/*",),
+    "recovery": ("transcoder/recovery.json",),
+    "cache": ("latents",),
+    "contexts": ("contexts.parquet", "contexts.json", "contexts"),
+    "explain": ("explanations.parquet", "explain.json", "explanations.parts"),
+    "score": ("scores.parquet", "score.json", "scores.parts"),
+    "simulate": ("simulations.parquet", "simulate.json", "simulations.parts"),
+    "calibrate": ("calibration*.parquet", "calibration.safetensors", "calibrate.json"),
+    "evaluate": ("eval", "eval.json"),
+    "report": ("report", "report.json"),
+}
+"""Everything each stage writes in the run directory (names or globs; folders whole)."""
+
+_NOT_MINE = {"train": {"transcoder/recovery.json"}}
+"""Files inside a stage's folder that another stage writes."""
+
+
+def stage_files(run_dir: Path, name: str) -> list[str]:
+    """The entries (files or folders, relative to ``run_dir``) of stage ``name`` present now."""
+    out: list[str] = []
+    for pattern in STAGE_FILES[name]:
+        for path in sorted(run_dir.glob(pattern)):
+            rel = path.relative_to(run_dir).as_posix()
+            if rel not in _NOT_MINE.get(name, set()):
+                out.append(rel)
+    return out
+
+
+def _replaced_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / ".replaced" / name
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _set_aside(run_dir: Path, name: str) -> None:
+    """Move stage ``name``'s outputs and record into ``.replaced/<name>/`` (renames, no
+    copies), listing them first so that a kill at any point can be rolled back."""
+    backup = _replaced_dir(run_dir, name)
+    record = _record_path(run_dir, name).relative_to(run_dir).as_posix()
+    moved = stage_files(run_dir, name) + ([record] if (run_dir / record).exists() else [])
+    backup.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(backup / "moved.json", moved)
+    for rel in moved:
+        (backup / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(run_dir / rel, backup / "files" / rel)
+    fsync_dir(run_dir)
+
+
+def _roll_back(run_dir: Path, name: str) -> bool:
+    """Undo an unfinished replacement of stage ``name``: what it wrote goes, the previous
+    outputs and record come back. Idempotent (safe to kill and redo). False if none."""
+    backup = _replaced_dir(run_dir, name)
+    try:
+        moved: list[str] = json.loads((backup / "moved.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        shutil.rmtree(backup, ignore_errors=True)  # killed before anything was moved
+        return False
+    record = _record_path(run_dir, name).relative_to(run_dir).as_posix()
+    for rel in [*stage_files(run_dir, name), record]:
+        if rel not in moved:
+            _remove(run_dir / rel)  # written by the failed attempt, nothing to go back
+    for rel in moved:
+        source = backup / "files" / rel
+        if source.exists() or source.is_symlink():
+            if (run_dir / rel).exists():
+                _remove(run_dir / rel)
+            os.replace(source, run_dir / rel)
+    fsync_dir(run_dir)
+    shutil.rmtree(backup)
+    return True
+
+
+def _files_under(run_dir: Path, rels: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for rel in rels:
+        path = run_dir / rel
+        out.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    return out
+
+
+def _outputs(run_dir: Path, name: str) -> dict[str, list[Any]]:
+    """Every file stage ``name`` wrote: relative path → [size, digest]."""
+    return {
+        p.relative_to(run_dir).as_posix(): [p.stat().st_size, file_digest(p)]
+        for p in _files_under(run_dir, stage_files(run_dir, name))
+    }
+
+
+def _damage(run_dir: Path, record: dict[str, Any], *, digests: bool) -> str | None:
+    """What is wrong with a done stage's recorded outputs (None: nothing, or no outputs
+    recorded): a file missing, of another size, or (with ``digests``) of other content."""
+    outputs = record.get("outputs")
+    if not isinstance(outputs, dict):
+        return None
+    for rel, (size, digest) in outputs.items():
+        path = run_dir / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, {size:,} when written"
+        if digests and file_digest(path) != digest:
+            return f"{path} has changed since it was written (digest differs)"
+    return None
+
+
+def verify(run_dir: str | Path) -> list[tuple[str, str]]:
+    """Every done stage's outputs checked in full (presence, size, digest): ``(stage,
+    problem)`` for each damaged stage, empty when all are intact."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir / 'config.json'} not found: is {run_dir} a run directory?"
+        )
+    out: list[tuple[str, str]] = []
+    for stage in STAGES:
+        record = _read_record(run_dir, stage.name)
+        if record is not None and record.get("status") == "done":
+            problem = _damage(run_dir, record, digests=True)
+            if problem is not None:
+                out.append((stage.name, problem))
+    return out
 
 
 _PARTS = {
@@ -825,7 +1036,9 @@ class StageStatus(NamedTuple):
     name: str
     state: str
     """``done``, ``partial`` (started, not finished), ``stale`` (done for another config),
-    ``imported`` (by ``nlrw import-explanations``) or ``not started``."""
+    ``damaged`` (done, but an output is missing or resized; ``nlrw verify`` also compares
+    digests), ``replacing`` (being redone, its previous outputs set aside), ``imported`` (by
+    ``nlrw import-explanations``) or ``not started``."""
     seconds: float | None
     detail: str
 
@@ -843,12 +1056,18 @@ def status(run_dir: str | Path) -> list[StageStatus]:
     out = []
     for stage in STAGES:
         record = _read_record(run_dir, stage.name)
-        if record is None:
+        backup = _replaced_dir(run_dir, stage.name)
+        if (backup / "moved.json").is_file():
+            detail = f"previous outputs kept in {backup}/ until it finishes (rolled back if not)"
+            out.append(StageStatus(stage.name, "replacing", None, detail))
+        elif record is None:
             out.append(StageStatus(stage.name, "not started", None, ""))
         elif record.get("status") == "imported":
             out.append(StageStatus(stage.name, "imported", None, f"from {record.get('source')}"))
         elif record.get("hash") != hashes.get(stage.name):
             out.append(StageStatus(stage.name, "stale", record.get("seconds"), "other config"))
+        elif record.get("status") == "done" and (damage := _damage(run_dir, record, digests=False)):
+            out.append(StageStatus(stage.name, "damaged", record.get("seconds"), damage))
         elif record.get("status") == "done":
             summary = record.get("summary")
             detail = json.dumps(summary)[:80] if summary else ""
