@@ -296,7 +296,8 @@ def report(
 
 
 def status(run_dir: Path, /) -> None:
-    """Print each stage's state in a run directory: done, partial, stale or not started."""
+    """Print each stage's state in a run directory: done, partial, stale, damaged,
+    replacing, imported or not started."""
     from nlrw.pipeline import status as pipeline_status
 
     for s in pipeline_status(run_dir):
