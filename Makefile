@@ -18,19 +18,18 @@ run: $(VENV)/.built $(VENV)/.assets
 
 test: $(VENV)/.built lint cargo-test pytest
 
-# What the pipeline needs (runtime + maturin to build the extension), all `make run` installs;
-# pip keeps its cache in ~/.cache/pip and skips what is installed.
-$(VENV)/.deps: pyproject.toml tools/requirements.py Makefile
+# What the pipeline needs (runtime + maturin to build the extension), all `make run` installs,
+# at the exact versions of requirements/run.lock (tools/lock.py writes it; upgrading is a
+# deliberate commit that re-measures); pip keeps its cache in ~/.cache/pip.
+$(VENV)/.deps: requirements/run.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) tools/requirements.py > $(VENV)/requirements.txt
-	$(PIP) install --upgrade-strategy only-if-needed -r $(VENV)/requirements.txt
+	$(PIP) install -r requirements/run.lock
 	touch $@
 
 # What only the tests, lint and benches need (test tools, eai-sparsify, llama-cpp-python,
 # which compiles for minutes, Ray), on top of the runtime: `make test` and `make bench`.
-$(VENV)/.dev-deps: $(VENV)/.deps pyproject.toml tools/requirements.py Makefile
-	$(PY) tools/requirements.py dev ray > $(VENV)/requirements-dev.txt
-	$(PIP) install --upgrade-strategy only-if-needed -r $(VENV)/requirements-dev.txt
+$(VENV)/.dev-deps: $(VENV)/.deps requirements/test.lock Makefile
+	$(PIP) install -r requirements/run.lock -r requirements/test.lock
 	touch $@
 
 # The Rust extension, built in release mode into python/nlrw/ and installed editable.
@@ -61,6 +60,7 @@ cargo-test:
 	cargo test --quiet
 
 lint: $(VENV)/.dev-deps
+	$(PY) tools/lock.py --check
 	$(VENV)/bin/ruff check python tests benches tools
 	$(VENV)/bin/ruff format --check python tests benches tools
 	$(VENV)/bin/basedpyright
