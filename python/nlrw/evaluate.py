@@ -454,6 +454,12 @@ def synthetic_scores(
       ``x = z`` (pure noise). At ``quality = 0.5`` the active contexts rank among the
       inactive ones as often above as below: uninformative for detection (the order among
       active contexts still follows their magnitudes).
+
+    The score scale is a choice: an inactive context gets ``9 · Φ(z)``, median 4.5 (the
+    demo's real simulator rates every context 4.9 ± 0.3). Quantile normalization uses ranks
+    only and does not depend on it; the uncalibrated mapping does: it gives inactive contexts
+    about half the latent's max below quality 1, so its curve stays high until the exact
+    simulator at 1.
     """
     if not 0.5 <= quality <= 1.0:
         raise ValueError(f"synthetic_qualities levels must be in [0.5, 1], got {quality}")
