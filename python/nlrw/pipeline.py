@@ -604,6 +604,12 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_format(run_dir)
     with locked(run_dir):
+        for stage in STAGES:  # replacements a kill interrupted: the previous outputs come back
+            if _roll_back(run_dir, stage.name):
+                log(
+                    f"[{stage.name}] an interrupted replacement was rolled back: previous "
+                    "outputs kept"
+                )
         changed = changed_stages(cfg, run_dir)
         if changed and not rerun:
             listed = ", ".join(
@@ -774,9 +780,6 @@ def _run_locked(
 ) -> dict[str, Any]:
     """Run the stages; a done stage whose outputs are damaged (missing, resized, or with
     ``digests`` of other content) is redone, and so is every stage after one that ran."""
-    for stage in STAGES:  # replacements a kill interrupted: the previous outputs come back
-        if _roll_back(run_dir, stage.name):
-            log(f"[{stage.name}] an interrupted replacement was rolled back: previous outputs kept")
     config_path = run_dir / "config.json"
     previous_config = config_path.read_bytes() if config_path.is_file() else None
     write_run_config(cfg, run_dir)
