@@ -344,3 +344,24 @@ def test_a_killed_replacement_is_rolled_back(smoke: Path, tmp_path: Path) -> Non
     assert "[simulate] an interrupted replacement was rolled back: previous outputs kept" in lines
     assert all("skipped" in line for line in lines[1:]), lines
     assert {k: v for k, v in digests(copy).items() if k != "config.json"} == before
+
+
+@pytest.mark.parametrize("index", range(1, len(STAGES)))
+def test_every_stage_refuses_a_damaged_input(
+    smoke: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], index: int
+) -> None:
+    """The largest output of the stage before, truncated: the stage names it and changes
+    nothing (its own outputs included), even with --overwrite."""
+    stage, before_it = STAGES[index].name, STAGES[index - 1].name
+    copy = tmp_path / "run"
+    shutil.copytree(smoke, copy)
+    outputs = json.loads((copy / "stages" / f"{before_it}.json").read_text())["outputs"]
+    victim = max(outputs, key=lambda rel: outputs[rel][0])
+    truncate(copy / victim)
+    before = digests(copy)
+    capsys.readouterr()
+    assert main([stage, str(copy), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nlrw: error: ") and "\n" not in err and "Traceback" not in err
+    assert victim in err and f"the {before_it} stage" in err, err
+    assert digests(copy) == before
