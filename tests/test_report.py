@@ -215,6 +215,27 @@ def write_later_stages(run_dir: Path, n_eval: int = 80, n_calibration: int = 20,
     pl.DataFrame(metric_rows).with_columns(pl.col("latent").cast(pl.Int32)).write_parquet(
         run_dir / "calibration_metrics.parquet"
     )
+    # What survives top-k per context, computed as the calibrate stage does (k = 4 slots, the
+    # other latents' true values drawn).
+    from nlrw.calibrate import support_diagnostics
+
+    others = rng.gamma(2.0, 1.0, (n_eval, 4)).astype(np.float32)
+    truth_idx = np.tile(1000 + np.arange(4), (n_eval, 1))
+    pl.concat(
+        [
+            support_diagnostics(
+                str(cal),
+                np.asarray(latents, np.int64),
+                frame["latent"].to_numpy().astype(np.int64),
+                frame["context_id"].to_numpy().astype(np.int64),
+                frame["activation"].to_numpy().astype(np.float32),
+                np.arange(n_eval),
+                others,
+                truth_idx,
+            )
+            for (cal,), frame in pl.concat(cal_rows).group_by(["calibration"], maintain_order=True)
+        ]
+    ).write_parquet(run_dir / "calibration_support.parquet")
 
     # Evaluation: per-context CE of each condition, then the summary of the evaluate stage
     # (nlrw.evaluate.summarize: bootstrap CIs, paired tests against zero ablation).
@@ -377,6 +398,7 @@ def test_report_renders_every_section_self_contained(run_dir: Path) -> None:
         "headline_paired.png",
         "simulated_scores.png",
         "calibration_metrics.png",
+        "calibration_support.png",
         "detection.png",
     } <= set(pngs)
     embedded = _images(page)
@@ -501,6 +523,12 @@ def test_report_words_similarity_only_where_tost_passes(run_dir: Path) -> None:
     # the synthetic simulators' own table and where they reach the baselines
     assert "## Synthetic simulators" in md and "reaches zero ablation's mean CE from" in md
     assert "oracle support" in page and "matched zero" in page
+    # the decomposition of the loss by the oracles, per calibration at fraction 1 (the
+    # fixture: oracle_support removes half the excess of the simulated rows, oracle_magnitude
+    # a fifth, so what remains with the true support is the smaller error)
+    lines = report.decomposition(summary)
+    assert len(lines) == 4 and all("support error dominates" in ln for ln in lines)
+    assert lines[0] in md
     # the frontier figure, with the real simulator at its measured mean AUROC
     real = report.real_simulator_auroc(pl.read_parquet(run_dir / "calibration_metrics.parquet"))
     assert real is not None and f"measured mean AUROC {real:.3f}" in page

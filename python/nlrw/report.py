@@ -129,6 +129,7 @@ INPUTS: dict[str, str] = {
     "simulations.parquet": "simulate",
     "calibration.parquet": "calibrate",
     "calibration_metrics.parquet": "calibrate",
+    "calibration_support.parquet": "calibrate",
     "eval/summary.parquet": "evaluate",
 }
 """The files the report reads (relative to the run directory), with the stage writing each."""
@@ -676,6 +677,78 @@ _METRICS = (
     ("specificity", "specificity (TNR)", (0.0, 1.0)),
     ("sensitivity", "sensitivity (TPR)", (0.0, 1.0)),
 )
+
+
+def support_figure(support: pl.DataFrame, dpi: int) -> bytes:
+    """Per calibration, the spurious simulated latents that survive top-k per eval context
+    (box of the per-context counts, mean marked) and the surviving support's mean precision
+    and recall (``calibration_support.parquet``)."""
+    fig = _figure(10.5, 3.4)
+    axes = fig.subplots(1, 2)
+    present = set(support["calibration"].drop_nulls().to_list())
+    calibrations = sorted(present, key=_calibration_order)
+    colors = [_calibration_color(c, calibrations) for c in calibrations]
+    counts = [
+        support.filter(pl.col("calibration") == c)["n_spurious"].cast(pl.Float64).to_numpy()
+        for c in calibrations
+    ]
+    positions = np.arange(1, len(calibrations) + 1)
+    ax = axes[0]
+    if calibrations:
+        box = ax.boxplot(
+            counts,
+            positions=positions,
+            widths=0.55,
+            showfliers=True,
+            patch_artist=True,
+            medianprops={"color": "#222222"},
+        )
+        for patch, color in zip(box["boxes"], colors, strict=True):
+            patch.set_facecolor(color)
+            patch.set_alpha(0.35)
+        ax.scatter(
+            positions,
+            [c.mean() if c.size else np.nan for c in counts],
+            marker="D",
+            color="#222222",
+            s=18,
+            zorder=3,
+            label="mean",
+        )
+        ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.set_xticks(positions, calibrations, fontsize=8)
+    ax.set_ylabel("spurious latents surviving top-k, per context")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax = axes[1]
+    width = 0.38
+    for j, (column, hatch) in enumerate((("precision", ""), ("recall", "//"))):
+        means = [
+            float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
+            for v in (
+                support.filter(pl.col("calibration") == c)[column]
+                .cast(pl.Float64)
+                .fill_null(np.nan)
+                .to_numpy()
+                for c in calibrations
+            )
+        ]
+        ax.bar(
+            positions + (j - 0.5) * width,
+            means,
+            width,
+            color=colors,
+            alpha=0.55,
+            hatch=hatch,
+            edgecolor="#444444",
+            label=column,
+        )
+    ax.set_xticks(positions, calibrations, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean over eval contexts")
+    ax.legend(loc="upper right", fontsize=8, frameon=False)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle("What survives top-k when every simulated latent is rewritten")
+    return _png(fig, dpi)
 
 
 def calibration_metrics_figure(metrics: pl.DataFrame, dpi: int, seed: int) -> bytes:
@@ -1255,6 +1328,44 @@ def _synthetic_rows(summary: pl.DataFrame) -> tuple[list[list[str]], list[str]]:
     return rows, sentences
 
 
+def decomposition(summary: pl.DataFrame) -> list[str]:
+    """Per calibration, at the largest fraction (top choice where present): the rewrite's
+    excess CE over the transcoder, split by the oracles: ``oracle_support`` keeps only the
+    magnitude error, ``oracle_magnitude`` only the support error; the larger one is said to
+    dominate. Empty without the controls or the transcoder."""
+    transcoder = summary.filter(pl.col("condition") == "transcoder")["mean_ce"]
+    if transcoder.len() == 0:
+        return []
+    base = float(transcoder[0])
+    rows = summary.filter(
+        pl.col("condition").is_in(["simulated", "oracle_support", "oracle_magnitude"])
+        & pl.col("fraction").is_not_null()
+    )
+    if rows.filter(pl.col("condition") == "oracle_support").height == 0:
+        return []
+    largest = rows["fraction"].max()
+    rows = rows.filter(pl.col("fraction") == largest)
+    top = rows.filter(pl.col("choice") == "top")
+    rows = top if top.height else rows
+    out = []
+    for (cal,), group in rows.group_by(["calibration"], maintain_order=True):
+        excess = {}
+        for c in ("simulated", "oracle_support", "oracle_magnitude"):
+            values = group.filter(pl.col("condition") == c)["mean_ce"].to_numpy()
+            excess[c] = float(values.mean()) - base if values.size else math.nan
+        if not all(_finite(v) for v in excess.values()):
+            continue
+        magnitude, support = excess["oracle_support"], excess["oracle_magnitude"]
+        dominant = "support error dominates" if support > magnitude else "magnitude error dominates"
+        out.append(
+            f"{cal}, {_fmt_fraction(largest)} of the simulated latents: {excess['simulated']:+.3f} "
+            f"nats over the transcoder; with the true support (magnitude error alone) "
+            f"{magnitude:+.3f}, with the true magnitudes (support error alone) {support:+.3f}: "
+            f"{dominant}."
+        )
+    return out
+
+
 _SYNTHETIC_HEAD = ("calibration", "AUROC", "mean CE", "95% CI", "Δ vs zero ablation", "claim")
 
 
@@ -1777,6 +1888,25 @@ def _figures(
                 "the true ones on the eval contexts (active: activation > 0).",
             )
         )
+    support_path = run.path("calibration_support.parquet")
+    if support_path.is_file():
+        try:
+            support = pl.read_parquet(support_path)
+        except Exception as e:  # a damaged file: the figure goes, the report stays
+            run.notes.append(f"Top-k survivors left out: {support_path} unreadable ({e}).")
+        else:
+            diagnosis.append(
+                _Figure(
+                    "calibration_support.png",
+                    support_figure(support, cfg.dpi),
+                    "spurious simulated latents surviving top-k, precision and recall",
+                    "Every simulated latent rewritten with its calibrated value and top-k "
+                    "re-applied, per eval context: how many simulated latents that are truly "
+                    "inactive there survive (they displace real latents), and the precision "
+                    "and recall of the simulated latents that survive. These decide the loss "
+                    "beside specificity and sensitivity.",
+                )
+            )
     if _synthetic_curves(summary).height:
         real = real_simulator_auroc(metrics)
         where = (
@@ -1979,6 +2109,7 @@ explanations. Run directory <code>{_esc(run_dir)}</code>.</p>
 {_figure_html(headline)}
 <h2>Every condition</h2>
 {_table_html(summary.filter(pl.col("condition") != "synthetic"))}
+{"".join(f'<p class="sub">{_esc(t)}</p>' for t in decomposition(summary))}
 {_synthetic_html(summary)}
 <h2>Diagnosis</h2>
 {diag_html}
@@ -2034,6 +2165,7 @@ def _render_md(
         "",
         _table_md(summary.filter(pl.col("condition") != "synthetic")),
         "",
+        *[f"{t}\n" for t in decomposition(summary)],
         *_synthetic_md(summary),
     ]
     lines += ["## Diagnosis", ""]
