@@ -586,5 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         message = " ".join(str(e).split()) or type(e).__name__
+        # A stage module's advice names its Python argument; on the command line it is a flag.
+        flag = "--rerun" if args[:1] == ["run"] else "--overwrite"
+        message = message.replace("overwrite=True", flag)
         print(f"nlrw: error: {message}", file=sys.stderr)
         return 2

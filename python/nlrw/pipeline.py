@@ -163,6 +163,8 @@ def train_transcoder(train: TrainConfig, run_dir: Path, hookpoint: str, overwrit
 
     activations = run_dir / "activations"
     eval_dir = activations / "eval"
+    if train.pretrained is not None:
+        return _adopt_pretrained(train, activations, run_dir, hookpoint)
     return train_from_shards(
         train,
         activations / "train",
@@ -171,6 +173,49 @@ def train_transcoder(train: TrainConfig, run_dir: Path, hookpoint: str, overwrit
         hookpoint=hookpoint,
         overwrite=overwrite,
     )
+
+
+def _adopt_pretrained(train: TrainConfig, activations: Path, run_dir: Path, hookpoint: str) -> Any:
+    """The train stage with ``train.pretrained``: check and adopt the coder (no training)."""
+    from nlrw.pretrained import adopt
+    from nlrw.shards import ShardReader
+
+    split = next(
+        (
+            activations / s
+            for s in ("eval", "train")
+            if (activations / s / "manifest.json").exists()
+        ),
+        None,
+    )
+    if split is None:
+        raise FileNotFoundError(
+            f"no activations under {activations}: run the collect stage before adopting "
+            f"{train.pretrained}"
+        )
+    return adopt(
+        train.pretrained,  # pyright: ignore[reportArgumentType]  # checked by the caller
+        transcoder_dir(run_dir),
+        hookpoint=hookpoint,
+        activation_width=ShardReader(split).width,
+        activations=split,
+        kind=train.kind,
+        legacy=train.legacy,
+    )
+
+
+def _train_identity(c: RunConfig) -> Any:
+    """The train stage's hash input: its config, and the adopted checkpoint's digests when
+    ``train.pretrained`` is set (a checkpoint changed on disk is adopted again)."""
+    if c.train.pretrained is None:
+        return c.train
+    from nlrw.pretrained import source_digest
+
+    try:
+        digest: Any = source_digest(c.train.pretrained, c.collect.hookpoint)
+    except FileNotFoundError as e:
+        digest = str(e)
+    return {"config": c.train, "pretrained": digest}
 
 
 def _train(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
@@ -281,7 +326,7 @@ def _calibrate(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
 
 STAGES: tuple[Stage, ...] = (
     Stage("collect", _collect, lambda c: c.collect),
-    Stage("train", _train, lambda c: c.train),
+    Stage("train", _train, _train_identity),
     # Depends on the subject (collect) and the coder (train), both upstream in the chain.
     Stage("recovery", _recovery, lambda c: c.recovery),
     # After recovery (a cheap diagnostic whose options rarely change) so that tuning the
@@ -616,19 +661,26 @@ def run(
                 f"{name} ({_format_seconds(seconds) if state == 'done' else 'partial'})"
                 for name, state, seconds in changed
             )
+            redo = (
+                "redo them (their outputs are replaced)"
+                if only is None
+                else f"redo {only} (its outputs are replaced; the later stages then show as "
+                "stale until `nlrw run` redoes them)"
+            )
             raise RerunRefused(
                 f"{run_dir}: this config changes {len(changed)} stage"
                 f"{'s' * (len(changed) != 1)} the run has already run: {listed}; nothing was "
-                f"changed. Pass {rerun_flag} to redo them (their outputs are replaced), or "
-                "leave out the options or --preset that change them (a run resumes with its "
-                "own config.json)"
+                f"changed. Pass {rerun_flag} to {redo}, or leave out the options or --preset "
+                "that change them (a run resumes with its own config.json)"
             )
         force = rerun and only is not None
         pending = _pending(cfg, run_dir, until, only, force)
         preflight(cfg, pending)
         if pending and only is not None:
             check_inputs(run_dir, pending[0])  # `run` redoes damaged stages instead
-        return _run_locked(cfg, run_dir, until, log, only=only, force=force, digests=bool(pending))
+        return _run_locked(
+            cfg, run_dir, until, log, only=only, force=force, digests=bool(pending), rerun=rerun
+        )
 
 
 def _pending(
@@ -777,6 +829,7 @@ def _run_locked(
     only: str | None = None,
     force: bool = False,
     digests: bool = False,
+    rerun: bool = False,
 ) -> dict[str, Any]:
     """Run the stages; a done stage whose outputs are damaged (missing, resized, or with
     ``digests`` of other content) is redone, and so is every stage after one that ran."""
@@ -830,6 +883,10 @@ def _run_locked(
                     action = f"re-running ({damage})"
                 if record is not None and not overwrite:
                     action = "resuming"
+                if rerun and not overwrite and stage_files(run_dir, stage.name):
+                    # On request, outputs no record accounts for (or a partial run's) are
+                    # replaced too, instead of the stage refusing them.
+                    overwrite, action = True, "running (replacing the outputs present)"
                 log(f"[{stage.name}] {action}")
                 summaries[stage.name] = _run_stage_replacing(
                     stage, cfg, run_dir, h, replace=overwrite, log=log
@@ -886,7 +943,7 @@ def _run_stage_replacing(
         if _roll_back(run_dir, stage.name):
             log(f"[{stage.name}] failed: its previous outputs are back in place")
         raise
-    shutil.rmtree(_replaced_dir(run_dir, stage.name), ignore_errors=True)
+    _discard_set_aside(run_dir, stage.name)
     log(f"[{stage.name}] done in {seconds:.0f} s")
     return summary
 
@@ -948,6 +1005,12 @@ def _set_aside(run_dir: Path, name: str) -> None:
     fsync_dir(run_dir)
 
 
+def _discard_set_aside(run_dir: Path, name: str) -> None:
+    shutil.rmtree(_replaced_dir(run_dir, name), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (run_dir / ".replaced").rmdir()  # only once empty
+
+
 def _roll_back(run_dir: Path, name: str) -> bool:
     """Undo an unfinished replacement of stage ``name``: what it wrote goes, the previous
     outputs and record come back. Idempotent (safe to kill and redo). False if none."""
@@ -955,7 +1018,8 @@ def _roll_back(run_dir: Path, name: str) -> bool:
     try:
         moved: list[str] = json.loads((backup / "moved.json").read_text())
     except (OSError, json.JSONDecodeError):
-        shutil.rmtree(backup, ignore_errors=True)  # killed before anything was moved
+        if backup.exists():
+            _discard_set_aside(run_dir, name)  # killed before anything was moved
         return False
     record = _record_path(run_dir, name).relative_to(run_dir).as_posix()
     for rel in [*stage_files(run_dir, name), record]:
@@ -968,7 +1032,7 @@ def _roll_back(run_dir: Path, name: str) -> bool:
                 _remove(run_dir / rel)
             os.replace(source, run_dir / rel)
     fsync_dir(run_dir)
-    shutil.rmtree(backup)
+    _discard_set_aside(run_dir, name)
     return True
 
 
