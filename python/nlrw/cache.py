@@ -477,22 +477,6 @@ def _open_source(run_dir: Path, cfg: CacheConfig) -> tuple[Path, ShardReader, in
     return src, reader, ctx_len
 
 
-def _check_widths(coder: sparse.SparseCoder, coder_path: Path, reader: ShardReader) -> None:
-    kind = coder.cfg.kind
-    expected = coder.d_in + coder.d_out if kind == "transcoder" else coder.d_in
-    if reader.width != expected:
-        layout = (
-            f"[x | y] = d_in + d_out = {coder.d_in} + {coder.d_out} = {expected}"
-            if kind == "transcoder"
-            else f"d_in = {coder.d_in}"
-        )
-        raise ValueError(
-            f"{kind} checkpoint {coder_path} has d_in = {coder.d_in} (rows of {layout}), but "
-            f"the activations {reader.path} have rows of width {reader.width}: the checkpoint "
-            "was not trained on these activations"
-        )
-
-
 def _identity(
     cfg: CacheConfig, coder_path: Path, src: Path, num_latents: int, lay: _Layout
 ) -> dict[str, Any]:
@@ -558,7 +542,7 @@ def run(
     src, reader, ctx_len = _open_source(run_dir, cfg)
     coder_path = run_dir / "transcoder" / hookpoint
     coder = sparse.load(coder_path)
-    _check_widths(coder, coder_path, reader)
+    sparse.check_activation_width(coder, coder_path, reader.width, Path(reader.path))
     lay = _layout(reader.num_rows, ctx_len, cfg.window_len)
     L = coder.num_latents
     identity = _identity(cfg, coder_path, src, L, lay)

@@ -193,8 +193,10 @@ def _adopt_pretrained(train: TrainConfig, activations: Path, run_dir: Path, hook
             f"no activations under {activations}: run the collect stage before adopting "
             f"{train.pretrained}"
         )
+    if train.pretrained is None:
+        raise ValueError("train.pretrained is not set")
     return adopt(
-        train.pretrained,  # pyright: ignore[reportArgumentType]  # checked by the caller
+        train.pretrained,
         transcoder_dir(run_dir),
         hookpoint=hookpoint,
         activation_width=ShardReader(split).width,

@@ -462,6 +462,26 @@ def load(
     return coder
 
 
+def check_activation_width(
+    coder: SparseCoder, coder_path: Path, width: int, activations: Path
+) -> None:
+    """Raise ``ValueError`` unless rows of ``width`` at ``activations`` are what ``coder``
+    reads: ``[x | y]`` (``d_in + d_out``) for a transcoder, ``d_in`` for an SAE."""
+    kind = coder.cfg.kind
+    expected = coder.d_in + coder.d_out if kind == "transcoder" else coder.d_in
+    if width != expected:
+        layout = (
+            f"[x | y] = d_in + d_out = {coder.d_in} + {coder.d_out} = {expected}"
+            if kind == "transcoder"
+            else f"d_in = {coder.d_in}"
+        )
+        raise ValueError(
+            f"{kind} checkpoint {coder_path} has d_in = {coder.d_in} (rows of {layout}), but "
+            f"the activations {activations} have rows of width {width}: the checkpoint "
+            "was not trained on these activations"
+        )
+
+
 # ---------------------------------------------------------------------- sparse training path
 
 

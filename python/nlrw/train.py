@@ -104,6 +104,12 @@ class TrainConfig:
 
     kind: Literal["transcoder", "sae"] = "transcoder"
     """What to train: a transcoder (MLP input → MLP output) or an SAE (input → input)."""
+    pretrained: str | None = None
+    """Adopt this sparse coder instead of training one: a checkpoint folder in sparsify's
+    layout, or a folder of hookpoint folders (the hookpoint is collect.hookpoint); checked
+    against the collected activations, then written to the run (nlrw.pretrained)."""
+    legacy: Literal["transcoder", "sae"] | None = None
+    """A pretrained checkpoint in the paper-era sae package's layout: which kind it is."""
     k: int = 32
     """Latents kept per token by the top-k."""
     num_latents: int = 0
@@ -158,6 +164,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("transcoder", "sae"):
             raise ValueError(f"kind must be 'transcoder' or 'sae', got {self.kind!r}")
+        if self.legacy is not None and self.legacy not in ("transcoder", "sae"):
+            raise ValueError(f"legacy must be 'transcoder' or 'sae', got {self.legacy!r}")
+        if self.legacy is not None and self.pretrained is None:
+            raise ValueError("train.legacy only applies with train.pretrained")
         if self.optimizer not in ("adam", "signum"):
             raise ValueError(f"optimizer must be 'adam' or 'signum', got {self.optimizer!r}")
         positive = ["k", "batch_size", "epochs", "expansion_factor"]
