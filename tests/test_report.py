@@ -552,7 +552,8 @@ def test_missing_optional_inputs_leave_sections_out_with_notes(run_dir: Path) ->
     # The headline, the table and the calibration metrics stay; the browser falls back to
     # latent order with the explanations and top windows.
     assert "headline.png" not in page  # embedded, not linked
-    assert len(_images(page)) == 4  # headline, paired headline, calibration metrics, frontier
+    # headline, paired headline, calibration metrics, calibration support, frontier
+    assert len(_images(page)) == 5
     assert page.count('class="latent"') == 3 and "unscored" in page
     assert 'class="tok act"' in page
 
