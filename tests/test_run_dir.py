@@ -365,3 +365,22 @@ def test_every_stage_refuses_a_damaged_input(
     assert err.startswith("nlrw: error: ") and "\n" not in err and "Traceback" not in err
     assert victim in err and f"the {before_it} stage" in err, err
     assert digests(copy) == before
+
+
+def test_a_run_recorded_before_digests_gets_them_on_its_next_run(
+    smoke: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(smoke, copy)
+    for stage in STAGES:
+        path = copy / "stages" / f"{stage.name}.json"
+        record = json.loads(path.read_text())
+        del record["outputs"]
+        path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 0
+    assert capsys.readouterr().out.count("no outputs recorded") == len(STAGES)
+    assert main(["run", "--run-dir", str(copy)]) == 0
+    flip(copy / "contexts.parquet")
+    assert main(["verify", str(copy)]) == 2
+    assert "contexts.parquet has changed" in capsys.readouterr().err

@@ -309,6 +309,8 @@ def verify(run_dir: _RunDir, /) -> None:
     """Check every finished stage's outputs in full against its record: each file present,
     of its size and digest when written. A damaged stage is an error naming its file;
     `nlrw run RUN_DIR` redoes it and the stages after it."""
+    import json
+
     from nlrw.pipeline import STAGES
     from nlrw.pipeline import status as pipeline_status
     from nlrw.pipeline import verify as verify_run
@@ -318,7 +320,10 @@ def verify(run_dir: _RunDir, /) -> None:
     damaged = dict(problems)
     for stage in STAGES:
         state = states[stage.name]
-        print(f"{stage.name:<10} {damaged.get(stage.name, 'ok' if state == 'done' else state)}")
+        if state == "done":
+            record = json.loads((run_dir / "stages" / f"{stage.name}.json").read_text())
+            state = "ok" if "outputs" in record else "no outputs recorded (`nlrw run` adds them)"
+        print(f"{stage.name:<10} {damaged.get(stage.name, state)}")
     if problems:
         listed = "; ".join(f"{name}: {problem}" for name, problem in problems)
         raise ValueError(

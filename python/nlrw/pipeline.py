@@ -875,6 +875,9 @@ def _run_locked(
                 again = " (--overwrite redoes it)" if only is not None else ""
                 took = f"{record.get('seconds', 0):.0f} s"
                 log(f"[{stage.name}] done already ({took}), skipped{again}")
+                if "outputs" not in record:  # recorded before digests: trusted once, from now
+                    record = {**record, "outputs": _outputs(run_dir, stage.name)}
+                    atomic_write_json(_record_path(run_dir, stage.name), record)
                 summaries[stage.name] = record.get("summary")
             else:
                 overwrite = record is not None and (record.get("hash") != h or damage is not None)
@@ -1073,7 +1076,8 @@ def _damage(run_dir: Path, record: dict[str, Any], *, digests: bool) -> str | No
 
 def verify(run_dir: str | Path) -> list[tuple[str, str]]:
     """Every done stage's outputs checked in full (presence, size, digest): ``(stage,
-    problem)`` for each damaged stage, empty when all are intact."""
+    problem)`` for each damaged stage, empty when all are intact. A record written before
+    records listed outputs has nothing to check against (the next ``run`` adds the list)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(
