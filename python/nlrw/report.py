@@ -357,7 +357,7 @@ def read_summary(run_dir: Path) -> pl.DataFrame:
         raise ValueError(
             f"{path} predates the controls and equivalence tests (it lacks the columns "
             f"{lacking}): re-run the evaluate stage, `nlrw evaluate {run_dir} --overwrite` "
-            "(or `nlrw run`)"
+            f"(or `nlrw run --run-dir {run_dir} --rerun`)"
         )
     for name, dtype in (
         ("calibration", pl.Utf8),
