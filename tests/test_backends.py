@@ -106,8 +106,9 @@ def tiny_model(arch: str = "qwen2", seed: int = 0) -> Any:
 
 def tiny_backend(arch: str = "qwen2", batch_size: int = 8, **kw: Any) -> TransformersBackend:
     kw.setdefault("tokenizer", tiny_tokenizer())
+    kw.setdefault("dtype", "float32")
     return TransformersBackend(
-        f"tiny-{arch}", model_obj=tiny_model(arch), dtype="float32", batch_size=batch_size, **kw
+        f"tiny-{arch}", model_obj=tiny_model(arch), batch_size=batch_size, **kw
     )
 
 
@@ -539,3 +540,13 @@ def test_openai_backend_on_a_real_server_agrees_with_transformers(
     )
     assert "Paris" in out[0].text and out[0].ok and out[0].completion_tokens > 0
     backend.close()
+
+
+def test_auto_dtype_on_a_cpu_is_measured_and_recorded() -> None:
+    backend = tiny_backend(dtype="auto", device="cpu")
+    measured = backend.dtype_measurement
+    assert measured is not None and measured["chosen"] in ("float32", "bfloat16")
+    assert measured["float32_s"] > 0 and measured["bfloat16_s"] > 0
+    assert str(backend.dtype) == f"torch.{measured['chosen']}"
+    assert next(backend.lm.parameters()).dtype == backend.dtype
+    assert tiny_backend(dtype="float32").dtype_measurement is None

@@ -507,7 +507,12 @@ def run(
             if backend is None:
                 backend = _load_backend(cfg)
             digits = prompt.digit_tokens(_tokenizer_of(backend), cfg.prompt)
-            _write_simulator(parts_dir, digits, _dtype_of(backend, cfg))
+            _write_simulator(
+                parts_dir,
+                digits,
+                _dtype_of(backend, cfg),
+                getattr(backend, "dtype_measurement", None),
+            )
             tokenizer = (
                 subject_tokenizer if subject_tokenizer is not None else _subject_tokenizer(run_dir)
             )
@@ -591,11 +596,15 @@ def _dtype_of(backend: Backend | None, cfg: SimulateConfig) -> str | None:
     return None if cfg.backend == "transformers" else "server"
 
 
-def _write_simulator(parts_dir: Path, digits: DigitTokens, dtype: str | None) -> None:
-    """``simulations.parts/simulator.json``: the digit tokenization and dtype, for the record
-    written at the merge (which may run in another process)."""
+def _write_simulator(
+    parts_dir: Path, digits: DigitTokens, dtype: str | None, measured: Any = None
+) -> None:
+    """``simulations.parts/simulator.json``: the digit tokenization and dtype (with the
+    measurement that chose it, for ``dtype = auto`` on a CPU), for the record written at the
+    merge (which may run in another process)."""
     atomic_write_json(
-        parts_dir / "simulator.json", {"digit_tokens": digits.record(), "dtype": dtype}
+        parts_dir / "simulator.json",
+        {"digit_tokens": digits.record(), "dtype": dtype, "dtype_measurement": measured},
     )
 
 
@@ -724,6 +733,7 @@ def _finish(
             ev=cfg.ev,
             digit_tokens=info.get("digit_tokens"),
             dtype=info.get("dtype"),
+            dtype_measurement=info.get("dtype_measurement"),
             n_latents=len(plan.latents),
             n_contexts=len(context_ids),
             contexts_per_split=splits,

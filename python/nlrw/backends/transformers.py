@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
@@ -97,9 +98,12 @@ def _mem_available() -> int | None:
 
 
 def resolve_backend_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``"auto"``: bfloat16 on CUDA, and on a CPU with native bf16 (2.5x faster than float32 for
-    Qwen-0.5B prompts on this project's machine, MODELS.md; digit expected values move by up to
-    ~0.14), else float32. Tests of equivalence ask for ``"float32"``."""
+    """``"auto"``: bfloat16 on CUDA; on a CPU, bfloat16 when it computes bf16 natively, else
+    float32, a guess that :class:`TransformersBackend` replaces by a measurement
+    (:func:`measure_cpu_dtype`: whichever of float32 and bfloat16 runs the model faster on the
+    machine at hand, recorded in the simulate stage's output; with torch 2.15 bf16 ran at
+    0.65x of float32 here, where a measurement on torch 2.13 had found 2.5x). Tests of
+    equivalence ask for ``"float32"``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -109,6 +113,28 @@ def resolve_backend_dtype(dtype: str | torch.dtype, device: torch.device) -> tor
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: expected 'auto' or one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def measure_cpu_dtype(model: Any, *, tokens: int = 64, rows: int = 4) -> dict[str, Any]:
+    """Time one forward of ``rows × tokens`` random ids in float32 and in bfloat16 (median of
+    two after a warm-up each) and pick the faster; the model is left in the chosen dtype.
+    Returns ``{"chosen": name, "float32_s": t, "bfloat16_s": t}`` for the stage's record."""
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+    ids = torch.randint(0, vocab, (rows, tokens), generator=torch.Generator().manual_seed(0))
+    seconds: dict[str, float] = {}
+    with torch.inference_mode():
+        for name in ("float32", "bfloat16"):
+            model.to(_DTYPES[name])
+            model(input_ids=ids, use_cache=False)  # warm-up: kernels, allocator
+            times = []
+            for _ in range(2):
+                started = time.perf_counter()
+                model(input_ids=ids, use_cache=False)
+                times.append(time.perf_counter() - started)
+            seconds[name] = float(np.median(times))
+    chosen = min(seconds, key=lambda n: seconds[n])
+    model.to(_DTYPES[chosen])
+    return {"chosen": chosen, **{f"{n}_s": round(t, 4) for n, t in seconds.items()}}
 
 
 class TransformersBackend:
@@ -165,6 +191,12 @@ class TransformersBackend:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = resolve_backend_dtype(dtype, self.device)
+        # On a CPU the faster dtype depends on the CPU and the torch build: load in float32
+        # and time both.
+        measure = dtype == "auto" and self.device.type == "cpu"
+        if measure:
+            self.dtype = torch.float32
+        self.dtype_measurement: dict[str, Any] | None = None
         path = resolve_model(model) if model_obj is None else model
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or path)
@@ -174,6 +206,9 @@ class TransformersBackend:
         else:
             model_obj = model_obj.to(self.dtype)
         self.lm: Any = model_obj.to(self.device).eval()
+        if measure:
+            self.dtype_measurement = measure_cpu_dtype(self.lm)
+            self.dtype = _DTYPES[self.dtype_measurement["chosen"]]
         cfg = self.lm.config
         self.max_length = max_length or int(getattr(cfg, "max_position_embeddings", 1 << 30))
         pad = tokenizer.pad_token_id
