@@ -384,3 +384,21 @@ def test_a_run_recorded_before_digests_gets_them_on_its_next_run(
     flip(copy / "contexts.parquet")
     assert main(["verify", str(copy)]) == 2
     assert "contexts.parquet has changed" in capsys.readouterr().err
+
+
+def test_a_table_without_recorded_digests_is_still_opened_before_use(
+    smoke: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(smoke, copy)
+    path = copy / "stages" / "explain.json"
+    record = json.loads(path.read_text())
+    del record["outputs"]
+    path.write_text(json.dumps(record))
+    truncate(copy / "explanations.parquet")
+    before = digests(copy)
+    capsys.readouterr()
+    assert main(["report", str(copy), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "explanations.parquet is damaged" in err and "explain stage" in err, err
+    assert digests(copy) == before

@@ -706,26 +706,11 @@ def _pending(
     return out
 
 
-OUTPUTS: dict[str, tuple[str, ...]] = {
-    "collect": ("activations/collect.json",),
-    "train": ("transcoder/train.json",),
-    "recovery": ("transcoder/recovery.json",),
-    "cache": ("latents/cache.json", "latents/*.parquet"),
-    "contexts": ("contexts.json", "contexts.parquet"),
-    "explain": ("explain.json", "explanations.parquet"),
-    "score": ("score.json", "scores.parquet"),
-    "simulate": ("simulate.json", "simulations.parquet"),
-    "calibrate": ("calibrate.json", "calibration*.parquet"),
-    "evaluate": ("eval.json", "eval/*.parquet"),
-    "report": ("report/index.html",),
-}
-"""Each stage's main outputs in the run directory (names, or globs of parquet tables)."""
-
-
 def check_inputs(run_dir: str | Path, stage: str) -> None:
-    """Before ``stage`` runs: the outputs of every finished stage before it exist and their
-    parquet tables open (a truncated table fails on its footer). Raises FileNotFoundError
-    or ValueError naming the file and the stage that wrote it."""
+    """Before ``stage`` runs: the outputs every finished stage before it recorded are there,
+    of their size and digest; for a record without that list (an import, or a record
+    written before records had one) at least every parquet table opens (a truncated one
+    fails on its footer). Raises ValueError naming the file and the stage that wrote it."""
     import polars as pl
     from polars.exceptions import PolarsError
 
@@ -741,22 +726,17 @@ def check_inputs(run_dir: str | Path, stage: str) -> None:
                 f"{problem}: an output of the {upstream.name} stage, which {stage} reads "
                 f"from; redo it with `{redo}` (or `nlrw run {run_dir}`, which redoes it)"
             )
-        for pattern in OUTPUTS[upstream.name]:
-            paths = sorted(run_dir.glob(pattern)) if "*" in pattern else [run_dir / pattern]
-            for path in paths:
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f"{path} is missing, though the {upstream.name} stage is recorded as "
-                        f"done: redo it with `{redo}`"
-                    )
-                if path.suffix == ".parquet":
-                    try:
-                        pl.read_parquet_schema(path)
-                    except (OSError, ValueError, PolarsError) as e:
-                        raise ValueError(
-                            f"{path} is damaged ({' '.join(str(e).split())}); the "
-                            f"{upstream.name} stage wrote it: redo it with `{redo}`"
-                        ) from e
+        if "outputs" in record:
+            continue
+        for path in _files_under(run_dir, stage_files(run_dir, upstream.name)):
+            if path.suffix == ".parquet":
+                try:
+                    pl.read_parquet_schema(path)
+                except (OSError, ValueError, PolarsError) as e:
+                    raise ValueError(
+                        f"{path} is damaged ({' '.join(str(e).split())}); the "
+                        f"{upstream.name} stage wrote it: redo it with `{redo}`"
+                    ) from e
 
 
 _LLM_STAGES = ("explain", "score", "simulate")
