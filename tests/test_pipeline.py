@@ -169,4 +169,14 @@ def test_paper_preset_dry_run_prints_config_and_work_sizes(tmp_path: Path, capsy
     assert '"hookpoint": "gpt_neox.layers.6.mlp"' in out
     assert "32,768 latents, k = 32" in out
     assert "1,000 eval + 200 calibration contexts of 32 tokens" in out
+    # Every stage's model, backend and work size: the paper's simulator on vLLM, its prompt.
+    assert (
+        "32,768 latents x 1,200 contexts = 39,321,600 prompts "
+        "(vllm: meta-llama/Llama-3.1-8B-Instruct, paper prompt" in out
+    )
+    assert "(openai: meta-llama/Llama-3.1-70B-Instruct)" in out
+    assert '"tensor_parallel_size"' in out and '"positions": "paper"' in out
+    for stage in ("calibrate", "evaluate", "report"):
+        line = next(x for x in out.splitlines() if x.startswith(stage + " "))
+        assert len(line.split(None, 2)) == 3, line  # a work size is printed
     assert not target.exists()

@@ -483,11 +483,29 @@ def work_sizes(cfg: RunConfig) -> dict[str, str]:
         "contexts": f"{cfg.contexts.n_contexts:,} eval + {cfg.contexts.n_calibration:,} "
         f"calibration contexts of {cfg.contexts.ctx_len} tokens ({cfg.contexts.source})",
         "explain": f"{_count(explained, 'latents')} x 1 prompt of "
-        f"{cfg.explain.n_bins * cfg.explain.examples_per_bin} examples ({cfg.explain.model})",
-        "score": f"{_count(scored, 'latents')} x {prompts} prompts ({cfg.score.model})",
+        f"{cfg.explain.n_bins * cfg.explain.examples_per_bin} examples "
+        f"({cfg.explain.backend}: {cfg.explain.model})",
+        "score": f"{_count(scored, 'latents')} x {prompts} prompts "
+        f"({cfg.score.backend}: {cfg.score.model})",
     }
     if scored is not None:
         sizes["score"] += f" = {scored * prompts:,} prompts"
+    sim = cfg.simulate
+    simulated = sim.max_latents or explained
+    n_ctx = cfg.contexts.n_contexts + cfg.contexts.n_calibration
+    sizes["simulate"] = (
+        f"{_count(simulated, 'latents')} x {n_ctx:,} contexts"
+        + (f" = {simulated * n_ctx:,} prompts" if simulated is not None else " prompts")
+        + f" ({sim.backend}: {sim.model}, {sim.prompt} prompt, {sim.layout})"
+    )
+    sizes["calibrate"] = f"{', '.join(cfg.calibrate.methods)} on {n_ctx:,} contexts per latent"
+    ev = cfg.evaluate
+    sizes["evaluate"] = (
+        f"{cfg.contexts.n_contexts:,} contexts x {len(ev.fractions)} fractions x "
+        f"{len(ev.choices)} choices ({ev.n_trials} random trials), one-token forwards of "
+        f"{c.model} on a shared prefix"
+    )
+    sizes["report"] = "tables, figures, HTML and Markdown"
     return {stage.name: sizes.get(stage.name, "") for stage in STAGES}
 
 
