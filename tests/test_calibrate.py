@@ -739,3 +739,44 @@ def test_skip_resume_and_overwrite(tmp_path: Path) -> None:
     _edit_sims(run_dir, expected_value=pl.col("expected_value") * 0.5)
     with pytest.raises(FileExistsError, match="other inputs"):
         calibrate.run(CalibrateConfig(), run_dir, progress=False)
+
+
+def test_shuffled_control_is_calibrated_like_the_real_simulations(tmp_path: Path) -> None:
+    # The control's simulations (here: the real scores of a derangement of the latents) go
+    # through the very same calibration as a run whose simulations they were.
+    run_dir = make_run(tmp_path / "run")
+    sims = pl.read_parquet(run_dir / "simulations.parquet")
+    source = dict(zip(LATENTS, LATENTS[1:] + LATENTS[:1], strict=True))
+    # latent l gets the scores its source latent was given
+    donors = sims.select(
+        pl.col("latent").replace_strict({v: k for k, v in source.items()}, return_dtype=pl.Int32),
+        "context_id",
+        pl.col("expected_value").alias("donated"),
+    )
+    control = (
+        sims.join(donors, on=["latent", "context_id"])
+        .with_columns(
+            pl.col("donated").alias("expected_value"),
+            pl.col("latent").replace_strict(source, return_dtype=pl.Int32).alias("explanation_of"),
+        )
+        .drop("donated")
+    )
+    control.write_parquet(run_dir / "simulations_shuffled.parquet")
+    cfg = CalibrateConfig(gate_budget=0.05)
+    calibrate.run(cfg, run_dir, progress=False)
+    got = pl.read_parquet(run_dir / "calibration_shuffled.parquet")
+    assert got.schema == pl.Schema(calibrate.OUTPUT_SCHEMA)
+    record = json.loads((run_dir / "calibrate.json").read_text())
+    assert record["shuffled"]["n_latents"] == len(LATENTS)
+    assert set(record["shuffled"]["mean_metrics"]) == set(calibrate.METHODS)
+    # The same as calibrating a run whose simulations are the control's.
+    alone = make_run(tmp_path / "alone")
+    control.drop("explanation_of").write_parquet(alone / "simulations.parquet")
+    calibrate.run(cfg, alone, progress=False)
+    assert got.equals(pl.read_parquet(alone / "calibration.parquet"))
+    # The real calibration is untouched by the control beside it.
+    plain = make_run(tmp_path / "plain")
+    calibrate.run(cfg, plain, progress=False)
+    assert pl.read_parquet(plain / "calibration.parquet").equals(
+        pl.read_parquet(run_dir / "calibration.parquet")
+    )

@@ -722,3 +722,43 @@ def test_default_simulator_reads_digits_with_most_of_the_mass(run_dir: Path) -> 
     cfg = SimulateConfig(max_latents=1, dtype="float32", progress=False, prompt="paper")
     table = simulate.run(cfg, run_dir, backend=backend, overwrite=True)
     assert (table["digit_mass"] > 0.5).all()
+
+
+def test_derangements_have_no_fixed_point_and_are_seeded() -> None:
+    for seed in range(200):
+        d = simulate.derangement([3, 7, 9, 12], seed)
+        assert sorted(d) == sorted(d.values()) == [3, 7, 9, 12]
+        assert all(k != v for k, v in d.items())
+    assert simulate.derangement([1, 2, 3], 5) == simulate.derangement([1, 2, 3], 5)
+    assert simulate.derangement([1, 2], 0) == {1: 2, 2: 1}
+    with pytest.raises(ValueError, match="at least two latents"):
+        simulate.derangement([4], 0)
+
+
+def test_shuffled_control_rates_each_latent_with_another_ones_explanation(
+    run_dir: Path, tiny_backend: Any
+) -> None:
+    table = simulate.run(_cfg(shuffled_control=True), run_dir, backend=tiny_backend)
+    control = pl.read_parquet(run_dir / simulate.SHUFFLED_FILE)
+    assert control.height == table.height  # all three latents, every context
+    source = dict(control.select("latent", "explanation_of").unique().rows())
+    assert sorted(source) == sorted(EXPLANATIONS) and all(k != v for k, v in source.items())
+    # A prompt depends only on the explanation and the context: latent l's control rating on
+    # a context is the real rating of the latent whose explanation it was shown.
+    real = {
+        (lat, c): e for lat, c, e in table.select("latent", "context_id", "expected_value").rows()
+    }
+    for lat, c, e in control.select("latent", "context_id", "expected_value").rows():
+        assert e == pytest.approx(real[(source[lat], c)], abs=1e-4)
+    # The truth is the latent's own.
+    np.testing.assert_array_equal(
+        control["true_activation"].to_numpy(), table["true_activation"].to_numpy()
+    )
+    record = json.loads((run_dir / "simulate.json").read_text())
+    assert record["n_shuffled_latents"] == 3
+    assert record["n_prompts"] == 2 * table.height
+    # Asked for, with fewer than two latents: an error naming the option, nothing written.
+    with pytest.raises(ValueError, match=r"simulate\.shuffled_control needs at least two"):
+        simulate.run(_cfg(shuffled_control=True, max_latents=1), run_dir, backend=tiny_backend)
+    with pytest.raises(ValueError, match=r"simulate\.shuffled_latents must be at least 2"):
+        SimulateConfig(shuffled_control=True, shuffled_latents=1)

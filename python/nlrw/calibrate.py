@@ -90,6 +90,11 @@ ranking, which the mappings do not change), ``n_active``, ``n_contexts``.
 * ``calibration_fits.parquet``: per latent ``n_calibration``, ``n_calibration_active``,
   ``fallback`` (null or the reason), the isotonic fit's points ``isotonic_x``/``isotonic_y``,
   ``gate_threshold``, ``gate_fill``.
+* ``calibration_shuffled.parquet`` (when the simulate stage ran the shuffled-explanation
+  control, ``simulations_shuffled.parquet``): those simulations calibrated exactly like the real
+  ones (same methods, reference and gate specificity; F_sim and the fits from the control's own
+  scores), in the schema of ``calibration.parquet``; its mean metrics and support diagnostics
+  are under ``shuffled`` in ``calibrate.json``.
 * ``calibration.safetensors``: :func:`nlrw.quantiles.save_tables` with ``sim`` (the
   simulated-score tables of ``quantile``, mid-rank positions) and the reference ``active``
   and ``frequency`` (from the stats), one row per simulated latent in ascending order;
@@ -157,6 +162,8 @@ OUTPUT_FILE = "calibration.parquet"
 METRICS_FILE = "calibration_metrics.parquet"
 FITS_FILE = "calibration_fits.parquet"
 SUPPORT_FILE = "calibration_support.parquet"
+SHUFFLED_SIMULATIONS_FILE = "simulations_shuffled.parquet"
+SHUFFLED_OUTPUT_FILE = "calibration_shuffled.parquet"
 TABLES_FILE = "calibration.safetensors"
 RECORD_FILE = "calibrate.json"
 
@@ -547,6 +554,10 @@ def latent_metrics(
 
 _NEEDED = {
     SIMULATIONS_FILE: (("latent", "context_id", "expected_value", "true_activation"), "simulate"),
+    SHUFFLED_SIMULATIONS_FILE: (
+        ("latent", "context_id", "expected_value", "true_activation"),
+        "simulate",
+    ),
     CONTEXTS_FILE: (("context_id", "split"), "contexts"),
     STATS_FILE: (("latent", "reference_max", "reference_frequency", "active_quantiles"), "cache"),
 }
@@ -624,12 +635,12 @@ def _active_tables(stats: pl.DataFrame, path: Path) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(real, dtype=np.float32)
 
 
-def _load_inputs(run_dir: Path) -> _Inputs:
-    sims = _read_input(run_dir, SIMULATIONS_FILE)
+def _load_inputs(run_dir: Path, simulations: str = SIMULATIONS_FILE) -> _Inputs:
+    sims = _read_input(run_dir, simulations)
     contexts = _read_input(run_dir, CONTEXTS_FILE)
     stats = _read_input(run_dir, STATS_FILE)
     sim_path, ctx_path, stats_path = (
-        run_dir / SIMULATIONS_FILE,
+        run_dir / simulations,
         run_dir / CONTEXTS_FILE,
         run_dir / STATS_FILE,
     )
@@ -780,7 +791,9 @@ ACTIVATIONS_FILE = "contexts/activations.safetensors"
 
 
 def _inputs_digest(run_dir: Path) -> dict[str, str]:
-    names = [*_NEEDED, ACTIVATIONS_FILE]
+    names = [n for n in _NEEDED if n != SHUFFLED_SIMULATIONS_FILE] + [ACTIVATIONS_FILE]
+    if (run_dir / SHUFFLED_SIMULATIONS_FILE).is_file():
+        names.append(SHUFFLED_SIMULATIONS_FILE)
     return {name: file_digest(run_dir / name) for name in names}
 
 
@@ -791,48 +804,36 @@ def _previous(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, desc: str = "calibrate") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=total, desc="calibrate", unit="latent", dynamic_ncols=True, disable=not enabled
-    )
+    return tqdm(total=total, desc=desc, unit="latent", dynamic_ncols=True, disable=not enabled)
 
 
-def run(
+class _Calibrated(NamedTuple):
+    """One set of simulations calibrated with every method (the stage's tables)."""
+
+    table: pl.DataFrame
+    metrics: pl.DataFrame
+    fits: pl.DataFrame
+    support: pl.DataFrame
+    sim_table: npt.NDArray[np.float32]
+    fallbacks: dict[int, str]
+    gate_fallbacks: dict[int, str]
+    n_rows: int
+
+
+def _calibrate(
     cfg: CalibrateConfig,
-    run_dir: str | Path,
+    data: _Inputs,
+    truth: Any,
+    specificity: float,
     *,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> pl.DataFrame:
-    """Calibrate ``run_dir/simulations.parquet`` with every method of ``cfg``; writes the
-    outputs listed in the module docstring and returns the metrics table.
-
-    Raises:
-        FileNotFoundError: an input is missing (naming it and the stage that writes it).
-        ValueError: an unreadable input, a NaN or out-of-range score, an unknown split, a
-            simulated latent absent from the stats (each naming the file).
-        FileExistsError: outputs of another config or other inputs exist and not
-            ``overwrite``.
-    """
-    run_dir = Path(run_dir)
-    started = time.perf_counter()
-    data = _load_inputs(run_dir)  # bad inputs are reported first, whatever is on disk
-    inputs_digest = _inputs_digest(run_dir)
-    key = config_hash({"config": cfg, "inputs": inputs_digest})
-    previous = _previous(run_dir)
-    if previous is not None and not overwrite:
-        if previous.get("key") == key and all((run_dir / f).is_file() for f in _OUTPUTS):
-            return pl.read_parquet(run_dir / METRICS_FILE)
-        if previous.get("key") != key:
-            raise FileExistsError(
-                f"{run_dir / RECORD_FILE}: calibration of another config or other inputs "
-                "exists; pass overwrite=True to replace it"
-            )
-
-    (run_dir / RECORD_FILE).unlink(missing_ok=True)  # the done mark goes last
-
+    progress: bool,
+    desc: str = "calibrate",
+) -> _Calibrated:
+    """Every method of ``cfg`` on ``data`` (module docstring), with the gate at
+    ``specificity``; ``truth`` the contexts' true top-k (for the support diagnostics)."""
     n_rows, n_latents = data.latent.size, data.latents.size
     row_latent = np.repeat(np.arange(n_latents), np.diff(data.bounds))  # index into latents
     calibrated: dict[str, np.ndarray] = {}
@@ -861,18 +862,11 @@ def run(
         if m in cfg.methods:
             calibrated[m] = np.zeros(n_rows, np.float32)
 
-    truth = load_context_activations(run_dir)
-    k = int(truth.values.shape[1])
-    specificity = (
-        cfg.gate_specificity
-        if cfg.gate_specificity is not None
-        else gate_specificity(cfg.gate_budget, k, n_latents)
-    )
     fits: list[dict[str, Any]] = []
     fallbacks: dict[int, str] = {}
     gate_fallbacks: dict[int, str] = {}
     metric_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
-    bar = _progress(n_latents, progress)
+    bar = _progress(n_latents, progress, desc)
     for i, lat in enumerate(data.latents.tolist()):
         rows = slice(int(data.bounds[i]), int(data.bounds[i + 1]))
         ev = data.is_eval[rows]
@@ -959,6 +953,79 @@ def run(
         ]
     )
 
+    return _Calibrated(
+        table,
+        metrics,
+        fits_table,
+        support,
+        sim_table,
+        fallbacks,
+        gate_fallbacks,
+        int(eval_rows.size) * len(cfg.methods),
+    )
+
+
+def run(
+    cfg: CalibrateConfig,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Calibrate ``run_dir/simulations.parquet`` with every method of ``cfg``; writes the
+    outputs listed in the module docstring and returns the metrics table.
+
+    Raises:
+        FileNotFoundError: an input is missing (naming it and the stage that writes it).
+        ValueError: an unreadable input, a NaN or out-of-range score, an unknown split, a
+            simulated latent absent from the stats (each naming the file).
+        FileExistsError: outputs of another config or other inputs exist and not
+            ``overwrite``.
+    """
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    data = _load_inputs(run_dir)  # bad inputs are reported first, whatever is on disk
+    shuffled_data = (
+        _load_inputs(run_dir, SHUFFLED_SIMULATIONS_FILE)
+        if (run_dir / SHUFFLED_SIMULATIONS_FILE).is_file()
+        else None
+    )
+    inputs_digest = _inputs_digest(run_dir)
+    key = config_hash({"config": cfg, "inputs": inputs_digest})
+    previous = _previous(run_dir)
+    if previous is not None and not overwrite:
+        outputs = [*_OUTPUTS, *([SHUFFLED_OUTPUT_FILE] if shuffled_data is not None else [])]
+        if previous.get("key") == key and all((run_dir / f).is_file() for f in outputs):
+            return pl.read_parquet(run_dir / METRICS_FILE)
+        if previous.get("key") != key:
+            raise FileExistsError(
+                f"{run_dir / RECORD_FILE}: calibration of another config or other inputs "
+                "exists; pass overwrite=True to replace it"
+            )
+
+    (run_dir / RECORD_FILE).unlink(missing_ok=True)  # the done mark goes last
+    if shuffled_data is None:
+        (run_dir / SHUFFLED_OUTPUT_FILE).unlink(missing_ok=True)  # a stale control's
+
+    truth = load_context_activations(run_dir)
+    k = int(truth.values.shape[1])
+    specificity = (
+        cfg.gate_specificity
+        if cfg.gate_specificity is not None
+        else gate_specificity(cfg.gate_budget, k, int(data.latents.size))
+    )
+    result = _calibrate(cfg, data, truth, specificity, progress=progress)
+    shuffled = None
+    if shuffled_data is not None:
+        shuffled = _calibrate(
+            cfg, shuffled_data, truth, specificity, progress=progress, desc="calibrate shuffled"
+        )
+    table, metrics, fits_table, support, sim_table, fallbacks, gate_fallbacks, n_rows = result
+    n_latents = int(data.latents.size)
+    if shuffled is not None:
+        with atomic_path(run_dir / SHUFFLED_OUTPUT_FILE) as tmp:
+            shuffled.table.write_parquet(tmp, statistics=True)
+
     with atomic_path(run_dir / OUTPUT_FILE) as tmp:
         table.write_parquet(tmp, statistics=True)
     with atomic_path(run_dir / METRICS_FILE) as tmp:
@@ -985,7 +1052,7 @@ def run(
             n_latents=n_latents,
             n_eval_contexts=data.n_eval_contexts,
             n_calibration_contexts=data.n_calibration_contexts,
-            n_rows=int(eval_rows.size) * len(cfg.methods),
+            n_rows=n_rows,
             n_fallback_latents=len(fallbacks),
             fallback_latents={str(k): v for k, v in fallbacks.items()},
             gate_specificity=specificity,
@@ -994,6 +1061,13 @@ def run(
             gate_fallback_latents={str(k): v for k, v in gate_fallbacks.items()},
             mean_metrics=_mean_metrics(metrics),
             support=_support_summary(support),
+            shuffled=None
+            if shuffled is None
+            else {
+                "n_latents": int(shuffled_data.latents.size) if shuffled_data else 0,
+                "mean_metrics": _mean_metrics(shuffled.metrics),
+                "support": _support_summary(shuffled.support),
+            },
             seconds=time.perf_counter() - started,
         ),
     )

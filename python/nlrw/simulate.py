@@ -139,6 +139,17 @@ class SimulateConfig:
     """Expected value of the rating: renormalized (sum d p_d / sum p_d over the ten digits) or
     paper (sum d p_d, not renormalized, as the paper's code)."""
 
+    shuffled_control: bool = False
+    """Also simulate the shuffled-explanation control: each latent of a seeded subset rated
+    with the explanation of another latent of the subset (a seeded derangement: never its
+    own), written to simulations_shuffled.parquet; calibrated and evaluated like the real
+    simulations (condition shuffled). Its gap to the real rewrite is what the explanations
+    explain."""
+
+    shuffled_latents: int | None = None
+    """How many simulated latents the shuffled control covers (a seeded subset, at least 2;
+    None: all of them)."""
+
     max_latents: int | None = None
     """Simulate at most this many explained latents: the best by detection score when
     scores.parquet exists, else the lowest ids (None: every explained latent)."""
@@ -172,6 +183,11 @@ class SimulateConfig:
         for name in ("batch_size", "chunk_latents"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.shuffled_latents is not None and self.shuffled_latents < 2:
+            raise ValueError(
+                f"simulate.shuffled_latents must be at least 2 (a derangement needs two "
+                f"latents), got {self.shuffled_latents}"
+            )
         if self.max_latents is not None and self.max_latents < 0:
             raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
         if self.layout not in prompt.LAYOUTS:
@@ -209,6 +225,10 @@ PART_SCHEMA: dict[str, Any] = {
 
 SCHEMA: dict[str, Any] = {**PART_SCHEMA, "true_activation": pl.Float32}
 """Columns of ``simulations.parquet``."""
+
+SHUFFLED_FILE = "simulations_shuffled.parquet"
+"""The shuffled-explanation control's simulations: the columns of ``simulations.parquet``
+plus ``explanation_of`` (the latent whose explanation was shown)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +314,32 @@ class _Plan(NamedTuple):
     missing: dict[str, list[int]]  # status -> latents without a usable explanation
     chunks: list[list[int]]
     key: str
+    shuffled: dict[int, int]  # latent -> the latent whose explanation the control gives it
+    n_real_chunks: int  # chunks[:n_real_chunks] are the real simulation, the rest the control
+
+    def for_chunk(self, index: int) -> _Plan:
+        """The plan a chunk is simulated with: the control's chunks read the deranged
+        explanations."""
+        if index < self.n_real_chunks:
+            return self
+        return self._replace(
+            explanations={lat: self.explanations[src] for lat, src in self.shuffled.items()}
+        )
+
+
+def derangement(latents: Sequence[int], seed: int) -> dict[int, int]:
+    """A seeded uniformly random derangement of ``latents`` (>= 2): latent -> the latent
+    whose explanation it gets, never itself. Uniform by rejection: random permutations
+    until one has no fixed point (about e ≈ 2.7 draws)."""
+    lats = list(latents)
+    if len(lats) < 2:
+        raise ValueError(f"a derangement needs at least two latents, got {len(lats)}")
+    rng = np.random.default_rng([seed, 0x5F])
+    idx = np.arange(len(lats))
+    while True:
+        perm = rng.permutation(len(lats))
+        if not (perm == idx).any():
+            return {lats[i]: lats[int(perm[i])] for i in range(len(lats))}
 
 
 def _read_inputs(cfg: SimulateConfig, run_dir: Path) -> _Plan:
@@ -335,6 +381,16 @@ def _read_inputs(cfg: SimulateConfig, run_dir: Path) -> _Plan:
     scores_path = run_dir / "scores.parquet"
     scores = pl.read_parquet(scores_path) if scores_path.is_file() else None
     latents = select_latents(list(explanations), scores, cfg.max_latents)
+    shuffled: dict[int, int] = {}
+    if cfg.shuffled_control:
+        n = len(latents) if cfg.shuffled_latents is None else cfg.shuffled_latents
+        if min(n, len(latents)) < 2:
+            raise ValueError(
+                f"simulate.shuffled_control needs at least two simulated latents, and this run "
+                f"simulates {len(latents)}: turn it off or explain more latents"
+            )
+        pick = np.random.default_rng([cfg.seed, 0x5E]).permutation(len(latents))[:n]
+        shuffled = derangement(sorted(latents[i] for i in pick), cfg.seed)
     digest = config_hash([contexts["context_id"].to_list(), contexts["input_ids"].to_list()])
     identity = {
         "config": {k: v for k, v in cfg.__dict__.items() if k not in _RUN_ONLY_FIELDS},
@@ -342,14 +398,19 @@ def _read_inputs(cfg: SimulateConfig, run_dir: Path) -> _Plan:
         "latents": [(lat, explanations[lat]) for lat in latents],
         "contexts": digest,
     }
+    if shuffled:
+        identity["shuffled"] = sorted(shuffled.items())
+    real_chunks = _chunks(latents, cfg.chunk_latents)
     return _Plan(
         run_dir=run_dir,
         latents=latents,
         explanations={lat: explanations[lat] for lat in latents},
         contexts=contexts.select("context_id", "split", "input_ids"),
         missing=missing,
-        chunks=_chunks(latents, cfg.chunk_latents),
+        chunks=real_chunks + _chunks(sorted(shuffled), cfg.chunk_latents),
         key=config_hash(identity),
+        shuffled=shuffled,
+        n_real_chunks=len(real_chunks),
     )
 
 
@@ -453,6 +514,8 @@ def _outputs_done(run_dir: Path, key: str) -> pl.DataFrame | None:
     path = run_dir / "simulations.parquet"
     if record.get("key") != key or not path.is_file():
         return None
+    if record.get("n_shuffled_latents") and not (run_dir / SHUFFLED_FILE).is_file():
+        return None
     return pl.read_parquet(path)
 
 
@@ -489,7 +552,7 @@ def run(
                 f"{parts_dir} once, then run the shards without overwrite"
             )
         _remove_tree(parts_dir)
-        for name in ("simulations.parquet", "simulate.json"):
+        for name in ("simulations.parquet", "simulate.json", SHUFFLED_FILE):
             (run_dir / name).unlink(missing_ok=True)
     elif (done := _outputs_done(run_dir, plan.key)) is not None:
         log.info("simulate: %s is up to date", run_dir / "simulations.parquet")
@@ -528,7 +591,14 @@ def run(
             for index in todo:
                 t0 = time.perf_counter()
                 frame = _simulate_chunk(
-                    cfg, backend, digits, plan, plan.chunks[index], texts, context_ids, bar
+                    cfg,
+                    backend,
+                    digits,
+                    plan.for_chunk(index),
+                    plan.chunks[index],
+                    texts,
+                    context_ids,
+                    bar,
                 )
                 busy += time.perf_counter() - t0
                 n_prompts += frame.height
@@ -694,25 +764,39 @@ def _finish(
     from nlrw.contexts import true_activations
 
     run_dir = plan.run_dir
-    frames = [pl.read_parquet(store.path(i)) for i in range(len(plan.chunks))]
-    table = (pl.concat(frames) if frames else pl.DataFrame(schema=PART_SCHEMA)).sort(
-        "latent", "context_id"
-    )
     context_ids = plan.contexts["context_id"].to_numpy()
-    latents = np.asarray(plan.latents, dtype=np.int64)
-    expected = len(latents) * len(context_ids)
-    if table.height != expected:
-        raise RuntimeError(
-            f"{store.folder}: the parts hold {table.height} rows, expected {expected} "
-            f"({len(latents)} latents x {len(context_ids)} contexts); delete the folder and re-run"
+
+    def merged(indices: range, latents: np.ndarray) -> pl.DataFrame:
+        frames = [pl.read_parquet(store.path(i)) for i in indices]
+        table = (pl.concat(frames) if frames else pl.DataFrame(schema=PART_SCHEMA)).sort(
+            "latent", "context_id"
         )
-    if len(latents) and len(context_ids):
-        true = true_activations(run_dir, latents, context_ids)  # [latents, contexts]
-        # the table is sorted by (latent, context_id) and context_ids ascending
-        true_column = true.reshape(-1)
-    else:
-        true_column = np.zeros(0, np.float32)
-    table = table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
+        expected = len(latents) * len(context_ids)
+        if table.height != expected:
+            raise RuntimeError(
+                f"{store.folder}: the parts hold {table.height} rows, expected {expected} "
+                f"({len(latents)} latents x {len(context_ids)} contexts); delete the folder "
+                "and re-run"
+            )
+        if len(latents) and len(context_ids):
+            true = true_activations(run_dir, latents, context_ids)  # [latents, contexts]
+            # the table is sorted by (latent, context_id) and context_ids ascending
+            true_column = true.reshape(-1)
+        else:
+            true_column = np.zeros(0, np.float32)
+        return table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
+
+    table = merged(range(plan.n_real_chunks), np.asarray(plan.latents, dtype=np.int64))
+    n_control = 0
+    if plan.shuffled:
+        control = merged(
+            range(plan.n_real_chunks, len(plan.chunks)),
+            np.asarray(sorted(plan.shuffled), dtype=np.int64),
+        )
+        source = pl.Series([plan.shuffled[int(lat)] for lat in control["latent"]], dtype=pl.Int32)
+        with atomic_path(run_dir / SHUFFLED_FILE) as tmp:
+            control.with_columns(source.alias("explanation_of")).write_parquet(tmp)
+        n_control = control.height
     with atomic_path(run_dir / "simulations.parquet") as tmp:
         table.write_parquet(tmp)
 
@@ -737,7 +821,9 @@ def _finish(
             n_latents=len(plan.latents),
             n_contexts=len(context_ids),
             contexts_per_split=splits,
-            n_prompts=table.height,
+            n_prompts=table.height + n_control,
+            n_shuffled_latents=len(plan.shuffled),
+            shuffled_explanations={str(k): v for k, v in sorted(plan.shuffled.items())},
             throughput=throughput,
             mean_digit_mass=float(mass.mean()) if len(mass) else None,  # pyright: ignore
             low_mass_latents=low,
