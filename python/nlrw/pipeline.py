@@ -961,7 +961,12 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "contexts": ("contexts.parquet", "contexts.json", "contexts"),
     "explain": ("explanations.parquet", "explain.json", "explanations.parts"),
     "score": ("scores.parquet", "score.json", "scores.parts"),
-    "simulate": ("simulations.parquet", "simulate.json", "simulations.parts"),
+    "simulate": (
+        "simulations.parquet",
+        "simulations_shuffled.parquet",
+        "simulate.json",
+        "simulations.parts",
+    ),
     "calibrate": ("calibration*.parquet", "calibration.safetensors", "calibrate.json"),
     "evaluate": ("eval", "eval.json"),
     "report": ("report", "report.json"),
