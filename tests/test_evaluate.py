@@ -1077,3 +1077,83 @@ def test_missing_explanations_error_mode(tc_run, tmp_path: Path) -> None:
     record = json.loads((copy / "eval.json").read_text())
     assert record["n_simulated_latents"] == len(SIMULATED) - 1
     assert record["n_unscored_excluded"] == 1
+
+
+@pytest.fixture(scope="module")
+def shuffled_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Subject, SparseCoder]:
+    """A run whose first four simulated latents have a shuffled-explanation control: their
+    'noisy' calibrated values rotated among them (latent i gets latent i+1's)."""
+    run_dir, subject, coder = make_run(tmp_path_factory.mktemp("eval_shuffled"))
+    cal = pl.read_parquet(run_dir / "calibration.parquet")
+    subset = [int(x) for x in SIMULATED[:4]]
+    donor = dict(zip(subset, subset[1:] + subset[:1], strict=True))
+    rows = []
+    for name in ("exact", "noisy"):
+        part = cal.filter((pl.col("calibration") == name) & pl.col("latent").is_in(subset))
+        value = {(r, c): a for r, c, a in part.select("latent", "context_id", "activation").rows()}
+        for (lat, c), _ in value.items():
+            rows.append((lat, c, name, value[(donor[lat], c)]))
+    pl.DataFrame(
+        rows, schema=["latent", "context_id", "calibration", "activation"], orient="row"
+    ).with_columns(
+        pl.col("latent").cast(pl.Int32), pl.col("context_id").cast(pl.Int32)
+    ).write_parquet(run_dir / "calibration_shuffled.parquet")
+    cfg = dataclasses.replace(FAST, controls=(), synthetic_qualities=())
+    evaluate.run(cfg, run_dir, hookpoint=HOOK["transcoder"], model="tiny", subject=subject)
+    return run_dir, subject, coder
+
+
+@pytest.mark.parametrize(("fraction", "choice"), [(1.0, "top"), (0.5, "random")])
+def test_shuffled_equals_a_manual_rewrite(shuffled_run, fraction, choice) -> None:
+    """The control's latents take their shuffled values, the other simulated latents their
+    real ones; top-k re-applied; the splice by a plain forward hook."""
+    run_dir, subject, coder = shuffled_run
+    ids, targets = eval_windows(run_dir)
+    cal = pl.read_parquet(run_dir / "calibration.parquet").filter(pl.col("calibration") == "noisy")
+    shuf = pl.read_parquet(run_dir / "calibration_shuffled.parquet").filter(
+        pl.col("calibration") == "noisy"
+    )
+    expected = np.zeros(len(ids))
+    chosen_sets = _chosen_sets(run_dir, coder, fraction, choice)
+    for chosen in chosen_sets:
+        for c in range(len(ids)):
+            sim_of = dict(
+                cal.filter(pl.col("context_id") == c).select("latent", "activation").rows()
+            )
+            sim_of.update(
+                dict(shuf.filter(pl.col("context_id") == c).select("latent", "activation").rows())
+            )
+
+            def rewrite(x: torch.Tensor, y: torch.Tensor, chosen=chosen, sim_of=sim_of):
+                z = _manual_z(coder, x[0])
+                for lat in chosen:
+                    z[lat] = sim_of[int(lat)]
+                keep = np.argsort(-z, kind="stable")[: coder.k]
+                z2 = np.zeros_like(z)
+                z2[keep] = np.maximum(z[keep], 0)
+                return _decode(coder, z2, x[0])[None]
+
+            with torch.no_grad():
+                expected[c] += hooked_last_ce(
+                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
+                )[0]
+    expected /= len(chosen_sets)
+    results = results_of(run_dir)
+    keys = {"calibration": "noisy", "fraction": fraction, "choice": choice}
+    got = _mean_over_trials(results, "shuffled", **keys)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if fraction == 1.0:
+        assert np.abs(got - _mean_over_trials(results, "simulated", **keys)).max() > 1e-4
+    summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    assert summary.filter(pl.col("condition") == "shuffled").height > 0
+
+
+def test_shuffled_asked_for_without_the_control_names_the_commands(tc_run, tmp_path) -> None:
+    run_dir, subject, _ = tc_run
+    cfg = dataclasses.replace(FAST, shuffled=True)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"predate the shuffled-explanation control.*"
+        r"--simulate.shuffled-control true",
+    ):
+        evaluate.run(cfg, run_dir, hookpoint=HOOK["transcoder"], model="tiny", subject=subject)

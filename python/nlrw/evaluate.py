@@ -46,6 +46,11 @@ active value in the cache, ``latents/stats.parquet``); top-k re-applied as for `
   simulated magnitudes (magnitude error alone);
 * ``oracle_magnitude`` — where ``s_l > 0``: ``z_l ← a_l`` if ``a_l > 0`` else ``μ_l``; 0 where
   ``s_l = 0``: the simulated support with true magnitudes (support error alone).
+* ``shuffled`` (when the simulate stage ran the shuffled-explanation control, ``shuffled``) —
+  as ``simulated``, but the control's latents take their calibrated simulations made with
+  another latent's explanation (``calibration_shuffled.parquet``; a seeded derangement), the
+  other simulated latents their real ones: its gap to ``simulated`` is what the explanations
+  explain, beyond the simulator's prior on the text.
 
 **Synthetic simulators** (``synthetic``, column ``quality``): for each target AUROC in
 ``synthetic_qualities``, scores made from the true activations of **every latent of the coder**
@@ -157,6 +162,7 @@ CONDITIONS = (
     "oracle_support",
     "oracle_magnitude",
     "synthetic",
+    "shuffled",
 )
 """Condition names, in the order of the grid and the summary."""
 
@@ -186,8 +192,16 @@ RandomMode = Literal["fixed", "per-context"]
     _ORACLE_SUPPORT,
     _ORACLE_MAGNITUDE,
     _SYNTHETIC,
-) = range(9)
-_REWRITES = (_SIMULATED, _MATCHED_ZERO, _ORACLE_SUPPORT, _ORACLE_MAGNITUDE, _SYNTHETIC)
+    _SHUFFLED,
+) = range(10)
+_REWRITES = (
+    _SIMULATED,
+    _MATCHED_ZERO,
+    _ORACLE_SUPPORT,
+    _ORACLE_MAGNITUDE,
+    _SYNTHETIC,
+    _SHUFFLED,
+)
 # Seed-stream tags, so that the draws of different purposes never share a stream.
 (
     _TAG_FIXED,
@@ -251,6 +265,12 @@ class EvaluateConfig:
 
     n_permutations: int = 10000
     """Random sign flips of the paired sign-flip tests against zero ablation."""
+
+    shuffled: bool | None = None
+    """The shuffled-explanation control (condition shuffled, beside every simulated row):
+    the latents of the simulate stage's control take their calibrated simulations made with
+    another latent's explanation (calibration_shuffled.parquet), the others their real ones.
+    None: when the run has the control; true: required (an error says how to make it)."""
 
     controls: tuple[str, ...] = CONTROLS
     """Controls evaluated beside every simulated row: matched_zero (the rewritten latents set
@@ -586,6 +606,8 @@ class Grid:
         mean_active: ``[N]`` each simulated latent's mean active value in the cache (needed by
             ``oracle_magnitude`` rows).
         synthetic: the synthetic simulators (needed by ``synthetic`` rows).
+        shuffled: calibration name -> float32 ``[n_contexts, N]`` like ``values``, the
+            shuffled-explanation control's columns in place (needed by ``shuffled`` rows).
 
     Attribute ``torch_topk``: re-apply top-k with :func:`topk_replace_torch` even on the CPU
     (what a GPU always uses; the tests compare both paths).
@@ -605,8 +627,10 @@ class Grid:
         num_latents: int,
         mean_active: npt.ArrayLike | None = None,
         synthetic: Synthetic | None = None,
+        shuffled: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.rows = list(rows)
+        self.shuffled = shuffled
         self.latents = np.asarray(latents, dtype=np.int64)
         self.values = values
         self.context_ids = np.asarray(context_ids, dtype=np.int64)
@@ -625,7 +649,9 @@ class Grid:
         self._fixed: dict[tuple[bool, int], np.ndarray] = {}
         self.torch_topk = False
         n = len(self.latents)
-        for name, v in values.items():
+        if (self._kind == _SHUFFLED).any() and shuffled is None:
+            raise ValueError("shuffled rows need the shuffled control's calibrated values")
+        for name, v in [*values.items(), *(shuffled or {}).items()]:
             if v.shape != (len(self.context_ids), n):
                 raise ValueError(
                     f"values of calibration {name!r} have shape {v.shape}, expected "
@@ -658,6 +684,7 @@ class Grid:
         num_latents: int,
         mean_active: npt.ArrayLike | None = None,
         synthetic: Synthetic | None = None,
+        shuffled: dict[str, np.ndarray] | None = None,
     ) -> Grid:
         """The grid of ``cfg``: the four baselines; then for each calibration (sorted),
         choice and fraction the simulated rows (``n_trials`` of them for "random"), each
@@ -677,7 +704,8 @@ class Grid:
                     trials = range(cfg.n_trials) if choice == "random" else range(1)
                     for t in trials:
                         n_sel = n_selected(f, len(lat))
-                        for condition in ("simulated", *cfg.controls):
+                        also = ("shuffled",) if shuffled is not None and cal in shuffled else ()
+                        for condition in ("simulated", *cfg.controls, *also):
                             rows.append(GridRow(condition, cal, float(f), choice, t, n_sel))
         if synthetic is not None and cfg.synthetic_qualities:
             fractions = cfg.synthetic_fractions or cfg.fractions
@@ -710,6 +738,7 @@ class Grid:
             num_latents=num_latents,
             mean_active=mean_active,
             synthetic=synthetic,
+            shuffled=shuffled,
         )
 
     def canonical_rows(self) -> np.ndarray:
@@ -823,14 +852,15 @@ class Grid:
         simulated values ``s``, true values ``a`` (0 where inactive) and cache mean active
         values ``μ`` (elementwise):
 
-        * ``simulated``, ``synthetic``: ``s``;
+        * ``simulated``, ``synthetic``, ``shuffled``: ``s`` (for ``shuffled`` the control's
+          calibrated simulations);
         * ``matched_zero``: ``0``;
         * ``oracle_support``: ``s`` where ``a > 0``, else 0 (the true support, simulated
           magnitudes);
         * ``oracle_magnitude``: where ``s > 0``: ``a`` if ``a > 0`` else ``μ``; 0 where
           ``s = 0`` (the simulated support, true magnitudes).
         """
-        if condition in ("simulated", "synthetic"):
+        if condition in ("simulated", "synthetic", "shuffled"):
             return simulated
         if condition == "matched_zero":
             return np.zeros_like(simulated)
@@ -877,7 +907,9 @@ class Grid:
                     sim = self.synthetic.values[(row.calibration, row.quality)]
                     lat = self._all_latents[order]
                 else:
-                    sim = self.values[row.calibration]
+                    source = self.shuffled if row.condition == "shuffled" else self.values
+                    assert source is not None
+                    sim = source[row.calibration]
                     lat = self.latents[order]
                 true = true_dense[slot[ctx], lat]
                 mean = (
@@ -1324,6 +1356,7 @@ class _Inputs:
         self.balanced_accuracy: np.ndarray | None = None
         self.mean_active: np.ndarray | None = None
         self.synthetic: Synthetic | None = None
+        self.shuffled: dict[str, np.ndarray] | None = None
         self.notes: dict[str, Any] = {}
 
 
@@ -1417,6 +1450,51 @@ def _read_calibration(run_dir: Path, cfg: EvaluateConfig, inputs: _Inputs) -> No
         values[name] = dense
     inputs.latents = latents
     inputs.values = values
+
+
+def _read_shuffled(run_dir: Path, cfg: EvaluateConfig, inputs: _Inputs) -> None:
+    """The shuffled control's calibrated values, as ``inputs.values`` with the control's
+    latents' columns replaced (the others keep their real simulations)."""
+    path = run_dir / "calibration_shuffled.parquet"
+    if cfg.shuffled is False:
+        return
+    if not path.is_file():
+        if cfg.shuffled:
+            raise FileNotFoundError(
+                f"{path} is missing: the run's simulations predate the shuffled-explanation "
+                f"control; make it with `nlrw simulate {run_dir} --simulate.shuffled-control "
+                f"true --overwrite` and `nlrw calibrate {run_dir} --overwrite`, or pass "
+                "--evaluate.shuffled false"
+            )
+        return
+    try:
+        table = pl.read_parquet(path, columns=["latent", "context_id", "calibration", "activation"])
+    except Exception as e:  # polars raises several error types for a damaged file
+        raise ValueError(f"{path}: not a readable calibration table: {e}") from e
+    table = table.filter(pl.col("context_id").is_in(inputs.context_ids))
+    out: dict[str, np.ndarray] = {}
+    for name, real in inputs.values.items():
+        part = table.filter(pl.col("calibration") == name)
+        dense = real.copy()
+        lat = part["latent"].to_numpy().astype(np.int64)
+        col = np.searchsorted(inputs.latents, lat)
+        known = (col < len(inputs.latents)) & (
+            inputs.latents[np.minimum(col, len(inputs.latents) - 1)] == lat
+        )
+        if not known.all():
+            raise ValueError(
+                f"{path}: latent {int(lat[np.argmin(known)])} of the shuffled control was not "
+                "simulated in calibration.parquet: re-run calibrate"
+            )
+        row = np.searchsorted(inputs.context_ids, part["context_id"].to_numpy().astype(np.int64))
+        act = part["activation"].to_numpy().astype(np.float32)
+        if not np.isfinite(act).all() or (act < 0).any():
+            raise ValueError(f"{path}: activations must be finite and >= 0")
+        dense[:, np.unique(col)] = 0.0
+        dense[row, col] = act
+        out[name] = dense
+    inputs.shuffled = out
+    inputs.notes["shuffled_latents"] = int(table["latent"].n_unique())
 
 
 def _read_scores(run_dir: Path, cfg: EvaluateConfig, inputs: _Inputs) -> None:
@@ -1578,6 +1656,7 @@ def _parts_hash(cfg: EvaluateConfig, hookpoint: str, model: str, inputs: _Inputs
             "model": model,
             "latents": inputs.latents.tolist(),
             "contexts": inputs.context_ids.tolist(),
+            "shuffled": inputs.shuffled is not None,
         }
     )
 
@@ -1624,6 +1703,7 @@ def run(
     inputs = _Inputs()
     _read_eval_contexts(run_dir, cfg, inputs)
     _read_calibration(run_dir, cfg, inputs)
+    _read_shuffled(run_dir, cfg, inputs)
     _read_scores(run_dir, cfg, inputs)
     coder = sparse.load(transcoder_dir(run_dir) / hookpoint)
     _check_coder(run_dir, coder, hookpoint, inputs)
@@ -1645,6 +1725,7 @@ def run(
         num_latents=coder.num_latents,
         mean_active=inputs.mean_active,
         synthetic=inputs.synthetic,
+        shuffled=inputs.shuffled,
     )
     store = PartStore(parts_dir, _parts_hash(cfg, hookpoint, model, inputs))
     n = len(inputs.context_ids)
