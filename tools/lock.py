@@ -48,10 +48,7 @@ def closure(roots: list[str]) -> dict[str, str]:
         for spec in dist.requires or []:
             child = Requirement(spec)
             if child.marker is not None:
-                ok = any(
-                    child.marker.evaluate({"extra": extra})
-                    for extra in [*req.extras, ""]
-                )
+                ok = any(child.marker.evaluate({"extra": extra}) for extra in [*req.extras, ""])
                 if not ok:
                     continue
             todo.append((child, frozenset()))
