@@ -402,3 +402,23 @@ def test_a_table_without_recorded_digests_is_still_opened_before_use(
     err = capsys.readouterr().err
     assert "explanations.parquet is damaged" in err and "explain stage" in err, err
     assert digests(copy) == before
+
+
+def test_a_run_whose_hashes_this_nlrw_computes_otherwise_is_refused_as_such(
+    smoke: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As if another nlrw (other defaults, another prompt) had made the run: its own config
+    now hashes differently; that is said, not blamed on options nobody gave."""
+    copy = tmp_path / "run"
+    shutil.copytree(smoke, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["stage_hashes"]["report"] = "0" * 16
+    (copy / "config.json").write_text(json.dumps(config))
+    record = json.loads((copy / "stages" / "report.json").read_text())
+    (copy / "stages" / "report.json").write_text(json.dumps({**record, "hash": "0" * 16}))
+    before = digests(copy)
+    capsys.readouterr()
+    assert main(["run", "--run-dir", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "report (" in err and "use the nlrw that made the run" in err, err
+    assert digests(copy) == before

@@ -687,11 +687,19 @@ def run(
                 else f"redo {only} (its outputs are replaced; the later stages then show as "
                 "stale until `nlrw run` redoes them)"
             )
+            why = (
+                "leave out the options or --preset that change them (a run resumes with its "
+                "own config.json)"
+            )
+            if _same_as_recorded(cfg, run_dir):
+                why = (
+                    "use the nlrw that made the run: this one gives the run's own config.json "
+                    "other stage hashes (a stage's options, defaults or prompt changed)"
+                )
             raise RerunRefused(
                 f"{run_dir}: this config changes {len(changed)} stage"
                 f"{'s' * (len(changed) != 1)} the run has already run: {listed}; nothing was "
-                f"changed. Pass {rerun_flag} to {redo}, or leave out the options or --preset "
-                "that change them (a run resumes with its own config.json)"
+                f"changed. Pass {rerun_flag} to {redo}, or {why}"
             )
         force = rerun and only is not None
         pending = _pending(cfg, run_dir, until, only, force)
@@ -799,6 +807,19 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
                 backend_options(stage_cfg.backend, stage_cfg.backend_options)
             except ValueError as e:
                 raise ValueError(f"--{name}.backend-options: {e}") from None
+
+
+def _same_as_recorded(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether ``cfg`` is the config ``config.json`` records, value for value."""
+    try:
+        recorded = json.loads((run_dir / "config.json").read_text()).get("config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    current = to_jsonable(cfg)
+    return isinstance(recorded, dict) and all(
+        recorded.get(name) == {k: v for k, v in value.items() if k in recorded.get(name, {})}
+        for name, value in current.items()
+    )
 
 
 def run_stage(
