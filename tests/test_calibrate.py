@@ -780,3 +780,17 @@ def test_shuffled_control_is_calibrated_like_the_real_simulations(tmp_path: Path
     assert pl.read_parquet(plain / "calibration.parquet").equals(
         pl.read_parquet(run_dir / "calibration.parquet")
     )
+
+
+def test_a_budget_as_large_as_the_latents_gates_nothing(tmp_path: Path) -> None:
+    # 4 simulated latents, k = 8: a budget of k/2 = 4 false positives per context allows
+    # every latent to be active everywhere: specificity 0, no threshold, no error.
+    assert calibrate.gate_specificity(0.5, K, len(LATENTS)) == 0.0
+    run_dir = make_run(tmp_path / "run")
+    calibrate.run(CalibrateConfig(gate_budget=0.5), run_dir, progress=False)
+    fits = pl.read_parquet(run_dir / "calibration_fits.parquet").filter(pl.col("latent") == 3)
+    assert fits["gate_threshold"].item() == -math.inf
+    np.testing.assert_array_equal(
+        activations(run_dir, "gate", 3) > 0,
+        (activations(run_dir, "isotonic", 3) > 0) | (fits["gate_fill"].item() > 0),
+    )

@@ -474,7 +474,8 @@ def fit_latent(
             f"{spec:.6g} (needs {need})"
         )
         return LatentFit(xs, ys, float("inf"), 0.0, n, n_active, None, why)
-    threshold = gate_threshold(e, t > 0, spec)
+    # A budget as large as the simulated latents themselves gates nothing (specificity 0).
+    threshold = gate_threshold(e, t > 0, spec) if spec > 0 else float("-inf")
     return LatentFit(xs, ys, threshold, gate_fill(e, t, threshold), n, n_active, None)
 
 
