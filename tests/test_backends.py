@@ -542,11 +542,20 @@ def test_openai_backend_on_a_real_server_agrees_with_transformers(
     backend.close()
 
 
-def test_auto_dtype_on_a_cpu_is_measured_and_recorded() -> None:
+def test_auto_dtype_on_a_cpu_is_measured_once_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     backend = tiny_backend(dtype="auto", device="cpu")
     measured = backend.dtype_measurement
     assert measured is not None and measured["chosen"] in ("float32", "bfloat16")
     assert measured["float32_s"] > 0 and measured["bfloat16_s"] > 0
+    assert not measured["cached"]
     assert str(backend.dtype) == f"torch.{measured['chosen']}"
     assert next(backend.lm.parameters()).dtype == backend.dtype
+    # The next load on this machine reuses the choice: every run and resume agrees.
+    again = tiny_backend(dtype="auto", device="cpu")
+    assert again.dtype_measurement is not None and again.dtype_measurement["cached"]
+    assert again.dtype == backend.dtype
+    assert (tmp_path / "nlrw" / "cpu_dtype.json").is_file()
     assert tiny_backend(dtype="float32").dtype_measurement is None

@@ -45,9 +45,13 @@ a per-prompt ``suffix`` (:class:`~nlrw.backends.base.SplitPrompt`), with one of 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import os
+import platform
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -113,6 +117,51 @@ def resolve_backend_dtype(dtype: str | torch.dtype, device: torch.device) -> tor
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: expected 'auto' or one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def _dtype_cache() -> Path:
+    """Where the measured CPU dtype choices are kept (one per model, torch and CPU)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "nlrw" / "cpu_dtype.json"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_dtype(model: Any, name: str) -> dict[str, Any]:
+    """The dtype ``auto`` gives ``model`` on this CPU: measured once (:func:`measure_cpu_dtype`)
+    per (model, torch version, CPU, threads) and then reused from ``~/.cache/nlrw``, so that
+    every run and every resume of a run on one machine uses the same dtype (a measurement
+    near a tie could otherwise flip between runs and change the results). The model is left
+    in the chosen dtype. Returns the measurement, with ``"cached": true`` when reused."""
+    key = f"{name}|torch {torch.__version__}|{_cpu_name()}|{torch.get_num_threads()} threads"
+    path = _dtype_cache()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict):
+        entry = known[key]
+        if entry.get("chosen") in ("float32", "bfloat16"):
+            model.to(_DTYPES[entry["chosen"]])
+            return {**entry, "cached": True}
+    measured = measure_cpu_dtype(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: measured}))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: measured again next time
+        pass
+    return {**measured, "cached": False}
 
 
 def measure_cpu_dtype(model: Any, *, tokens: int = 64, rows: int = 4) -> dict[str, Any]:
@@ -207,7 +256,7 @@ class TransformersBackend:
             model_obj = model_obj.to(self.dtype)
         self.lm: Any = model_obj.to(self.device).eval()
         if measure:
-            self.dtype_measurement = measure_cpu_dtype(self.lm)
+            self.dtype_measurement = cpu_dtype(self.lm, str(path))
             self.dtype = _DTYPES[self.dtype_measurement["chosen"]]
         cfg = self.lm.config
         self.max_length = max_length or int(getattr(cfg, "max_position_embeddings", 1 << 30))
