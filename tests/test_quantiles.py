@@ -728,3 +728,21 @@ def test_load_tables_rejects_old_foreign_or_invalid_content(tmp_path: Path) -> N
     save_file({"active": table}, lonely, meta)
     with pytest.raises(ValueError, match=r"lonely\.safetensors: expected tensors"):
         load_tables(lonely)
+
+
+def test_core_binding_refuses_fortran_ordered_tables() -> None:
+    # nlrw.quantiles copies into C order; the raw binding must refuse a transposed view
+    # rather than read its memory as rows (a Fortran block is contiguous too).
+    from nlrw import _core
+
+    sim = np.sort(np.random.default_rng(0).normal(size=(3, 4)), axis=1).astype(np.float32)
+    active = np.asfortranarray(np.array([[0.0, 1.0, 2.0, 3.0]] * 3, np.float32))
+    args = (np.zeros(2, np.uint32), np.zeros(2, np.float32))
+    freq = np.full(3, 0.5, np.float32)
+    with pytest.raises(ValueError, match=r"active_table must be a C-contiguous array"):
+        _core.quantile_normalize(*args, sim, active, freq)
+    with pytest.raises(ValueError, match=r"sim_table must be a C-contiguous array"):
+        _core.quantile_normalize(*args, np.asfortranarray(sim), np.ascontiguousarray(active), freq)
+    got = quantile_normalize(args[0], args[1], np.asfortranarray(sim), active, freq)
+    want = quantile_normalize(args[0], args[1], sim, np.ascontiguousarray(active), freq)
+    np.testing.assert_array_equal(got, want)

@@ -22,6 +22,14 @@ fn contiguous<'a, T: Element, D: Dimension>(
     a: &'a PyReadonlyArray<'_, T, D>,
     name: &str,
 ) -> PyResult<&'a [T]> {
+    // `as_slice` accepts a Fortran-ordered block too, whose memory is the transpose: a
+    // table read that way would be silently wrong (its rows checked as columns).
+    if !a.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a C-contiguous array, got strides {:?} (use numpy.ascontiguousarray)",
+            a.strides()
+        )));
+    }
     a.as_slice().map_err(|_| {
         PyValueError::new_err(format!(
             "{name} must be a C-contiguous array (use numpy.ascontiguousarray)"
