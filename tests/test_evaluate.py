@@ -305,26 +305,7 @@ def test_simulated_rows_equal_a_manual_rewrite(tc_run, calibration, fraction, ch
             num_latents=coder.num_latents,
         )
         chosen_sets = [SIMULATED[grid.order("random", t, 0)[:n_sel]] for t in range(2)]
-    expected = np.zeros(len(ids))
-    for chosen in chosen_sets:
-        for c in range(len(ids)):
-            sim = cal.filter(pl.col("context_id") == c)
-            sim_of = dict(zip(sim["latent"].to_list(), sim["activation"].to_list(), strict=True))
-
-            def rewrite(x: torch.Tensor, y: torch.Tensor, chosen=chosen, sim_of=sim_of):
-                z = _manual_z(coder, x[0])
-                for lat in chosen:
-                    z[lat] = sim_of[int(lat)]
-                keep = np.argsort(-z, kind="stable")[: coder.k]
-                z2 = np.zeros_like(z)
-                z2[keep] = np.maximum(z[keep], 0)
-                return _decode(coder, z2, x[0])[None]
-
-            with torch.no_grad():
-                expected[c] += hooked_last_ce(
-                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
-                )[0]
-    expected /= len(chosen_sets)
+    expected = manual_rewrite_ce(subject, coder, ids, targets, chosen_sets, [cal])
     got = (
         results_of(run_dir)
         .filter(
@@ -340,6 +321,41 @@ def test_simulated_rows_equal_a_manual_rewrite(tc_run, calibration, fraction, ch
     )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert np.abs(got - ce_of(results_of(run_dir), "transcoder")).max() > 1e-4
+
+
+def manual_rewrite_ce(
+    subject: Subject,
+    coder: SparseCoder,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    chosen_sets: list,
+    tables: list[pl.DataFrame],
+) -> np.ndarray:
+    """CE of each context, averaged over ``chosen_sets``, when the chosen latents take their
+    value from ``tables`` (``latent, context_id, activation``; a later table's value wins),
+    top-k is re-applied, and the splice is a plain forward hook."""
+    expected = np.zeros(len(ids))
+    for chosen in chosen_sets:
+        for c in range(len(ids)):
+            sim_of: dict[int, float] = {}
+            for table in tables:
+                rows = table.filter(pl.col("context_id") == c).select("latent", "activation")
+                sim_of.update(dict(rows.rows()))
+
+            def rewrite(x: torch.Tensor, y: torch.Tensor, chosen=chosen, sim_of=sim_of):
+                z = _manual_z(coder, x[0])
+                for lat in chosen:
+                    z[lat] = sim_of[int(lat)]
+                keep = np.argsort(-z, kind="stable")[: coder.k]
+                z2 = np.zeros_like(z)
+                z2[keep] = np.maximum(z[keep], 0)
+                return _decode(coder, z2, x[0])[None]
+
+            with torch.no_grad():
+                expected[c] += hooked_last_ce(
+                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
+                )[0]
+    return expected / len(chosen_sets)
 
 
 def _chosen_sets(run_dir: Path, coder: SparseCoder, fraction: float, choice: str) -> list:
@@ -1113,31 +1129,8 @@ def test_shuffled_equals_a_manual_rewrite(shuffled_run, fraction, choice) -> Non
     shuf = pl.read_parquet(run_dir / "calibration_shuffled.parquet").filter(
         pl.col("calibration") == "noisy"
     )
-    expected = np.zeros(len(ids))
     chosen_sets = _chosen_sets(run_dir, coder, fraction, choice)
-    for chosen in chosen_sets:
-        for c in range(len(ids)):
-            sim_of = dict(
-                cal.filter(pl.col("context_id") == c).select("latent", "activation").rows()
-            )
-            sim_of.update(
-                dict(shuf.filter(pl.col("context_id") == c).select("latent", "activation").rows())
-            )
-
-            def rewrite(x: torch.Tensor, y: torch.Tensor, chosen=chosen, sim_of=sim_of):
-                z = _manual_z(coder, x[0])
-                for lat in chosen:
-                    z[lat] = sim_of[int(lat)]
-                keep = np.argsort(-z, kind="stable")[: coder.k]
-                z2 = np.zeros_like(z)
-                z2[keep] = np.maximum(z[keep], 0)
-                return _decode(coder, z2, x[0])[None]
-
-            with torch.no_grad():
-                expected[c] += hooked_last_ce(
-                    subject, HOOK["transcoder"], rewrite, ids[c : c + 1], targets[c : c + 1]
-                )[0]
-    expected /= len(chosen_sets)
+    expected = manual_rewrite_ce(subject, coder, ids, targets, chosen_sets, [cal, shuf])
     results = results_of(run_dir)
     keys = {"calibration": "noisy", "fraction": fraction, "choice": choice}
     got = _mean_over_trials(results, "shuffled", **keys)

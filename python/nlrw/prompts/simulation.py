@@ -279,18 +279,23 @@ def _explanation(explanation: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _arrange(explanation: str, body: str, question: str, layout: Layout, split: bool) -> str:
+    """Explanation and text(s) in the layout's order, the question last; with ``split``,
+    :data:`SPLIT` marks where the part shared across prompts ends (module docstring)."""
+    expl = EXPLANATION.format(explanation=_explanation(explanation))
+    cut = SPLIT if split else ""
+    if layout == "explanation-first":
+        return f"{expl}\n\n{cut}{body}\n\n{question}"
+    if layout == "context-first":
+        return f"{body}\n\n{cut}{expl}\n\n{question}"
+    raise ValueError(f"unknown layout {layout!r}: expected one of {list(LAYOUTS)}")
+
+
 def user_message(explanation: str, text: str, layout: Layout, *, split: bool = False) -> str:
     """The user message asking for one rating; ``text`` is already rendered
     (:func:`context_text` / :func:`mark_last`). With ``split``, :data:`SPLIT` marks where the
     part shared across prompts ends (see the module docstring)."""
-    expl = EXPLANATION.format(explanation=_explanation(explanation))
-    txt = TEXT.format(text=text)
-    cut = SPLIT if split else ""
-    if layout == "explanation-first":
-        return f"{expl}\n\n{cut}{txt}\n\n{QUESTION}"
-    if layout == "context-first":
-        return f"{txt}\n\n{cut}{expl}\n\n{QUESTION}"
-    raise ValueError(f"unknown layout {layout!r}: expected one of {list(LAYOUTS)}")
+    return _arrange(explanation, TEXT.format(text=text), QUESTION, layout, split)
 
 
 def paper_user_message(
@@ -298,14 +303,8 @@ def paper_user_message(
 ) -> str:
     """The paper-style user message: the explanation and numbered texts (``split`` as in
     :func:`user_message`)."""
-    expl = EXPLANATION.format(explanation=_explanation(explanation))
     body = "\n".join(PAPER_TEXT.format(number=i + 1, text=t) for i, t in enumerate(texts))
-    cut = SPLIT if split else ""
-    if layout == "explanation-first":
-        return f"{expl}\n\n{cut}{body}\n\n{PAPER_QUESTION}"
-    if layout == "context-first":
-        return f"{body}\n\n{cut}{expl}\n\n{PAPER_QUESTION}"
-    raise ValueError(f"unknown layout {layout!r}: expected one of {list(LAYOUTS)}")
+    return _arrange(explanation, body, PAPER_QUESTION, layout, split)
 
 
 def render_chat(
