@@ -8,10 +8,11 @@ Three kinds of tests:
   for these tests; where vLLM imports, the same tests also run on vLLM's real classes;
 * real vLLM objects (``RequestOutput``, ``CompletionOutput``, ``Logprob``, ``FlatLogprobs``,
   ``SamplingParams``): skipped where vLLM is not installed (it is not in the dev environment:
-  its wheel pins its own torch). vLLM's output classes import without a GPU, so a throwaway
-  environment with ``pip install --no-deps vllm`` plus a few light packages runs them;
+  its wheel pins its own torch); ``make test`` runs this module again in ``.venv-vllm``
+  (vLLM's CPU build), where they run;
 * the real engine on the embedded Qwen2.5-Coder-0.5B against the transformers backend: needs a
-  CUDA device and vLLM (``gpu`` marker).
+  CUDA device and vLLM (``gpu`` marker). The real engine on the CPU is tested in
+  ``test_vllm_cpu.py``.
 """
 
 from __future__ import annotations
