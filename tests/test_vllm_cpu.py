@@ -232,9 +232,10 @@ def test_generate_greedy_equals_the_transformers_backend(
 def test_the_embedded_simulator_agrees_with_the_transformers_backend(
     tiny: tuple[VLLMBackend, Path],
 ) -> None:
-    """Qwen2.5-Coder-0.5B in float32 on both engines: digit probabilities within 1e-3 and
-    expected values within 0.01 (0-9 scale); top-20 logprobs on a vLLM without
-    ``logprob_token_ids`` can only drop digits below the 20th most likely token."""
+    """Qwen2.5-Coder-0.5B in float32 on both engines: digit probabilities within 1e-4 and
+    expected values within 1e-3 (0-9 scale). Float rounding only: ``make bench``'s
+    ``simulate_vllm`` measured 2.9e-6 and 1.2e-5 at most on 128 simulation prompts, this test
+    1.6e-6."""
     from nlrw.simulate import expected_values
 
     tiny[0].close()  # one engine at a time
@@ -250,5 +251,5 @@ def test_the_embedded_simulator_agrees_with_the_transformers_backend(
         got = vl.answer_distribution(chats_, "Rating: ", DIGITS)
     finally:
         vl.close()
-    np.testing.assert_allclose(got.probs, want.probs, atol=1e-3)
-    np.testing.assert_allclose(expected_values(got.probs), expected_values(want.probs), atol=0.01)
+    np.testing.assert_allclose(got.probs, want.probs, atol=1e-4)
+    np.testing.assert_allclose(expected_values(got.probs), expected_values(want.probs), atol=1e-3)
