@@ -782,15 +782,25 @@ def test_shuffled_control_is_calibrated_like_the_real_simulations(tmp_path: Path
     )
 
 
-def test_a_budget_as_large_as_the_latents_gates_nothing(tmp_path: Path) -> None:
-    # 4 simulated latents, k = 8: a budget of k/2 = 4 false positives per context allows
-    # every latent to be active everywhere: specificity 0, no threshold, no error.
+def test_the_budget_only_tightens_the_gate(tmp_path: Path) -> None:
+    # 4 simulated latents, k = 8: a budget of k/2 = 4 false positives per context would allow
+    # every latent to be active everywhere (specificity 0); the floor keeps 0.9.
     assert calibrate.gate_specificity(0.5, K, len(LATENTS)) == 0.0
+    assert calibrate.gate_specificity(0.5, K, len(LATENTS), 0.9) == 0.9
+    assert calibrate.gate_specificity(0.25, 32, 8192, 0.9) == pytest.approx(1 - 8 / 8192)
     run_dir = make_run(tmp_path / "run")
     calibrate.run(CalibrateConfig(gate_budget=0.5), run_dir, progress=False)
-    fits = pl.read_parquet(run_dir / "calibration_fits.parquet").filter(pl.col("latent") == 3)
-    assert fits["gate_threshold"].item() == -math.inf
-    np.testing.assert_array_equal(
-        activations(run_dir, "gate", 3) > 0,
-        (activations(run_dir, "isotonic", 3) > 0) | (fits["gate_fill"].item() > 0),
+    record = json.loads((run_dir / "calibrate.json").read_text())
+    assert record["gate_specificity"] == 0.9
+    # A floor of ~0 and a budget as large as the latents: the gate passes almost everything
+    # (its threshold just above the lowest inactive calibration score), no error.
+    other = make_run(tmp_path / "other")
+    calibrate.run(
+        CalibrateConfig(gate_budget=0.5, gate_min_specificity=1e-9), other, progress=False
     )
+    sims = sims_of(other).filter((pl.col("latent") == 3) & ~pl.col("is_eval"))
+    inactive = sims.filter(pl.col("true_activation") == 0)["expected_value"].to_numpy()
+    fits = pl.read_parquet(other / "calibration_fits.parquet").filter(pl.col("latent") == 3)
+    assert fits["gate_threshold"].item() <= np.nextafter(inactive.min(), np.float32(np.inf))
+    with pytest.raises(ValueError, match="gate_min_specificity"):
+        CalibrateConfig(gate_min_specificity=0.0)

@@ -54,7 +54,9 @@ each calibrated activation matches the true one.
   budget**: with ``N`` simulated latents, each latent may let through at most
   ``gate_budget · k / N`` false positives per context, so that the expected number of
   false-positive latents per context stays ≤ ``gate_budget · k`` (default ``k/4``):
-  ``s = 1 − gate_budget · k / N`` (:func:`gate_specificity`; ``gate_specificity`` overrides it).
+  ``s = max(gate_min_specificity, 1 − gate_budget · k / N)`` (:func:`gate_specificity`; the
+  budget only tightens the former default 0.9, which it overtakes above ``N = 2.5 k``;
+  ``gate_specificity`` overrides both).
   Resolving ``s`` takes at least ``⌈1 / (1 − s)⌉`` inactive calibration contexts; a latent
   with fewer falls back (below), named in ``calibrate.json``.
 **Fallback.** A latent with fewer than ``min_calibration_contexts`` calibration contexts, or
@@ -200,6 +202,11 @@ class CalibrateConfig:
     expectation over all simulated latents (k: the coder's top-k): each latent's threshold
     is set for specificity 1 - gate_budget x k / N on the calibration split; > 0."""
 
+    gate_min_specificity: float = 0.9
+    """The budget only tightens the gate: each latent's specificity is at least this (with few
+    simulated latents the budget alone would allow a latent to be a false positive on most
+    contexts); in (0, 1]."""
+
     gate_specificity: float | None = None
     """Overrides the budget: the gate's threshold is the smallest score t with P(E < t |
     inactive) at least this, on the calibration split; in (0, 1]."""
@@ -251,6 +258,9 @@ class CalibrateConfig:
         b = self.gate_budget
         if isinstance(b, bool) or not isinstance(b, int | float) or not b > 0:
             raise ValueError(f"gate_budget must be > 0, got {b!r}")
+        m = self.gate_min_specificity
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0.0 < m <= 1.0:
+            raise ValueError(f"gate_min_specificity must be in (0, 1], got {m!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,13 +389,13 @@ def gate_threshold(scores: npt.ArrayLike, active: npt.ArrayLike, specificity: fl
     return float(np.nextafter(inactive[m - 1], np.float32(np.inf)))
 
 
-def gate_specificity(budget: float, k: int, n_latents: int) -> float:
+def gate_specificity(budget: float, k: int, n_latents: int, minimum: float = 0.0) -> float:
     """The per-latent specificity that keeps the expected false-positive latents per context
-    at ``budget · k`` over ``n_latents`` simulated latents: ``1 − budget · k / n_latents``
-    (floored at 0: a budget larger than the latents gates nothing)."""
+    at ``budget · k`` over ``n_latents`` simulated latents: ``1 − budget · k / n_latents``, and
+    at least ``minimum`` (the budget only tightens a gate; floored at 0)."""
     if n_latents <= 0:
         return 1.0
-    return max(0.0, 1.0 - budget * k / n_latents)
+    return max(minimum, 0.0, 1.0 - budget * k / n_latents)
 
 
 def gate_resolvable(n_inactive: int, specificity: float) -> bool:
@@ -1013,7 +1023,7 @@ def run(
     specificity = (
         cfg.gate_specificity
         if cfg.gate_specificity is not None
-        else gate_specificity(cfg.gate_budget, k, int(data.latents.size))
+        else gate_specificity(cfg.gate_budget, k, int(data.latents.size), cfg.gate_min_specificity)
     )
     result = _calibrate(cfg, data, truth, specificity, progress=progress)
     shuffled = None
