@@ -102,14 +102,20 @@ def test_true_latents_match_an_independent_forward_hook(run_dir: Path) -> None:
     np.testing.assert_allclose(full, expected, atol=1e-5)
 
 
-def test_from_cache_reproduces_the_papers_windows(run_dir: Path, tmp_path: Path) -> None:
-    cfg = dataclasses.replace(
-        load_preset("smoke").contexts, source="from-cache", n_contexts=5, n_calibration=2
-    )
+def linked_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A fresh run directory sharing ``run_dir``'s activations, coder and cache (symlinks)."""
     target = tmp_path / "run"
     target.mkdir()
     for name in ("activations", "transcoder", "latents"):
         (target / name).symlink_to(run_dir / name)
+    return target
+
+
+def test_from_cache_reproduces_the_papers_windows(run_dir: Path, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        load_preset("smoke").contexts, source="from-cache", n_contexts=5, n_calibration=2
+    )
+    target = linked_run(run_dir, tmp_path)
     table = contexts.run(cfg, target)
     tokens = np.load(run_dir / "activations" / "eval" / "tokens.npy")
     for row in table.iter_rows(named=True):
@@ -127,10 +133,7 @@ def test_paper_positions_follow_the_papers_range_and_seed(run_dir: Path, tmp_pat
         n_calibration=2,
         positions="paper",
     )
-    target = tmp_path / "run"
-    target.mkdir()
-    for name in ("activations", "transcoder", "latents"):
-        (target / name).symlink_to(run_dir / name)
+    target = linked_run(run_dir, tmp_path)
     table = contexts.run(cfg, target)
     tokens = np.load(run_dir / "activations" / "eval" / "tokens.npy")
     draws = np.random.default_rng(42).integers(33, 224, size=table.height)
@@ -147,10 +150,7 @@ def test_seeded_rerun_is_identical_and_a_finished_stage_is_skipped(
     cfg = load_preset("smoke").contexts
     again = contexts.run(cfg, run_dir)
     assert (run_dir / "contexts.parquet").stat().st_mtime_ns == before
-    target = tmp_path / "run"
-    target.mkdir()
-    for name in ("activations", "transcoder", "latents"):
-        (target / name).symlink_to(run_dir / name)
+    target = linked_run(run_dir, tmp_path)
     fresh = contexts.run(cfg, target)
     assert fresh.equals(again)
     other = contexts.run(dataclasses.replace(cfg, seed=1), target)
@@ -160,10 +160,7 @@ def test_seeded_rerun_is_identical_and_a_finished_stage_is_skipped(
 
 
 def test_too_many_contexts_is_an_error_naming_the_option(run_dir: Path, tmp_path: Path) -> None:
-    target = tmp_path / "run"
-    target.mkdir()
-    for name in ("activations", "transcoder", "latents"):
-        (target / name).symlink_to(run_dir / name)
+    target = linked_run(run_dir, tmp_path)
     cfg = dataclasses.replace(load_preset("smoke").contexts, source="from-cache", n_contexts=10**6)
     with pytest.raises(ValueError, match=r"contexts\.n_contexts"):
         contexts.run(cfg, target)
