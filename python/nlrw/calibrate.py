@@ -563,12 +563,10 @@ def latent_metrics(
 # Inputs
 # --------------------------------------------------------------------------------------------
 
+_SIMULATION_COLUMNS = ("latent", "context_id", "expected_value", "true_activation")
 _NEEDED = {
-    SIMULATIONS_FILE: (("latent", "context_id", "expected_value", "true_activation"), "simulate"),
-    SHUFFLED_SIMULATIONS_FILE: (
-        ("latent", "context_id", "expected_value", "true_activation"),
-        "simulate",
-    ),
+    SIMULATIONS_FILE: (_SIMULATION_COLUMNS, "simulate"),
+    SHUFFLED_SIMULATIONS_FILE: (_SIMULATION_COLUMNS, "simulate"),
     CONTEXTS_FILE: (("context_id", "split"), "contexts"),
     STATS_FILE: (("latent", "reference_max", "reference_frequency", "active_quantiles"), "cache"),
 }
