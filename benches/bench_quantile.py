@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import common
-from nlrw.quantiles import midrank_tables, quantile_normalize
+from nlrw.model.quantiles import midrank_tables, quantile_normalize
 
 
 def make_data(num_latents: int, per_latent: int, q: int, seed: int = 0) -> tuple[np.ndarray, ...]:

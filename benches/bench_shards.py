@@ -1,4 +1,4 @@
-"""Benchmarks of the activation shards (``nlrw.shards``) against plain numpy file I/O.
+"""Benchmarks of the activation shards (``nlrw.model.shards``) against plain numpy file I/O.
 
 * ``shard_read``: one full pass of :class:`ShardReader` (memory-map, xxh3 check of every byte,
   batches of 4096 rows) against ``np.fromfile`` of the same data bytes, both from a warm page
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from common import result
-from nlrw.shards import ShardReader, ShardWriter
+from nlrw.model.shards import ShardReader, ShardWriter
 
 DATA = Path(__file__).resolve().parent / "data" / "shards"
 WIDTH = 1536

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from common import result
-from nlrw.sparse import SparseCoder, SparseCoderConfig
+from nlrw.model.sparse import SparseCoder, SparseCoderConfig
 from nlrw.train import compute_losses
 
 

@@ -55,7 +55,7 @@ def smollm2_subject() -> tuple[Any, str]:
     import torch
 
     try:
-        from nlrw.subject import load_subject
+        from nlrw.model.subject import load_subject
 
         return load_subject("smollm2-135m", dtype="float32", device="cpu").model, "SmolLM2-135M"
     except (ImportError, OSError, RuntimeError) as e:  # no asset package (AssetError et al.)

@@ -25,7 +25,7 @@ import numpy as np
 
 with atheris.instrument_imports():
     from nlrw import ShardError
-    from nlrw.shards import ShardReader, ShardWriter
+    from nlrw.model.shards import ShardReader, ShardWriter
 
 WIDTH = 3
 

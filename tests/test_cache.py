@@ -13,11 +13,12 @@ import polars as pl
 import pytest
 import torch
 
-from nlrw import cache, sparse
+from nlrw import cache
 from nlrw.cache import CacheConfig
+from nlrw.model import sparse
+from nlrw.model.quantiles import load_tables, probabilities
+from nlrw.model.shards import ShardReader
 from nlrw.pipeline import load_preset, run
-from nlrw.quantiles import load_tables, probabilities
-from nlrw.shards import ShardReader
 
 HOOK = "model.layers.1.mlp"
 

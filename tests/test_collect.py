@@ -1,6 +1,6 @@
 """nlrw.collect on tiny random models and small local corpora.
 
-Shards hold exactly the rows :func:`nlrw.subject.capture` gives for the recorded windows;
+Shards hold exactly the rows :func:`nlrw.model.subject.capture` gives for the recorded windows;
 windows follow the documented rule; the held-out split is disjoint; bad inputs fail before
 anything is written; a run killed by a signal resumes to byte-identical shards. The slow test
 collects a few thousand tokens from the embedded default (SmolLM2-135M on Austen).
@@ -25,8 +25,8 @@ import torch
 
 from nlrw import collect
 from nlrw.collect import CollectConfig, is_held_out, run, token_windows
-from nlrw.shards import ShardReader
-from nlrw.subject import capture, load_subject
+from nlrw.model.shards import ShardReader
+from nlrw.model.subject import capture, load_subject
 from test_subject import random_text, save_tiny, tiny_tokenizer
 
 # Tiny models gain nothing from threads, and spin-waiting threads suffer on a shared machine.
@@ -263,7 +263,7 @@ _CHILD = """
 import json, sys, time
 import torch
 from nlrw import collect
-from nlrw.shards import ShardWriter
+from nlrw.model.shards import ShardWriter
 
 torch.set_num_threads(int(sys.argv[3]))
 write = ShardWriter.write

@@ -12,14 +12,16 @@ import polars as pl
 import pytest
 import torch
 
-from nlrw import contexts, sparse
+from nlrw import contexts
 from nlrw.contexts import (
     ContextsConfig,
     load_context_activations,
     read_contexts,
     true_activations,
 )
-from nlrw.pipeline import load_preset, run, transcoder_dir
+from nlrw.lib.rundir import RunDir
+from nlrw.model import sparse
+from nlrw.pipeline import load_preset, run
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,11 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _subject_and_coder(run_dir: Path):
-    from nlrw.subject import load_subject
+    from nlrw.model.subject import load_subject
 
     cfg = load_preset("smoke")
     subject = load_subject(cfg.collect.model, dtype="float32", device="cpu")
-    coder = sparse.load(transcoder_dir(run_dir) / cfg.collect.hookpoint, device="cpu")
+    coder = sparse.load(RunDir(run_dir).coder(cfg.collect.hookpoint), device="cpu")
     return cfg, subject, coder
 
 

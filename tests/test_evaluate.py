@@ -27,12 +27,12 @@ from nlrw import evaluate
 from nlrw.contexts import SCHEMA as CONTEXTS_SCHEMA
 from nlrw.contexts import ContextsConfig, context_activations, true_activations
 from nlrw.evaluate import EvaluateConfig, Grid, grid_ce, grid_ce_full, topk_replace_torch
-from nlrw.io import atomic_write_json
-from nlrw.pipeline import transcoder_dir
-from nlrw.provenance import stage_record
-from nlrw.sparse import SparseCoder, SparseCoderConfig
-from nlrw.subject import Subject, get_hookpoint, load_subject
-from nlrw.topk import topk_replace
+from nlrw.lib.io import atomic_write_json
+from nlrw.lib.provenance import stage_record
+from nlrw.lib.rundir import RunDir
+from nlrw.model.sparse import SparseCoder, SparseCoderConfig
+from nlrw.model.subject import Subject, get_hookpoint, load_subject
+from nlrw.model.topk import topk_replace
 from test_subject import LAYER, MLP, VOCAB, save_tiny
 
 torch.set_num_threads(1)
@@ -86,7 +86,7 @@ def make_run(
     subject = load_subject(save_tiny(root / "model", arch), dtype="float32", device="cpu")
     hookpoint = hookpoint_of(kind, arch)
     coder = random_coder(kind, subject.model.config.hidden_size)
-    coder.save(transcoder_dir(run_dir) / hookpoint)
+    coder.save(RunDir(run_dir).coder(hookpoint))
     g = torch.Generator().manual_seed(1)
     n = N_EVAL + N_CAL
     windows = torch.randint(3, VOCAB, (n, CTX_LEN + 1), generator=g)
@@ -769,7 +769,7 @@ def _summary_input(rng: np.random.Generator, n: int = 40) -> pl.DataFrame:
 
 
 def test_summary_equivalence_holm_and_hierarchical_bootstrap() -> None:
-    from nlrw import statistics
+    from nlrw.lib import statistics
 
     results = _summary_input(np.random.default_rng(0))
     summary = evaluate.summarize(results, n_bootstrap=1000, n_permutations=2000)
@@ -828,7 +828,7 @@ def test_summary_margin_options_and_errors() -> None:
 
 @pytest.mark.parametrize("quality", [0.5, 0.6, 0.8, 0.95, 0.99])
 def test_synthetic_generator_measures_its_target(quality: float) -> None:
-    from nlrw.calibrate import auroc
+    from nlrw.lib.metrics import auroc
 
     rng = np.random.default_rng(0)
     n, n_lat = 200, 60
@@ -1052,7 +1052,7 @@ def test_coder_disagreeing_with_stored_latents(tc_run, tmp_path: Path, k, num_la
     run_dir, subject, _ = tc_run
     copy = _copy_run(run_dir, tmp_path / "run")
     other = random_coder("transcoder", 32, k=k, num_latents=num_latents, seed=5)
-    other.save(transcoder_dir(copy) / HOOK["transcoder"])
+    other.save(RunDir(copy).coder(HOOK["transcoder"]))
     message = "k = 8" if k == 8 else "re-run the contexts stage"
     with pytest.raises(ValueError, match=message):
         _run(copy, subject)

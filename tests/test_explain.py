@@ -468,7 +468,7 @@ def test_real_explainer_and_scorer_on_synthetic_latents(tmp_path: Path) -> None:
     if importlib.util.find_spec("nlrw.backends.transformers") is None:
         pytest.skip("nlrw.backends.transformers is not available yet")
     from nlrw import score
-    from nlrw.backends.base import load_backend
+    from nlrw.backends import load_backend
 
     try:
         backend = load_backend("transformers", "qwen2.5-coder-0.5b")

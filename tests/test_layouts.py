@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nlrw import _core
-from nlrw.shards import ShardReader, ShardWriter
-from nlrw.topk import LatentStats, decode, topk_encode, topk_replace
+from nlrw.model.shards import ShardReader, ShardWriter
+from nlrw.model.topk import LatentStats, decode, topk_encode, topk_replace
 
 LAYOUTS = ("C", "F", "strided", "sliced", "reversed", "swapped")
 """How a view of the same logical values is laid out in memory."""
@@ -116,7 +116,7 @@ def sparse_latents(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, str]:
 SETTINGS = settings(max_examples=60, deadline=None)
 
 
-# --- top-k encoding: refused unless C-contiguous, by both nlrw.topk and nlrw._core ---------
+# --- top-k encoding: refused unless C-contiguous, by both nlrw.model.topk and nlrw._core ---------
 
 
 @SETTINGS
@@ -159,7 +159,7 @@ def test_topk_encode_refuses_non_contiguous_torch_tensors(layout: str) -> None:
     same_sparse(topk_encode(t.contiguous(), 3), tuple(map(torch.from_numpy, reference_topk(x, 3))))
 
 
-# --- decode, topk_replace: nlrw.topk copies, nlrw._core refuses ------------------------------
+# --- decode, topk_replace: nlrw.model.topk copies, nlrw._core refuses --------------------------
 
 
 @SETTINGS

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from nlrw import pipeline, sparse
-from nlrw.pretrained import adopt, checkpoint_folder
-from nlrw.shards import ShardReader
+from nlrw import pipeline
+from nlrw.model import sparse
+from nlrw.model.pretrained import adopt, checkpoint_folder
+from nlrw.model.shards import ShardReader
 from nlrw.train import TrainConfig
 
 if not torch.cuda.is_available():  # sparsify's triton decoder needs a GPU; use its eager one

@@ -1,4 +1,5 @@
-"""Quantile tables and quantile normalization (``nlrw.quantiles``) against numpy references."""
+"""Quantile tables and quantile normalization (``nlrw.model.quantiles``) against numpy
+references."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.numpy import save_file
 
-from nlrw.quantiles import (
+from nlrw.model.quantiles import (
     QuantileSketch,
     load_tables,
     midrank_positions,
@@ -731,7 +732,7 @@ def test_load_tables_rejects_old_foreign_or_invalid_content(tmp_path: Path) -> N
 
 
 def test_core_binding_refuses_fortran_ordered_tables() -> None:
-    # nlrw.quantiles copies into C order; the raw binding must refuse a transposed view
+    # nlrw.model.quantiles copies into C order; the raw binding must refuse a transposed view
     # rather than read its memory as rows (a Fortran block is contiguous too).
     from nlrw import _core
 

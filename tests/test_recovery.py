@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nlrw.model.sparse import SparseCoder, SparseCoderConfig
+from nlrw.model.subject import load_subject, next_token_loss, splice
 from nlrw.recovery import loss_recovered, zero_ablation
-from nlrw.sparse import SparseCoder, SparseCoderConfig
-from nlrw.subject import load_subject, next_token_loss, splice
 from test_subject import LAYER, MLP, ids, save_tiny
 
 

@@ -257,7 +257,7 @@ def test_a_stage_subcommand_leaves_later_stages_stale_and_run_redoes_them(
 
 
 def test_backend_options_are_parsed_to_their_types() -> None:
-    from nlrw.backends.base import backend_options
+    from nlrw.backends import backend_options
 
     assert backend_options("openai", (("timeout", "2"), ("max_retries", "1"))) == {
         "timeout": 2.0,

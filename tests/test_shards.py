@@ -1,4 +1,4 @@
-"""Tests of the activation shards (``nlrw.shards``): round trips, shuffling, and every kind of
+"""Tests of the activation shards (``nlrw.model.shards``): round trips, shuffling, and every kind of
 bad input: wrong arrays given to the writer, damaged or inconsistent sets given to the reader,
 and a writer killed by a signal."""
 
@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from nlrw import ShardError
-from nlrw.shards import ShardReader, ShardWriter, to_torch
+from nlrw.model.shards import ShardReader, ShardWriter, to_torch
 
 HERE = Path(__file__).resolve().parent
 
@@ -417,7 +417,7 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from nlrw.shards import ShardWriter
+    from nlrw.model.shards import ShardWriter
 
     path, width, rows_per_shard, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     def rows(start, n):

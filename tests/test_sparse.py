@@ -1,4 +1,4 @@
-"""nlrw.sparse: the TopK transcoder/SAE against dense formulas, the Rust top-k, its own
+"""nlrw.model.sparse: the TopK transcoder/SAE against dense formulas, the Rust top-k, its own
 checkpoints, and EleutherAI's sparsify (both directions)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nlrw import sparse
-from nlrw.sparse import (
+from nlrw.model import sparse
+from nlrw.model.sparse import (
     CheckpointError,
     SparseCoder,
     SparseCoderConfig,

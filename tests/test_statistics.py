@@ -1,4 +1,4 @@
-"""nlrw.statistics against hand-worked examples and closed forms (no statsmodels or scipy here).
+"""nlrw.lib.statistics against hand-worked examples and closed forms (no statsmodels or scipy here).
 
 Student's t has closed forms for 1 and 2 degrees of freedom (``½ + atan(t)/π`` and
 ``½ + t / (2√(2 + t²))``) and tabulated quantiles for others; the TOST and Holm examples are
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from nlrw import statistics as st
+from nlrw.lib import statistics as st
 
 
 @pytest.mark.parametrize("t", [-30.0, -2.5, -1.0, -0.1, 0.0, 0.3, 1.0, 4.0, 50.0])

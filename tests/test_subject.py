@@ -1,4 +1,4 @@
-"""nlrw.subject on tiny random Llama, GPT-NeoX (parallel residual) and GPT-2 models.
+"""nlrw.model.subject on tiny random Llama, GPT-NeoX (parallel residual) and GPT-2 models.
 
 Hookpoints resolve by module name with helpful errors; :func:`capture` returns what a plain
 forward hook on the full model sees, stops after the hookpoint, and reads Pythia's MLP input
@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from nlrw.subject import (
+from nlrw.model.subject import (
     HookpointError,
     capture,
     get_hookpoint,

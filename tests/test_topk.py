@@ -1,4 +1,4 @@
-"""nlrw.topk against a numpy reference: a stable sort of relu(x) by value, descending."""
+"""nlrw.model.topk against a numpy reference: a stable sort of relu(x) by value, descending."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nlrw.topk import LatentStats, decode, topk_encode, topk_replace
+from nlrw.model.topk import LatentStats, decode, topk_encode, topk_replace
 
 
 def reference(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nlrw.sparse import load
+from nlrw.model.sparse import load
 from nlrw.train import (
     NonFiniteLossError,
     ResumeMismatchError,
@@ -372,7 +372,7 @@ def test_cpu_bf16_autocast_matches_float32(tmp_path: Path) -> None:
 
 
 def test_train_from_bfloat16_shards(tmp_path: Path) -> None:
-    from nlrw.shards import ShardWriter
+    from nlrw.model.shards import ShardWriter
 
     for name, seed, n in (("train", 1, 1000), ("eval", 2, 300)):
         with ShardWriter(tmp_path / name, width=2 * D, dtype="bfloat16", rows_per_shard=256) as w:

@@ -35,7 +35,7 @@ from nlrw.calibrate import (
     uncalibrated,
 )
 from nlrw.contexts import load_context_activations
-from nlrw.quantiles import quantile_tables
+from nlrw.model.quantiles import quantile_tables
 
 
 def old_quantile_normalize(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nlrw.subject import load_subject, splice
+from nlrw.model.subject import load_subject, splice
 
 
 def windows_from_run(run_dir: Path, ctx_len: int, max_windows: int, seed: int) -> np.ndarray:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     transcoder = None
     coder_dir = args.run_dir / "transcoder" / run_hookpoint
     if (coder_dir / "cfg.json").is_file():
-        from nlrw import sparse
+        from nlrw.model import sparse
 
         transcoder = sparse.load(coder_dir)
     for layer in range(n_layers):

@@ -4,7 +4,7 @@ scores, 200 contexts, 20,000 cache tokens, Q = 101 active table, 100 trials."""
 
 import numpy as np
 
-from nlrw.quantiles import midrank_tables, quantile_normalize, reference_tables
+from nlrw.model.quantiles import midrank_tables, quantile_normalize, reference_tables
 
 for ranks in ("random", "mid"):
     for q in (0.0005, 0.001, 0.005, 0.01, 0.026, 0.1):

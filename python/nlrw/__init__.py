@@ -6,7 +6,8 @@ simulated latents are spliced back into the model and the rise in next-token los
 how faithful the explanations are (Paulo & Belrose, 2025).
 
 The CPU hot paths live in the Rust extension ``nlrw._core``; the Python wrappers in
-:mod:`nlrw.topk`, :mod:`nlrw.quantiles` and :mod:`nlrw.shards` are the public surface.
+:mod:`nlrw.model.topk`, :mod:`nlrw.model.quantiles` and :mod:`nlrw.model.shards` are the public
+surface. The layout and its layer rule: ``docs/architecture.md``.
 """
 
 from __future__ import annotations

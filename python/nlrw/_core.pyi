@@ -58,7 +58,7 @@ class LatentStats:
     def sum_sq(self) -> npt.NDArray[np.float64]: ...
 
 # --- activation shards (rust/python/src/shards.rs) ---
-# Rows cross the boundary as uint8 arrays [rows, width * itemsize]; nlrw.shards views them
+# Rows cross the boundary as uint8 arrays [rows, width * itemsize]; nlrw.model.shards views them
 
 class _ShardWriter:
     def __init__(
@@ -127,7 +127,7 @@ class _ShardBatches(Iterator[npt.NDArray[np.uint8]]):
 class _ShardBatchMemory:
     """Keeps the memory-mapped shard behind a zero-copy batch alive (the array's base)."""
 
-# --- quantile (rust/python/src/quantile.rs); wrappers with conversions: nlrw.quantiles ---
+# --- quantile (rust/python/src/quantile.rs); wrappers with conversions: nlrw.model.quantiles ---
 
 def quantile_normalize(
     latent_ids: npt.NDArray[np.uint32],

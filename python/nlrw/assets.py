@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nlrw.io import atomic_path, atomic_write_json, fsync_dir
+from nlrw.lib.io import atomic_path, atomic_write_json, fsync_dir
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -2,7 +2,7 @@
 statistics and quantile tables, and each latent's top activating windows.
 
 The ``cache`` stage runs the transcoder's (or SAE's) encoder, the Rust top-k of
-:meth:`nlrw.sparse.SparseCoder.encode`, over a shard set written by :mod:`nlrw.collect` and
+:meth:`nlrw.model.sparse.SparseCoder.encode`, over a shard set written by :mod:`nlrw.collect` and
 streams the sparse latents to disk in bounded memory. Output, under the run directory::
 
     latents/
@@ -57,11 +57,11 @@ no activation > 0 on any token: the complement of its active windows, read from 
 (no per-window bitset is stored: it would cost ``L × windows`` bits, 1.3 GB at the paper's
 size; the parts sorted by latent answer a latent's query from one row group per part).
 
-**Quantiles.** Exact (:func:`nlrw.quantiles.reference_tables` over every active value of the
+**Quantiles.** Exact (:func:`nlrw.model.quantiles.reference_tables` over every active value of the
 reference positions, their zeros counted) when ``exact_quantiles`` is true, or by default
 when ``rows × k ≤ EXACT_QUANTILES_MAX_ENTRIES`` (an upper bound on the active values,
 which are then read back into memory once, at the end); otherwise a streamed
-:class:`nlrw.quantiles.QuantileSketch` (relative error ``sketch_alpha``) fed chunk by chunk
+:class:`nlrw.model.quantiles.QuantileSketch` (relative error ``sketch_alpha``) fed chunk by chunk
 with the reference positions' active values only (the frequency comes from the counts).
 
 **The reference distribution.** Calibration maps simulated scores onto each latent's real
@@ -75,7 +75,7 @@ ones): ``reference_frequency`` (active share of those tokens), ``active_quantile
 ``reference_max`` (the uncalibrated mapping's ``max``). ``cache.json`` records
 ``reference_tokens``, the number of tokens they are taken over.
 
-**Bounded memory and resuming.** Rows are read with :class:`nlrw.shards.ShardReader` and
+**Bounded memory and resuming.** Rows are read with :class:`nlrw.model.shards.ShardReader` and
 encoded in batches of ``batch_rows`` rows that start at each chunk's first row, so a chunk's
 latents do not depend on where a run started. Each chunk's part is written atomically and
 then listed in ``parts.json``: a kill loses at most the chunk in progress. A resumed run
@@ -103,11 +103,11 @@ import numpy.typing as npt
 import polars as pl
 import torch
 
-from nlrw import sparse
-from nlrw.io import atomic_path, atomic_write_json, file_digest
-from nlrw.provenance import config_hash, stage_record
-from nlrw.quantiles import QuantileSketch, reference_tables, save_tables
-from nlrw.shards import ShardReader
+from nlrw.lib.io import atomic_path, atomic_write_json, file_digest
+from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.model import sparse
+from nlrw.model.quantiles import QuantileSketch, reference_tables, save_tables
+from nlrw.model.shards import ShardReader
 
 __all__ = [
     "EXACT_QUANTILES_MAX_ENTRIES",

@@ -17,7 +17,7 @@ each calibrated activation matches the true one.
   simulator that rates inactive contexts above zero (the paper saw ≈ 8.5 on inactive
   contexts) has **low specificity**: this is the paper's diagnosis.
 * ``quantile`` (the paper's calibration): ``a = F_real⁻¹(F_sim(E))``, exact for sparse
-  latents (:mod:`nlrw.quantiles`): ``F_real`` is the latent's reference distribution as the
+  latents (:mod:`nlrw.model.quantiles`): ``F_real`` is the latent's reference distribution as the
   mixture of its active frequency ``q`` (``reference_frequency``) and its active values'
   quantiles (``active_quantiles``), so ``F_real⁻¹(p) = 0`` for ``p ≤ 1 − q``; ``F_sim`` the
   distribution of its simulated scores over the **eval** contexts (``quantile_fit``; the
@@ -97,11 +97,11 @@ ranking, which the mappings do not change), ``n_active``, ``n_contexts``.
   ones (same methods, reference and gate specificity; F_sim and the fits from the control's own
   scores), in the schema of ``calibration.parquet``; its mean metrics and support diagnostics
   are under ``shuffled`` in ``calibrate.json``.
-* ``calibration.safetensors``: :func:`nlrw.quantiles.save_tables` with ``sim`` (the
+* ``calibration.safetensors``: :func:`nlrw.model.quantiles.save_tables` with ``sim`` (the
   simulated-score tables of ``quantile``, mid-rank positions) and the reference ``active``
   and ``frequency`` (from the stats), one row per simulated latent in ascending order;
   metadata ``latents`` (JSON list), ``quantile_fit``.
-* ``calibrate.json``: :func:`nlrw.provenance.stage_record` plus the inputs' digests, counts,
+* ``calibrate.json``: :func:`nlrw.lib.provenance.stage_record` plus the inputs' digests, counts,
   fallbacks and mean metrics per calibration.
 
 **Resume.** Every method is deterministic given ``seed`` (only ``quantile_ranks = random``
@@ -128,16 +128,17 @@ import numpy.typing as npt
 import polars as pl
 
 from nlrw.contexts import load_context_activations
-from nlrw.io import atomic_path, atomic_write_json, file_digest
-from nlrw.provenance import config_hash, stage_record
-from nlrw.quantiles import midrank_tables, quantile_normalize, save_tables
+from nlrw.lib.io import atomic_path, atomic_write_json, file_digest
+from nlrw.lib.metrics import auroc, pearson
+from nlrw.lib.progress import progress_bar
+from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.model.quantiles import midrank_tables, quantile_normalize, save_tables
 
 __all__ = [
     "METHODS",
     "CalibrateConfig",
     "LatentFit",
     "Method",
-    "auroc",
     "fit_latent",
     "gate_apply",
     "gate_fill",
@@ -146,7 +147,6 @@ __all__ = [
     "isotonic_apply",
     "isotonic_fit",
     "latent_metrics",
-    "pearson",
     "quantile_calibrate",
     "run",
     "support_diagnostics",
@@ -300,7 +300,7 @@ def quantile_calibrate(
     Row ``i`` of ``active_table`` (``[L, Qr]``) and ``frequency[i]`` are latent ``i``'s
     reference; ``F_sim`` of latent ``i`` is the mid-rank table of the ``fit_scores`` with
     ``fit_index == i`` (``sim_quantiles`` entries, 0 for one per score); ``index`` names each
-    score's row; ``offsets`` as in :func:`nlrw.quantiles.quantile_normalize`. Returns
+    score's row; ``offsets`` as in :func:`nlrw.model.quantiles.quantile_normalize`. Returns
     ``(activations, sim_table)``.
     """
     active = np.asarray(active_table, dtype=np.float32)
@@ -492,38 +492,6 @@ def fit_latent(
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
-
-
-def pearson(a: npt.ArrayLike, b: npt.ArrayLike) -> float:
-    """Pearson correlation; NaN when either vector is constant or shorter than 2."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if x.size < 2:
-        return float("nan")
-    dx, dy = x - x.mean(), y - y.mean()
-    sxx, syy = float(dx @ dx), float(dy @ dy)
-    if sxx == 0.0 or syy == 0.0:
-        return float("nan")
-    return float(np.clip((dx @ dy) / math.sqrt(sxx * syy), -1.0, 1.0))
-
-
-def auroc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
-    """``P(s_pos > s_neg) + P(s_pos = s_neg) / 2`` over all (positive, negative) pairs, from
-    average ranks (Mann-Whitney U), ``O(n log n)``; NaN when a class is empty."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    n_pos = int(y.sum())
-    n_neg = int(y.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="stable")
-    sorted_s = s[order]
-    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
-    ends = np.r_[starts[1:], s.size]
-    run = np.repeat(np.arange(starts.size), ends - starts)
-    ranks = np.empty(s.size)
-    ranks[order] = ((starts + ends + 1) / 2.0)[run]  # 1-based average rank of each tie run
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 def latent_metrics(
@@ -813,12 +781,6 @@ def _previous(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _progress(total: int, enabled: bool, desc: str = "calibrate") -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="latent", dynamic_ncols=True, disable=not enabled)
-
-
 class _Calibrated(NamedTuple):
     """One set of simulations calibrated with every method (the stage's tables)."""
 
@@ -875,7 +837,7 @@ def _calibrate(
     fallbacks: dict[int, str] = {}
     gate_fallbacks: dict[int, str] = {}
     metric_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.methods}
-    bar = _progress(n_latents, progress, desc)
+    bar = progress_bar(n_latents, desc, enabled=progress)
     for i, lat in enumerate(data.latents.tolist()):
         rows = slice(int(data.bounds[i]), int(data.bounds[i + 1]))
         ev = data.is_eval[rows]
@@ -925,8 +887,10 @@ def _calibrate(
                     **latent_metrics(a[ev], t_all[ev], e_all[ev], score_auroc=score_auroc),
                 }
             )
-        bar.update(1)
-    bar.close()
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
 
     eval_rows = np.flatnonzero(data.is_eval)
     table = pl.concat(

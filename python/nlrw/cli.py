@@ -44,7 +44,7 @@ def info() -> None:
     import torch
 
     from nlrw import _core
-    from nlrw.provenance import versions
+    from nlrw.lib.provenance import versions
 
     print(f"nlrw {metadata.version('nlrw')} (Rust core {_core.__version__})")
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
@@ -56,7 +56,7 @@ def info() -> None:
 
 def shards_verify(path: Path, /) -> None:
     """Check every shard of an activation shard set against its manifest (checksums too)."""
-    from nlrw.shards import ShardReader
+    from nlrw.model.shards import ShardReader
 
     reader = ShardReader(path, batch_rows=1)
     reader.verify()
@@ -84,7 +84,7 @@ def _stage(name: str, cfg: Any, run_dir: Path, overwrite: bool) -> Any:
 def _print_summary(summary: Any) -> None:
     import json
 
-    from nlrw.provenance import to_jsonable
+    from nlrw.lib.provenance import to_jsonable
 
     if summary is not None:
         print(json.dumps(to_jsonable(summary), indent=1))
@@ -233,7 +233,7 @@ def simulate_distributed(
         max_retries: restarts of a dead worker (its shard resumes from its finished parts).
         num_gpus_per_worker: GPUs each worker reserves (1: one worker per GPU).
     """
-    from nlrw.distributed import simulate_distributed as run_distributed
+    from nlrw.simulate_ray import simulate_distributed as run_distributed
 
     _check_defaults(run_dir)
     table = run_distributed(
@@ -481,8 +481,8 @@ def _run_command(argv: Sequence[str], known_run_dir: Path | None) -> Callable[..
 def _print_plan(cfg: RunConfig, preset: str, run_dir: Path) -> None:
     import json
 
+    from nlrw.lib.provenance import to_jsonable
     from nlrw.pipeline import chained_hashes, changed_stages, work_sizes
-    from nlrw.provenance import to_jsonable
 
     print(f"# preset {preset!r}, run directory {run_dir} (dry run: nothing is written)")
     print(json.dumps(to_jsonable(cfg), indent=2))

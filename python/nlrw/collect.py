@@ -7,7 +7,7 @@ Output, under the run directory::
       collect.json     provenance (config, versions, git revision) and what was collected:
                        d_in, d_out, hookpoint, kind, model identity (resolved path, sha256 of
                        its weight files), dtype, token counts, which documents and windows
-      train/           shard set (manifest.json + shard-*.safetensors, see nlrw.shards) with
+      train/           shard set (manifest.json + shard-*.safetensors, see nlrw.model.shards) with
                        tokens.npy (int32 [windows, ctx_len]) and documents.npy (int64 [windows])
       eval/            the same for the held-out split (absent when n_eval_tokens = 0)
 
@@ -17,7 +17,7 @@ may be only partly in the set, which holds exactly ``n_tokens`` rows). For
 ``kind="transcoder"`` a row is ``[x | y]``: the hookpoint module's input (``d_in`` values)
 followed by its output (``d_out`` values); for ``kind="sae"`` it is the module's output alone
 (``d_in = d_out = width``), the residual stream when the hookpoint is a decoder layer. Rows are
-stored in the subject's dtype (float32 on the CPU by default; see :mod:`nlrw.subject`).
+stored in the subject's dtype (float32 on the CPU by default; see :mod:`nlrw.model.subject`).
 
 **Windows.** Each document is tokenized without special tokens and followed by the tokenizer's
 EOS token (BOS when it has no EOS) as a separator; the documents' tokens are concatenated in
@@ -43,7 +43,7 @@ land on the same side). Held-out activations go to ``activations/eval`` with the
 ``n_eval_tokens``.
 
 **Bounded memory and resuming.** Batches of ``batch_size`` windows stream to
-:class:`nlrw.shards.ShardWriter` (one shard of ``rows_per_shard`` rows buffered at most); the
+:class:`nlrw.model.shards.ShardWriter` (one shard of ``rows_per_shard`` rows buffered at most); the
 token ids go to memory-mapped files. A run killed at any point keeps its complete shards; the
 next :func:`run` with the same config re-tokenizes the corpus (cheap), skips the forward pass of
 every batch whose rows are already on disk and continues; batch ``b`` always holds windows
@@ -70,16 +70,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from nlrw.io import atomic_path, atomic_write_json
-from nlrw.provenance import config_hash, stage_record
-from nlrw.shards import ShardReader, ShardWriter
-from nlrw.subject import DTypeOption, Kind, Subject, capture, default_device, load_subject
+from nlrw.lib.io import atomic_path, atomic_write_json
+from nlrw.lib.provenance import config_hash, from_dict, stage_record
+from nlrw.lib.rundir import RunDir
+from nlrw.model.shards import ShardReader, ShardWriter
+from nlrw.model.subject import DTypeOption, Kind, Subject, capture, default_device, load_subject
 
 __all__ = [
     "CollectConfig",
     "CollectResult",
     "Corpus",
     "activation_rows",
+    "collected_config",
     "is_held_out",
     "load_corpus",
     "model_identity",
@@ -801,3 +803,11 @@ def _check_context(cfg: CollectConfig) -> None:
             f"ctx_len={cfg.ctx_len} is longer than model {cfg.model!r} allows "
             f"(config.max_position_embeddings = {limit})"
         )
+
+
+def collected_config(run_dir: str | Path) -> CollectConfig:
+    """The collect config a run directory was built with (its ``activations/collect.json``),
+    for the stages and commands that run on a finished collection."""
+    paths = RunDir(run_dir)
+    record = paths.read_json(paths.collect_record, stage="collect")
+    return from_dict(CollectConfig, record["config"], str(paths.collect_record))

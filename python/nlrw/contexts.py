@@ -48,8 +48,9 @@ import numpy.typing as npt
 import polars as pl
 import torch
 
-from nlrw.io import atomic_path, atomic_write_json
-from nlrw.provenance import config_hash, stage_record
+from nlrw.lib.io import atomic_path, atomic_write_json
+from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.lib.rundir import RunDir
 
 __all__ = [
     "ContextActivations",
@@ -169,15 +170,13 @@ class _Sequence(NamedTuple):
 
 def _held_out_sequences(run_dir: Path, collect_cfg: Any, length: int) -> Iterator[_Sequence]:
     """Consecutive ``length``-token sequences of the held-out documents collect left unread."""
-    from transformers import AutoTokenizer
-
-    from nlrw.assets import resolve_model
     from nlrw.collect import load_corpus, separator_token_id
+    from nlrw.model.subject import load_tokenizer
 
-    record = json.loads((run_dir / "activations" / "collect.json").read_text())
+    record = json.loads(RunDir(run_dir).collect_record.read_text())
     eval_split = record["splits"].get("eval") or {}
     used = int(eval_split.get("documents_read", 0))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(collect_cfg.model))
+    tokenizer = load_tokenizer(collect_cfg.model)
     sep = separator_token_id(tokenizer)
     docs = load_corpus(collect_cfg).eval_documents()
     buffer = np.empty(0, np.int32)
@@ -284,7 +283,7 @@ def context_activations(
 ) -> ContextActivations:
     """Runs the subject up to ``hookpoint`` on ``input_ids`` ``[n, ctx_len]`` and encodes the
     last position with the coder (float32)."""
-    from nlrw.subject import capture
+    from nlrw.model.subject import capture
 
     kind = coder.cfg.kind
     xs, ys, vals, idxs = [], [], [], []
@@ -322,9 +321,9 @@ def run(cfg: ContextsConfig, run_dir: str | Path, *, overwrite: bool = False) ->
     Skipped (the table is returned) when ``contexts.json`` records the same config and
     upstream; ``overwrite`` forces a re-run.
     """
-    from nlrw import sparse
-    from nlrw.pipeline import collected_config, transcoder_dir
-    from nlrw.subject import load_subject
+    from nlrw.collect import collected_config
+    from nlrw.model import sparse
+    from nlrw.model.subject import load_subject
 
     run_dir = Path(run_dir)
     table_path, acts_path, record_path = _paths(run_dir)
@@ -339,7 +338,7 @@ def run(cfg: ContextsConfig, run_dir: str | Path, *, overwrite: bool = False) ->
 
     collect_cfg = collected_config(run_dir)
     hookpoint = collect_cfg.hookpoint
-    coder_path = transcoder_dir(run_dir) / hookpoint
+    coder_path = RunDir(run_dir).coder(hookpoint)
     table = build_contexts(cfg, run_dir, collect_cfg)
 
     subject = load_subject(collect_cfg.model, dtype="float32", device=None)

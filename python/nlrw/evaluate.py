@@ -65,7 +65,7 @@ to beat zero ablation.
 The true latents are those of the coder applied to the activation the forward pass actually
 sees (recomputed in the splice, so the skip term and z use the same x); the latents stored by
 the contexts stage only validate the inputs (the agreement is recorded in ``eval.json``).
-Top-k re-application uses :func:`nlrw.topk.topk_replace` (Rust) on the CPU and a stable sort
+Top-k re-application uses :func:`nlrw.model.topk.topk_replace` (Rust) on the CPU and a stable sort
 on other devices: ties go to the lower latent index in both.
 
 **Efficiency.** Attention is causal, so positions 0…n-2 are the same in every condition: per
@@ -73,7 +73,7 @@ group of contexts the model runs once on ``t_0 … t_{n-2}`` (batched; all windo
 length, so no padding), keeping the KV cache; then every condition of those contexts runs as one
 batch of single-token forwards of ``t_{n-1}`` against that cache, each row's cache selected
 from its context's (``Cache.batch_select_indices`` on a fresh copy per batch), with a
-:func:`nlrw.subject.splice` that gives row r condition r's replacement. This equals the
+:func:`nlrw.model.subject.splice` that gives row r condition r's replacement. This equals the
 naive way (a full forward per condition, :func:`grid_ce_full` with ``rows_per_forward=1``)
 to float32 rounding, and costs one token per condition instead of ``ctx_len``
 (``benches/bench_evaluate.py`` measures the ratio). Rows that make the same replacement run
@@ -81,7 +81,7 @@ once (:meth:`Grid.canonical_rows`: every choice and trial of a rewrite of all it
 ``matched_zero`` across calibrations).
 
 **Statistics** (``eval/summary.parquet``, one row per condition x calibration x quality x
-fraction x choice; :func:`summarize`, formulas in :mod:`nlrw.statistics`): mean CE over
+fraction x choice; :func:`summarize`, formulas in :mod:`nlrw.lib.statistics`): mean CE over
 contexts (random choice: the trials are averaged per context first) with a percentile bootstrap
 95 % CI that resamples the contexts (``n_bootstrap``, seeded, the same resamples for every
 condition) and, where latents are drawn at random, the trials too (hierarchical); the paired
@@ -119,14 +119,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nlrw import statistics as _stats
-from nlrw import topk as _topk
-from nlrw.explain import PartStore, _remove_tree
-from nlrw.io import atomic_path, atomic_write_json
-from nlrw.provenance import config_hash, stage_record
-from nlrw.sparse import SparseCoder
-from nlrw.statistics import paired_sign_flip_p
-from nlrw.subject import Subject, splice
+from nlrw.lib import statistics as _stats
+from nlrw.lib.io import atomic_path, atomic_write_json
+from nlrw.lib.parts import PartStore, remove_tree
+from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.lib.rundir import RunDir
+from nlrw.lib.statistics import paired_sign_flip_p
+from nlrw.model import topk as _topk
+from nlrw.model.sparse import SparseCoder
+from nlrw.model.subject import Subject, splice
 
 __all__ = [
     "CONDITIONS",
@@ -417,7 +418,7 @@ def topk_replace_torch(
     k: int,
     num_latents: int,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`nlrw.topk.topk_replace` in torch (any device), with the same contract.
+    """:func:`nlrw.model.topk.topk_replace` in torch (any device), with the same contract.
 
     Dense ``[n, num_latents]`` rows, the replacements written in (no duplicate (row, latent)
     pairs may be given), then a **stable** descending sort: ties go to the lower latent index
@@ -1000,7 +1001,7 @@ def _last_position_splice(
     row_index: np.ndarray,
     context_ids: np.ndarray,
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """A :func:`nlrw.subject.splice` function replacing the last position of row r."""
+    """A :func:`nlrw.model.subject.splice` function replacing the last position of row r."""
     sae = coder.cfg.kind == "sae"
 
     def fn(x: Tensor, y: Tensor) -> Tensor:
@@ -1149,7 +1150,7 @@ def summarize(
 
     * ``mean_ce``, ``diff_vs_zero``: means over contexts (and trials);
     * ``ci_low``/``ci_high``, ``diff_ci_low``/``diff_ci_high``: percentile 95 % intervals of a
-      hierarchical bootstrap (:func:`nlrw.statistics.hierarchical_bootstrap_means`): the
+      hierarchical bootstrap (:func:`nlrw.lib.statistics.hierarchical_bootstrap_means`): the
       same ``n_bootstrap`` resamples of the contexts for every condition, and for a condition
       with T > 1 trials (random choices) a resample of its trials too, the same for every
       condition with T trials;
@@ -1163,7 +1164,7 @@ def summarize(
 
     Zero ablation's own row has ``p_value = 1`` and no other test. Contexts missing from a
     condition, or a trial missing on some context, are an error (the tests are paired).
-    See :mod:`nlrw.statistics` for the formulas.
+    See :mod:`nlrw.lib.statistics` for the formulas.
     """
     if not (0.0 < alpha < 1.0):
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
@@ -1691,21 +1692,20 @@ def run(
     ``eval/results.parquet``, ``eval/summary.parquet`` and ``eval.json``. ``subject`` may be
     passed already loaded (else ``load_subject(model, dtype=cfg.dtype)``).
     """
-    from nlrw import sparse
-    from nlrw.pipeline import transcoder_dir
-    from nlrw.subject import load_subject
+    from nlrw.model import sparse
+    from nlrw.model.subject import load_subject
 
     run_dir = Path(run_dir)
     out_dir = run_dir / "eval"
     parts_dir = out_dir / "results.parts"
     if overwrite:
-        _remove_tree(parts_dir)
+        remove_tree(parts_dir)
     inputs = _Inputs()
     _read_eval_contexts(run_dir, cfg, inputs)
     _read_calibration(run_dir, cfg, inputs)
     _read_shuffled(run_dir, cfg, inputs)
     _read_scores(run_dir, cfg, inputs)
-    coder = sparse.load(transcoder_dir(run_dir) / hookpoint)
+    coder = sparse.load(RunDir(run_dir).coder(hookpoint))
     _check_coder(run_dir, coder, hookpoint, inputs)
     _read_cache_stats(run_dir, cfg, inputs, coder)
     never = inputs.notes["n_never_simulated_active_latents"]

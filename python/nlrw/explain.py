@@ -44,7 +44,6 @@ read through a :class:`LatentSource` (:class:`CacheSource` for a run's cache; te
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -57,16 +56,18 @@ import numpy as np
 import polars as pl
 
 from nlrw.backends.base import Backend, Generation, Message
-from nlrw.io import atomic_path, atomic_write_json
+from nlrw.lib.io import atomic_path, atomic_write_json
+from nlrw.lib.parts import PartStore, chunked, remove_tree
+from nlrw.lib.progress import progress_bar
+from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.lib.rundir import RunDir
 from nlrw.prompts import explain as prompt
 from nlrw.prompts.explain import escape
-from nlrw.provenance import config_hash, stage_record
 
 __all__ = [
     "CacheSource",
     "ExplainConfig",
     "LatentSource",
-    "PartStore",
     "activation_digits",
     "bin_ranks",
     "clean_explanation",
@@ -190,26 +191,20 @@ class CacheSource:
 
     def __init__(self, run_dir: str | Path, tokenizer: Any | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.paths = RunDir(run_dir)
         self._tokenizer = tokenizer
         self._top: pl.DataFrame | None = None
 
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from nlrw.model.subject import load_tokenizer
 
-            from nlrw.assets import resolve_model
-
-            record = json.loads((self.run_dir / "activations" / "collect.json").read_text())
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                resolve_model(record["config"]["model"])
-            )
+            self._tokenizer = load_tokenizer(self.paths.subject_model())
         return self._tokenizer
 
     def counts(self) -> tuple[np.ndarray, np.ndarray]:
-        stats = pl.read_parquet(
-            self.run_dir / "latents" / "stats.parquet", columns=["latent", "count"]
-        )
+        stats = pl.read_parquet(self.paths.latent_stats, columns=["latent", "count"])
         return stats["latent"].to_numpy().astype(np.int64), stats["count"].to_numpy().astype(
             np.int64
         )
@@ -217,7 +212,7 @@ class CacheSource:
     def top_windows(self, latent: int) -> np.ndarray:
         if self._top is None:
             self._top = pl.read_parquet(
-                self.run_dir / "latents" / "top_windows.parquet",
+                self.paths.top_windows,
                 columns=["latent", "window", "rank"],
             ).sort("latent", "rank")
         rows = self._top.filter(pl.col("latent") == latent)
@@ -457,61 +452,6 @@ def select_latents(
 
 
 # --------------------------------------------------------------------------------------------
-# Parts: resumable output
-# --------------------------------------------------------------------------------------------
-
-
-class PartStore:
-    """A folder of parquet parts written atomically, one per chunk of work, tagged with the
-    config hash that produced them (a folder from another config is refused, not mixed)."""
-
-    def __init__(self, folder: Path, config_hash: str) -> None:
-        self.folder = folder
-        meta = folder / "parts.json"
-        if meta.is_file():
-            found = json.loads(meta.read_text()).get("config_hash")
-            if found != config_hash:
-                raise FileExistsError(
-                    f"{folder} holds parts of another config (hash {found}, now {config_hash}); "
-                    "delete it or pass overwrite=True"
-                )
-        else:
-            atomic_write_json(meta, {"config_hash": config_hash})
-
-    def path(self, index: int) -> Path:
-        return self.folder / f"part-{index:06d}.parquet"
-
-    def done(self, index: int) -> bool:
-        return self.path(index).is_file()
-
-    def write(self, index: int, rows: list[dict[str, Any]], schema: dict[str, Any]) -> None:
-        with atomic_path(self.path(index)) as tmp:
-            pl.DataFrame(rows, schema=schema).write_parquet(tmp)
-
-    def merge(self, schema: dict[str, Any]) -> pl.DataFrame:
-        parts = sorted(self.folder.glob("part-*.parquet"))
-        frames = [pl.read_parquet(p) for p in parts]
-        return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
-
-
-def _remove_tree(folder: Path) -> None:
-    if folder.is_dir():
-        for p in folder.iterdir():
-            p.unlink()
-        folder.rmdir()
-
-
-def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-def _progress(total: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="latent", dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
 
@@ -590,7 +530,7 @@ def run(
     out_path = run_dir / "explanations.parquet"
     parts_dir = run_dir / "explanations.parts"
     if overwrite:
-        _remove_tree(parts_dir)
+        remove_tree(parts_dir)
     source = source if source is not None else CacheSource(run_dir)
     latents, counts = source.counts()
     selected, skipped = select_latents(
@@ -603,12 +543,12 @@ def run(
     )
     count_of = dict(zip(latents.tolist(), counts.tolist(), strict=True))
     store = PartStore(parts_dir, config_hash(cfg))
-    chunks = _chunks(selected.tolist(), cfg.part_size)
+    chunks = chunked(selected.tolist(), cfg.part_size)
     todo = [i for i in range(len(chunks)) if not store.done(i + 1)]
     started = time.perf_counter()
     own_backend = backend is None
     if todo and backend is None:
-        from nlrw.backends.base import load_backend
+        from nlrw.backends import load_backend
 
         backend = load_backend(cfg.backend, cfg.model, **dict(cfg.backend_options))
     base = {
@@ -635,7 +575,7 @@ def run(
                 for lat in skipped
             ]
             store.write(0, rows, SCHEMA)
-        bar = _progress(len(selected), "explain") if progress else None
+        bar = progress_bar(len(selected), "explain", enabled=progress)
         if bar is not None:
             bar.update(sum(len(chunks[i]) for i in range(len(chunks)) if i not in set(todo)))
         for index in todo:

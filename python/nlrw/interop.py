@@ -59,8 +59,9 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from nlrw.io import atomic_path, atomic_write_json, atomic_write_text
-from nlrw.provenance import git_revision, versions
+from nlrw.lib.io import atomic_path, atomic_write_json, atomic_write_text
+from nlrw.lib.provenance import git_revision, versions
+from nlrw.lib.rundir import RunDir
 
 __all__ = [
     "EXPLANATION_SCHEMA",
@@ -161,7 +162,6 @@ def _coder_width(cfg_path: Path) -> int:
 def run_coder(run_dir: str | Path) -> Coder:
     """The run's coder: its hookpoint (``config.json``, else ``activations/collect.json``) and
     width (``transcoder/<hookpoint>/cfg.json``, sparsify's layout)."""
-    from nlrw.pipeline import transcoder_dir
 
     run_dir = Path(run_dir)
     hookpoint = None
@@ -181,7 +181,7 @@ def run_coder(run_dir: str | Path) -> Coder:
             f"{run_dir} has no config.json or activations/collect.json naming a hookpoint: "
             "is it a run directory? (run `nlrw run --until train` first)"
         )
-    folder = transcoder_dir(run_dir) / hookpoint
+    folder = RunDir(run_dir).coder(hookpoint)
     cfg_path = folder / "cfg.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(
@@ -368,7 +368,7 @@ def _flag(path: Path, index: int, record: dict[str, Any], key: str, nullable: bo
 
 
 def _detection_row(path: Path, latent: int, explanation: str | None, base: dict[str, Any]):
-    from nlrw.score import auroc, balanced_accuracy
+    from nlrw.lib.metrics import auroc, balanced_accuracy
 
     records = _read_json(path)
     if not isinstance(records, list):
@@ -405,8 +405,8 @@ def _detection_row(path: Path, latent: int, explanation: str | None, base: dict[
         **base,
         "latent": latent,
         "explanation": explanation,
-        "balanced_accuracy": balanced_accuracy(y[answered], pred[answered], 0.5),
-        "auroc": auroc(y[rated], p[rated]),
+        "balanced_accuracy": balanced_accuracy(pred[answered], y[answered], 0.5),
+        "auroc": auroc(p[rated], y[rated]),
         "shuffled_balanced_accuracy": math.nan,
         "shuffled_auroc": math.nan,
         "shuffled_from": None,

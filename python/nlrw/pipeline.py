@@ -37,7 +37,6 @@ import os
 import shutil
 import time
 import tomllib
-import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,19 +44,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from nlrw.cache import CacheConfig
 from nlrw.calibrate import CalibrateConfig
 from nlrw.collect import CollectConfig
 from nlrw.contexts import ContextsConfig
 from nlrw.evaluate import EvaluateConfig
 from nlrw.explain import ExplainConfig
-from nlrw.io import atomic_write, atomic_write_json, file_digest, fsync_dir
+from nlrw.lib.io import atomic_write, atomic_write_json, file_digest, fsync_dir
+from nlrw.lib.provenance import config_hash, from_dict, git_revision, to_jsonable, versions
+from nlrw.lib.rundir import STAGE_FILES
 from nlrw.prompts import detection as detection_prompt
 from nlrw.prompts import explain as explain_prompt
 from nlrw.prompts import simulation as simulation_prompt
-from nlrw.provenance import config_hash, git_revision, to_jsonable, versions
 from nlrw.recovery import RecoveryConfig
 from nlrw.report import ReportConfig
 from nlrw.score import ScoreConfig
@@ -151,67 +149,12 @@ def _collect(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
     return {"n_train_tokens": result.n_train_tokens, "n_eval_tokens": result.n_eval_tokens}
 
 
-def transcoder_dir(run_dir: Path) -> Path:
-    """Where the train stage puts its output (sparsify layout below it)."""
-    return run_dir / "transcoder"
-
-
-def train_transcoder(train: TrainConfig, run_dir: Path, hookpoint: str, overwrite: bool) -> Any:
-    """Train on ``run_dir/activations/train`` (evaluating on ``eval`` when it was collected)
-    into :func:`transcoder_dir`; the train stage and ``nlrw train`` both run this."""
-    from nlrw.train import train_from_shards
-
-    activations = run_dir / "activations"
-    eval_dir = activations / "eval"
-    if train.pretrained is not None:
-        return _adopt_pretrained(train, activations, run_dir, hookpoint)
-    return train_from_shards(
-        train,
-        activations / "train",
-        eval_dir if (eval_dir / "manifest.json").exists() else None,
-        transcoder_dir(run_dir),
-        hookpoint=hookpoint,
-        overwrite=overwrite,
-    )
-
-
-def _adopt_pretrained(train: TrainConfig, activations: Path, run_dir: Path, hookpoint: str) -> Any:
-    """The train stage with ``train.pretrained``: check and adopt the coder (no training)."""
-    from nlrw.pretrained import adopt
-    from nlrw.shards import ShardReader
-
-    split = next(
-        (
-            activations / s
-            for s in ("eval", "train")
-            if (activations / s / "manifest.json").exists()
-        ),
-        None,
-    )
-    if split is None:
-        raise FileNotFoundError(
-            f"no activations under {activations}: run the collect stage before adopting "
-            f"{train.pretrained}"
-        )
-    if train.pretrained is None:
-        raise ValueError("train.pretrained is not set")
-    return adopt(
-        train.pretrained,
-        transcoder_dir(run_dir),
-        hookpoint=hookpoint,
-        activation_width=ShardReader(split).width,
-        activations=split,
-        kind=train.kind,
-        legacy=train.legacy,
-    )
-
-
 def _train_identity(c: RunConfig) -> Any:
     """The train stage's hash input: its config, and the adopted checkpoint's digests when
     ``train.pretrained`` is set (a checkpoint changed on disk is adopted again)."""
     if c.train.pretrained is None:
         return c.train
-    from nlrw.pretrained import source_digest
+    from nlrw.model.pretrained import source_digest
 
     try:
         digest: Any = source_digest(c.train.pretrained, c.collect.hookpoint)
@@ -221,32 +164,15 @@ def _train_identity(c: RunConfig) -> Any:
 
 
 def _train(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
-    return to_jsonable(train_transcoder(cfg.train, run_dir, cfg.collect.hookpoint, overwrite))
+    from nlrw import train
+
+    return to_jsonable(train.run(cfg.train, run_dir, cfg.collect.hookpoint, overwrite))
 
 
 def _recovery(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
-    from nlrw import sparse
-    from nlrw.provenance import stage_record
-    from nlrw.recovery import loss_recovered
-    from nlrw.subject import load_subject
+    from nlrw import recovery
 
-    windows = np.load(run_dir / "activations" / "eval" / "tokens.npy", mmap_mode="r")
-    device = None if cfg.collect.device == "auto" else cfg.collect.device
-    subject = load_subject(cfg.collect.model, dtype=cfg.collect.dtype, device=device)
-    coder = sparse.load(transcoder_dir(run_dir) / cfg.collect.hookpoint, device=subject.device)
-    result = loss_recovered(
-        subject,
-        coder,
-        cfg.collect.hookpoint,
-        np.asarray(windows[: cfg.recovery.n_windows]),
-        batch_size=cfg.recovery.batch_size,
-    )
-    summary = result._asdict()
-    atomic_write_json(
-        transcoder_dir(run_dir) / "recovery.json",
-        stage_record("recovery", cfg.recovery, result=summary),
-    )
-    return summary
+    return recovery.run(cfg.recovery, run_dir, cfg.collect)
 
 
 def _cache(cfg: RunConfig, run_dir: Path, overwrite: bool) -> Any:
@@ -402,52 +328,7 @@ def load_preset(name_or_path: str) -> RunConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{source}: invalid TOML: {e}") from e
-    return _from_dict(RunConfig, data, source)
-
-
-def _from_dict(cls: type[Any], data: dict[str, Any], source: str, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a TOML table, recursing into nested dataclasses."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            raise ValueError(
-                f"{source}: unknown option '{where}{key}'; {cls.__name__} has: {', '.join(fields)}"
-            )
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-            if not isinstance(value, dict):
-                raise ValueError(f"{source}: {where}{key} must be a table")
-            kwargs[name] = _from_dict(hint, value, source, f"{where}{key}.")
-        elif isinstance(value, list) and _is_tuple(hint):
-            # TOML arrays of arrays (backend_options) become tuples of tuples, as annotated.
-            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from e
-
-
-def collected_config(run_dir: str | Path) -> CollectConfig:
-    """The collect config a run directory was built with (its ``activations/collect.json``),
-    for the stages and commands that run on a finished collection."""
-    path = Path(run_dir) / "activations" / "collect.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
-            f"{path} is missing: run the collect stage first (is {run_dir} a run directory?)"
-        ) from e
-    return _from_dict(CollectConfig, record["config"], str(path))
-
-
-def _is_tuple(hint: Any) -> bool:
-    # `tuple[str, ...]`, or a union holding one.
-    return tuple in {typing.get_origin(h) for h in (hint, *typing.get_args(hint))}
+    return from_dict(RunConfig, data, source)
 
 
 # --- dry run ---------------------------------------------------------------------------------
@@ -600,7 +481,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig | None:
         raise RunDirError(f"{path} is damaged ({e}); pass --preset to start from a preset") from e
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise RunDirError(f"{path} has no 'config' table; pass --preset to start from a preset")
-    return _from_dict(RunConfig, record["config"], str(path))
+    return from_dict(RunConfig, record["config"], str(path))
 
 
 class RerunRefused(RunDirError):
@@ -791,7 +672,7 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
     """Check what ``stages`` will need before any of them runs or writes anything: devices
     exist, models given as paths exist, LLM backend options are known and parse to their
     types. Each error names its option."""
-    from nlrw.backends.base import backend_options
+    from nlrw.backends import backend_options
 
     for name in stages:
         stage_cfg = getattr(cfg, name)
@@ -973,26 +854,6 @@ def _run_stage_replacing(
 
 
 # --- what a stage wrote: set aside, rolled back, digested -----------------------------------
-
-STAGE_FILES: dict[str, tuple[str, ...]] = {
-    "collect": ("activations",),
-    "train": ("transcoder/*",),
-    "recovery": ("transcoder/recovery.json",),
-    "cache": ("latents",),
-    "contexts": ("contexts.parquet", "contexts.json", "contexts"),
-    "explain": ("explanations.parquet", "explain.json", "explanations.parts"),
-    "score": ("scores.parquet", "score.json", "scores.parts"),
-    "simulate": (
-        "simulations.parquet",
-        "simulations_shuffled.parquet",
-        "simulate.json",
-        "simulations.parts",
-    ),
-    "calibrate": ("calibration*.parquet", "calibration.safetensors", "calibrate.json"),
-    "evaluate": ("eval", "eval.json"),
-    "report": ("report", "report.json"),
-}
-"""Everything each stage writes in the run directory (names or globs; folders whole)."""
 
 _NOT_MINE = {"train": {"transcoder/recovery.json"}}
 """Files inside a stage's folder that another stage writes."""

@@ -18,16 +18,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from nlrw.sparse import SparseCoder
-from nlrw.subject import Subject, next_token_loss, splice
+from nlrw.lib.io import atomic_write_json
+from nlrw.lib.provenance import stage_record
+from nlrw.lib.rundir import RunDir
+from nlrw.model.sparse import SparseCoder
+from nlrw.model.subject import Subject, next_token_loss, splice
 
-__all__ = ["RecoveryConfig", "RecoveryResult", "loss_recovered", "zero_ablation"]
+if TYPE_CHECKING:
+    from nlrw.collect import CollectConfig
+
+__all__ = ["RecoveryConfig", "RecoveryResult", "loss_recovered", "run", "zero_ablation"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +116,26 @@ def loss_recovered(
     gap = ce["zero"] - ce["clean"]
     recovered = 1.0 - (ce["transcoder"] - ce["clean"]) / gap if gap != 0 else float("nan")
     return RecoveryResult(ce["clean"], ce["transcoder"], ce["zero"], recovered, n_tokens)
+
+
+def run(cfg: RecoveryConfig, run_dir: str | Path, collect: CollectConfig) -> dict[str, Any]:
+    """The recovery stage: :func:`loss_recovered` of the run's coder on the first
+    ``cfg.n_windows`` held-out windows, written to ``transcoder/recovery.json``."""
+    from nlrw.model import sparse
+    from nlrw.model.subject import load_subject
+
+    paths = RunDir(run_dir)
+    windows = np.load(paths.split("eval") / "tokens.npy", mmap_mode="r")
+    device = None if collect.device == "auto" else collect.device
+    subject = load_subject(collect.model, dtype=collect.dtype, device=device)
+    coder = sparse.load(paths.coder(collect.hookpoint), device=subject.device)
+    result = loss_recovered(
+        subject,
+        coder,
+        collect.hookpoint,
+        np.asarray(windows[: cfg.n_windows]),
+        batch_size=cfg.batch_size,
+    )
+    summary = result._asdict()
+    atomic_write_json(paths.recovery_record, stage_record("recovery", cfg, result=summary))
+    return summary

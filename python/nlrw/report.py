@@ -61,8 +61,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import polars as pl
 
-from nlrw.io import atomic_write, atomic_write_json, atomic_write_text
-from nlrw.provenance import config_hash, stage_record
+from nlrw.lib.io import atomic_write, atomic_write_json, atomic_write_text
+from nlrw.lib.provenance import config_hash, stage_record
 
 __all__ = [
     "INPUTS",

@@ -44,21 +44,18 @@ from nlrw.backends.base import Backend, Message, SplitPrompt, answer_token_ids, 
 from nlrw.explain import (
     CacheSource,
     LatentSource,
-    PartStore,
-    _chunks,
-    _progress,
-    _remove_tree,
     draw_from_bins,
 )
-from nlrw.io import atomic_path, atomic_write_json
+from nlrw.lib.io import atomic_path, atomic_write_json
+from nlrw.lib.metrics import auroc, balanced_accuracy
+from nlrw.lib.parts import PartStore, chunked, remove_tree
+from nlrw.lib.progress import progress_bar
+from nlrw.lib.provenance import config_hash, stage_record
 from nlrw.prompts import detection as prompt
 from nlrw.prompts.explain import escape
-from nlrw.provenance import config_hash, stage_record
 
 __all__ = [
     "ScoreConfig",
-    "auroc",
-    "balanced_accuracy",
     "derangement",
     "p_yes",
     "run",
@@ -121,26 +118,6 @@ class ScoreConfig:
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
-
-
-def balanced_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> float:
-    """``(TPR + TNR) / 2`` with prediction ``probs > threshold``; NaN if a class is empty."""
-    labels = np.asarray(labels, dtype=bool)
-    pred = np.asarray(probs, dtype=np.float64) > threshold
-    if labels.all() or not labels.any():
-        return float("nan")
-    return float((pred[labels].mean() + (~pred[~labels]).mean()) / 2)
-
-
-def auroc(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Area under the ROC curve: P(p_pos > p_neg) + P(p_pos = p_neg) / 2 over all pairs."""
-    labels = np.asarray(labels, dtype=bool)
-    probs = np.asarray(probs, dtype=np.float64)
-    pos, neg = probs[labels], probs[~labels]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
 
 
 def p_yes(probs: np.ndarray) -> np.ndarray:
@@ -298,7 +275,7 @@ def run(
     run_dir = Path(run_dir)
     parts_dir = run_dir / "scores.parts"
     if overwrite:
-        _remove_tree(parts_dir)
+        remove_tree(parts_dir)
     table = pl.read_parquet(run_dir / "explanations.parquet")
     table = table.filter(pl.col("status") == "ok").sort("latent")
     if cfg.max_latents is not None:
@@ -309,16 +286,16 @@ def run(
     donor = derangement(len(latents), cfg.seed)
     source = source if source is not None else CacheSource(run_dir)
     store = PartStore(parts_dir, config_hash((cfg, table.select("latent", "explanation").rows())))
-    chunks = _chunks(list(range(len(latents))), cfg.part_size)
+    chunks = chunked(list(range(len(latents))), cfg.part_size)
     todo = [i for i in range(len(chunks)) if not store.done(i)]
     started = time.perf_counter()
     own_backend = backend is None
     if todo and backend is None:
-        from nlrw.backends.base import load_backend
+        from nlrw.backends import load_backend
 
         backend = load_backend(cfg.backend, cfg.model, **dict(cfg.backend_options))
     try:
-        bar = _progress(len(latents), "score") if progress else None
+        bar = progress_bar(len(latents), "score", enabled=progress)
         if bar is not None:
             bar.update(len(latents) - sum(len(chunks[i]) for i in todo))
         for index in todo:
@@ -341,14 +318,14 @@ def run(
                     {
                         "latent": int(latents[i]),
                         "explanation": explanations[i],
-                        "balanced_accuracy": balanced_accuracy(ex.labels, probs, cfg.threshold),
-                        "auroc": auroc(ex.labels, probs),
+                        "balanced_accuracy": balanced_accuracy(probs, ex.labels, cfg.threshold),
+                        "auroc": auroc(probs, ex.labels),
                         "shuffled_balanced_accuracy": balanced_accuracy(
-                            ex.labels, sprobs, cfg.threshold
+                            sprobs, ex.labels, cfg.threshold
                         )
                         if sprobs is not None
                         else float("nan"),
-                        "shuffled_auroc": auroc(ex.labels, sprobs)
+                        "shuffled_auroc": auroc(sprobs, ex.labels)
                         if sprobs is not None
                         else float("nan"),
                         "shuffled_from": int(latents[int(donor[i])]) if shuffle else None,

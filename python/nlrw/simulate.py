@@ -73,20 +73,26 @@ import numpy as np
 import polars as pl
 
 from nlrw.backends.base import Backend, SplitPrompt, split_encode
-from nlrw.explain import PartStore, _remove_tree
-from nlrw.io import atomic_path, atomic_write_json
+from nlrw.lib.io import atomic_path, atomic_write_json
+from nlrw.lib.parts import PartStore, chunked, remove_tree
+from nlrw.lib.progress import progress_bar
+from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.lib.rundir import RunDir
 from nlrw.prompts import simulation as prompt
 from nlrw.prompts.simulation import DigitTokens, Layout, Style
-from nlrw.provenance import config_hash, stage_record
 
 __all__ = [
     "PART_SCHEMA",
     "SCHEMA",
+    "Plan",
     "SimulateConfig",
     "build_prompts",
     "expected_values",
+    "finished_outputs",
+    "load_simulator",
     "merge",
     "parse_shard",
+    "read_plan",
     "run",
     "select_latents",
     "shard_chunks",
@@ -295,16 +301,12 @@ def select_latents(
     return sorted(sorted(ids, key=key)[:max_latents])
 
 
-def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
 
 
-class _Plan(NamedTuple):
+class Plan(NamedTuple):
     """Everything the stage reads, resolved: what to simulate and the identity of the result."""
 
     run_dir: Path
@@ -317,7 +319,7 @@ class _Plan(NamedTuple):
     shuffled: dict[int, int]  # latent -> the latent whose explanation the control gives it
     n_real_chunks: int  # chunks[:n_real_chunks] are the real simulation, the rest the control
 
-    def for_chunk(self, index: int) -> _Plan:
+    def for_chunk(self, index: int) -> Plan:
         """The plan a chunk is simulated with: the control's chunks read the deranged
         explanations."""
         if index < self.n_real_chunks:
@@ -342,7 +344,7 @@ def derangement(latents: Sequence[int], seed: int) -> dict[int, int]:
             return {lats[i]: lats[int(perm[i])] for i in range(len(lats))}
 
 
-def _read_inputs(cfg: SimulateConfig, run_dir: Path) -> _Plan:
+def read_plan(cfg: SimulateConfig, run_dir: Path) -> Plan:
     from nlrw.contexts import read_contexts
 
     ctx_path = run_dir / "contexts.parquet"
@@ -400,14 +402,14 @@ def _read_inputs(cfg: SimulateConfig, run_dir: Path) -> _Plan:
     }
     if shuffled:
         identity["shuffled"] = sorted(shuffled.items())
-    real_chunks = _chunks(latents, cfg.chunk_latents)
-    return _Plan(
+    real_chunks = chunked(latents, cfg.chunk_latents)
+    return Plan(
         run_dir=run_dir,
         latents=latents,
         explanations={lat: explanations[lat] for lat in latents},
         contexts=contexts.select("context_id", "split", "input_ids"),
         missing=missing,
-        chunks=real_chunks + _chunks(sorted(shuffled), cfg.chunk_latents),
+        chunks=real_chunks + chunked(sorted(shuffled), cfg.chunk_latents),
         key=config_hash(identity),
         shuffled=shuffled,
         n_real_chunks=len(real_chunks),
@@ -437,13 +439,13 @@ def _check_contexts(contexts: pl.DataFrame, run_dir: Path) -> None:
 
 
 def _subject_tokenizer(run_dir: Path) -> Any:
-    from nlrw.explain import CacheSource
+    from nlrw.model.subject import load_tokenizer
 
-    return CacheSource(run_dir).tokenizer
+    return load_tokenizer(RunDir(run_dir).subject_model())
 
 
-def _load_backend(cfg: SimulateConfig) -> Backend:
-    from nlrw.backends.base import load_backend
+def load_simulator(cfg: SimulateConfig) -> Backend:
+    from nlrw.backends import load_backend
 
     options: dict[str, Any] = {}
     if cfg.backend == "transformers":
@@ -506,7 +508,7 @@ def _slices(keys: list[tuple[int, int]], layout: Layout, at_least: int) -> list[
 # --------------------------------------------------------------------------------------------
 
 
-def _outputs_done(run_dir: Path, key: str) -> pl.DataFrame | None:
+def finished_outputs(run_dir: Path, key: str) -> pl.DataFrame | None:
     try:
         record = json.loads((run_dir / "simulate.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -543,7 +545,7 @@ def run(
             single tokens, ``overwrite`` with ``shard``.
     """
     run_dir = Path(run_dir)
-    plan = _read_inputs(cfg, run_dir)
+    plan = read_plan(cfg, run_dir)
     parts_dir = run_dir / "simulations.parts"
     if overwrite:
         if cfg.shard is not None:
@@ -551,10 +553,10 @@ def run(
                 "overwrite=True with a shard would delete the other shards' parts: delete "
                 f"{parts_dir} once, then run the shards without overwrite"
             )
-        _remove_tree(parts_dir)
+        remove_tree(parts_dir)
         for name in ("simulations.parquet", "simulate.json", SHUFFLED_FILE):
             (run_dir / name).unlink(missing_ok=True)
-    elif (done := _outputs_done(run_dir, plan.key)) is not None:
+    elif (done := finished_outputs(run_dir, plan.key)) is not None:
         log.info("simulate: %s is up to date", run_dir / "simulations.parquet")
         return done
 
@@ -568,7 +570,7 @@ def run(
     try:
         if todo:
             if backend is None:
-                backend = _load_backend(cfg)
+                backend = load_simulator(cfg)
             digits = prompt.digit_tokens(_tokenizer_of(backend), cfg.prompt)
             _write_simulator(
                 parts_dir,
@@ -585,7 +587,12 @@ def run(
                 c: prompt.context_text(tokenizer, row)
                 for c, row in zip(context_ids, ids, strict=True)
             }
-            bar = _progress(sum(len(plan.chunks[i]) for i in mine) * n_ctx, cfg)
+            bar = progress_bar(
+                sum(len(plan.chunks[i]) for i in mine) * n_ctx,
+                "simulate",
+                "prompt",
+                enabled=cfg.progress,
+            )
             if bar is not None:
                 bar.update(sum(len(plan.chunks[i]) for i in mine if i not in todo) * n_ctx)
             for index in todo:
@@ -636,7 +643,7 @@ def merge(cfg: SimulateConfig, run_dir: str | Path) -> pl.DataFrame:
         FileNotFoundError: parts are missing (naming the chunks and their shards).
     """
     run_dir = Path(run_dir)
-    plan = _read_inputs(cfg, run_dir)
+    plan = read_plan(cfg, run_dir)
     store = PartStore(run_dir / "simulations.parts", plan.key)
     absent = [i for i in range(len(plan.chunks)) if not store.done(i)]
     if absent:
@@ -678,19 +685,11 @@ def _write_simulator(
     )
 
 
-def _progress(total: int, cfg: SimulateConfig) -> Any:
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="simulate", unit="prompt", dynamic_ncols=True, smoothing=0.1)
-
-
 def _simulate_chunk(
     cfg: SimulateConfig,
     backend: Backend,
     digits: DigitTokens,
-    plan: _Plan,
+    plan: Plan,
     chunk: list[int],
     texts: dict[int, str],
     context_ids: list[int],
@@ -755,7 +754,7 @@ def _simulate_chunk(
 
 def _finish(
     cfg: SimulateConfig,
-    plan: _Plan,
+    plan: Plan,
     store: PartStore,
     *,
     throughput: dict[str, Any] | None,

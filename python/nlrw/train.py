@@ -27,7 +27,7 @@ the activation shards) for a transcoder, ``[rows, d]`` for an SAE; it is re-batc
 global batches of exactly ``batch_size`` rows (the last may be shorter), so that step s
 always trains on rows ``[s·B, (s+1)·B)`` of the stream and a resumed run skips exactly the
 rows already seen. Epochs re-iterate ``train_batches`` (calling ``set_epoch`` when it has
-one, as :class:`nlrw.shards.ShardReader` does).
+one, as :class:`nlrw.model.shards.ShardReader` does).
 
 Distributed: launched by ``torchrun``, every rank iterates the same global batches and
 trains on its contiguous slice (``torch.tensor_split(batch, world)[rank]``); gradients
@@ -61,9 +61,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from nlrw.io import atomic_path, atomic_write_json, atomic_write_text
-from nlrw.provenance import stage_record, to_jsonable
-from nlrw.sparse import (
+from nlrw.lib.io import atomic_path, atomic_write_json, atomic_write_text
+from nlrw.lib.provenance import stage_record, to_jsonable
+from nlrw.lib.rundir import RunDir
+from nlrw.model.sparse import (
     EvalResult,
     EvalSums,
     SparseCoder,
@@ -86,6 +87,7 @@ __all__ = [
     "auxk_loss",
     "compute_losses",
     "default_lr",
+    "run",
     "train",
     "train_from_shards",
 ]
@@ -107,7 +109,7 @@ class TrainConfig:
     pretrained: str | None = None
     """Adopt this sparse coder instead of training one: a checkpoint folder in sparsify's
     layout, or a folder of hookpoint folders (the hookpoint is collect.hookpoint); checked
-    against the collected activations, then written to the run (nlrw.pretrained)."""
+    against the collected activations, then written to the run (nlrw.model.pretrained)."""
     legacy: Literal["transcoder", "sae"] | None = None
     """A pretrained checkpoint in the paper-era sae package's layout: which kind it is."""
     k: int = 32
@@ -900,7 +902,7 @@ class _TorchBatches:
         self.reader.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Tensor]:
-        from nlrw.shards import to_torch
+        from nlrw.model.shards import to_torch
 
         for batch in self.reader:
             yield to_torch(batch, self.reader.dtype)
@@ -917,12 +919,12 @@ def train_from_shards(
     d_out: int | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
-    """:func:`train` on activation shard sets (see :mod:`nlrw.shards`).
+    """:func:`train` on activation shard sets (see :mod:`nlrw.model.shards`).
 
     Training rows are read in batches of ``batch_size``, shuffled with ``seed`` when
     ``cfg.shuffle`` (a new order each epoch); evaluation rows in order.
     """
-    from nlrw.shards import ShardReader
+    from nlrw.model.shards import ShardReader
 
     reader = ShardReader(shard_dir, batch_rows=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed)
     eval_reader = (
@@ -940,4 +942,56 @@ def train_from_shards(
         d_out=d_out,
         total_rows=reader.num_rows,
         overwrite=overwrite,
+    )
+
+
+# ---------------------------------------------------------------------- the stage
+
+
+def run(train: TrainConfig, run_dir: str | Path, hookpoint: str, overwrite: bool = False) -> Any:
+    """The train stage: train on ``activations/train`` (evaluating on ``eval`` when it was
+    collected) into ``transcoder/``, or adopt ``train.pretrained`` there instead."""
+    paths = RunDir(run_dir)
+    activations = paths.activations
+    eval_dir = activations / "eval"
+    if train.pretrained is not None:
+        return _adopt_pretrained(train, activations, paths.transcoder, hookpoint)
+    return train_from_shards(
+        train,
+        activations / "train",
+        eval_dir if (eval_dir / "manifest.json").exists() else None,
+        paths.transcoder,
+        hookpoint=hookpoint,
+        overwrite=overwrite,
+    )
+
+
+def _adopt_pretrained(train: TrainConfig, activations: Path, out: Path, hookpoint: str) -> Any:
+    """The train stage with ``train.pretrained``: check and adopt the coder (no training)."""
+    from nlrw.model.pretrained import adopt
+    from nlrw.model.shards import ShardReader
+
+    split = next(
+        (
+            activations / s
+            for s in ("eval", "train")
+            if (activations / s / "manifest.json").exists()
+        ),
+        None,
+    )
+    if split is None:
+        raise FileNotFoundError(
+            f"no activations under {activations}: run the collect stage before adopting "
+            f"{train.pretrained}"
+        )
+    if train.pretrained is None:
+        raise ValueError("train.pretrained is not set")
+    return adopt(
+        train.pretrained,
+        out,
+        hookpoint=hookpoint,
+        activation_width=ShardReader(split).width,
+        activations=split,
+        kind=train.kind,
+        legacy=train.legacy,
     )

@@ -47,8 +47,8 @@ from typing import Any
 import polars as pl
 
 from nlrw import simulate
-from nlrw.explain import PartStore
-from nlrw.io import atomic_write_json
+from nlrw.lib.io import atomic_write_json
+from nlrw.lib.parts import PartStore
 from nlrw.simulate import SimulateConfig
 
 __all__ = ["TEST_KILL_ENV", "simulate_distributed"]
@@ -137,7 +137,7 @@ class _ShardWorker:
         if i == 0 and self.kill_marker is not None and not Path(self.kill_marker).exists():
             _die_after_first_part(parts_dir, i, n, Path(self.kill_marker))
         if self.backend is None:
-            self.backend = simulate._load_backend(self.cfg)
+            self.backend = simulate.load_simulator(self.cfg)
         simulate.run(replace(self.cfg, shard=shard), run_dir, backend=self.backend)
         with warnings.catch_warnings():  # Ray's own use of a deprecated API inside it
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -216,8 +216,8 @@ def simulate_distributed(
     run_dir = Path(run_dir).resolve()
     cfg = replace(cfg, shard=None)
     # Fail fast on missing inputs, and skip a stage that is already done, before any Ray work.
-    plan = simulate._read_inputs(cfg, run_dir)
-    done = simulate._outputs_done(run_dir, plan.key)
+    plan = simulate.read_plan(cfg, run_dir)
+    done = simulate.finished_outputs(run_dir, plan.key)
     if done is not None:
         log.info("simulate: %s is up to date", run_dir / "simulations.parquet")
         return done

@@ -60,7 +60,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from nlrw import _core
-from nlrw.io import atomic_path
+from nlrw.lib.io import atomic_path
 
 __all__ = [
     "QuantileSketch",

@@ -9,7 +9,7 @@ checkpoint (the ``sae`` package's layout, whose encoder subtracts ``b_dec``).
 The coder is loaded and checked against the run before anything is written: its widths
 against the collected activations' rows (``[x | y]`` for a transcoder, the hookpoint's output
 for an SAE), its kind against ``train.kind``. It is then written to
-``run_dir/transcoder/<hookpoint>`` (the layout :func:`nlrw.sparse.load` and every later stage
+``run_dir/transcoder/<hookpoint>`` (the layout :func:`nlrw.model.sparse.load` and every later stage
 read), atomically, and the stage's record holds the source path and the digests of its two
 files; the pipeline folds those digests into the train stage's hash, so a checkpoint that
 changes on disk is adopted again (and everything after it re-runs). No training happens: the
@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from nlrw import sparse
-from nlrw.io import file_digest
+from nlrw.lib.io import file_digest
+from nlrw.model import sparse
 
 __all__ = ["adopt", "checkpoint_folder", "source_digest"]
 

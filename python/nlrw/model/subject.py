@@ -56,6 +56,7 @@ __all__ = [
     "default_device",
     "get_hookpoint",
     "load_subject",
+    "load_tokenizer",
     "max_context",
     "next_token_loss",
     "resolve_dtype",
@@ -122,6 +123,16 @@ def resolve_dtype(dtype: DTypeOption | torch.dtype, device: torch.device | str) 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; not {dtype!r}")
     return _DTYPES[dtype]
+
+
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer of subject ``model`` (an embedded name, a hub name or a local folder),
+    without loading its weights."""
+    from transformers import AutoTokenizer
+
+    from nlrw.assets import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
 
 
 def load_subject(

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import typing
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
@@ -75,3 +76,37 @@ def stage_record(stage: str, config: Any, **extra: Any) -> dict[str, Any]:
         "git_revision": git_revision(),
         **to_jsonable(extra),
     }
+
+
+def from_dict(cls: type[Any], data: dict[str, Any], source: str, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a TOML table or a JSON record (the inverse of
+    :func:`to_jsonable`), recursing into nested dataclasses; ``source`` names the input in
+    errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(
+                f"{source}: unknown option '{where}{key}'; {cls.__name__} has: {', '.join(fields)}"
+            )
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: {where}{key} must be a table")
+            kwargs[name] = from_dict(hint, value, source, f"{where}{key}.")
+        elif isinstance(value, list) and _is_tuple(hint):
+            # TOML arrays of arrays (backend_options) become tuples of tuples, as annotated.
+            kwargs[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def _is_tuple(hint: Any) -> bool:
+    # `tuple[str, ...]`, or a union holding one.
+    return tuple in {typing.get_origin(h) for h in (hint, *typing.get_args(hint))}

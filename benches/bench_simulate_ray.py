@@ -1,4 +1,4 @@
-"""The simulate stage on a local Ray cluster (``nlrw.distributed``): 1 vs 2 Ray workers.
+"""The simulate stage on a local Ray cluster (``nlrw.simulate_ray``): 1 vs 2 Ray workers.
 
 The work list is the smoke preset's scaled up: the tiny random subject and simulator, 192
 contexts (144 eval + 48 calibration) and 8 latents with plain-English explanations (4 contexts
@@ -96,7 +96,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
         print("bench_distributed: Ray is not installed (pip install 'nlrw[ray]'), skipped")
         return []
     from nlrw import simulate
-    from nlrw.distributed import _ShardWorker, simulate_distributed
+    from nlrw.simulate_ray import _ShardWorker, simulate_distributed
 
     repeats = 1 if quick else 3
     root = Path(tempfile.mkdtemp(prefix="nlrw-bench-distributed-"))

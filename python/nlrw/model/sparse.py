@@ -27,7 +27,7 @@ selects the top-k with ``torch.topk`` and :func:`decode_train` decodes with an e
 bag, both with hand-written backward passes that touch only the B·k selected
 (row, latent) pairs instead of the dense ``[B, L]`` matrix (see ``benches/bench_train.py``).
 For inference on the CPU, :meth:`SparseCoder.encode` uses the Rust top-k of
-:mod:`nlrw.topk`.
+:mod:`nlrw.model.topk`.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from nlrw import topk as _topk
-from nlrw.io import atomic_path, atomic_write_json, fsync_dir
+from nlrw.lib.io import atomic_path, atomic_write_json, fsync_dir
+from nlrw.model import topk as _topk
 
 __all__ = [
     "CheckpointError",
@@ -290,7 +290,7 @@ class SparseCoder(nn.Module):
     def encode(self, x: Tensor) -> Latents:
         """Top-k latents ``topk(relu(pre_acts(x)))``, values sorted descending.
 
-        Without autograd on the CPU the Rust kernel (:func:`nlrw.topk.topk_encode`) selects
+        Without autograd on the CPU the Rust kernel (:func:`nlrw.model.topk.topk_encode`) selects
         them, ties broken by the lower latent index; otherwise ``torch.topk`` does, with
         autograd through the values (:func:`encode_train` is the faster path to train with).
         """
@@ -705,7 +705,7 @@ def as_rows(batch: Any) -> Tensor:
     if isinstance(batch, np.ndarray):
         if not np.issubdtype(batch.dtype, np.floating):
             hint = (
-                " (bfloat16 shard rows arrive as uint16: convert with nlrw.shards.to_torch)"
+                " (bfloat16 shard rows arrive as uint16: convert with nlrw.model.shards.to_torch)"
                 if batch.dtype == np.uint16
                 else ""
             )

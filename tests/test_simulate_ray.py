@@ -1,4 +1,4 @@
-"""Tests of :mod:`nlrw.distributed`: the simulate stage on a local Ray cluster with 2 CPU
+"""Tests of :mod:`nlrw.simulate_ray`: the simulate stage on a local Ray cluster with 2 CPU
 workers matches the single-process result on the smoke preset, and a worker killed after its
 first part is restarted by Ray and resumes from that part: nothing lost, nothing doubled.
 
@@ -16,9 +16,9 @@ import polars as pl
 import pytest
 
 from nlrw import simulate
-from nlrw.distributed import TEST_KILL_ENV, simulate_distributed
 from nlrw.pipeline import load_preset
 from nlrw.pipeline import run as run_pipeline
+from nlrw.simulate_ray import TEST_KILL_ENV, simulate_distributed
 
 try:
     import ray
