@@ -21,17 +21,18 @@ from typing import Annotated, Any
 import tyro
 
 from nlrw import ShardError
-from nlrw.cache import CacheConfig
-from nlrw.calibrate import CalibrateConfig
-from nlrw.collect import CollectConfig
-from nlrw.contexts import ContextsConfig
+from nlrw.config.cache import CacheConfig
+from nlrw.config.calibrate import CalibrateConfig
+from nlrw.config.collect import CollectConfig
+from nlrw.config.contexts import ContextsConfig
+from nlrw.config.explain import ExplainConfig
+from nlrw.config.recovery import RecoveryConfig
+from nlrw.config.score import ScoreConfig
+from nlrw.config.simulate import SimulateConfig
 from nlrw.evaluate import EvaluateConfig
-from nlrw.explain import ExplainConfig
+from nlrw.lib.rundir import RunDir
 from nlrw.pipeline import RunConfig, load_preset, preset_names
-from nlrw.recovery import RecoveryConfig
 from nlrw.report import ReportConfig
-from nlrw.score import ScoreConfig
-from nlrw.simulate import SimulateConfig
 from nlrw.train import TrainConfig
 
 # Config dataclasses appear without a prefix: `nlrw collect --n-tokens 1000`.
@@ -321,7 +322,7 @@ def verify(run_dir: _RunDir, /) -> None:
     for stage in STAGES:
         state = states[stage.name]
         if state == "done":
-            record = json.loads((run_dir / "stages" / f"{stage.name}.json").read_text())
+            record = json.loads(RunDir(run_dir).stage_record(stage.name).read_text())
             state = "ok" if "outputs" in record else "no outputs recorded (`nlrw run` adds them)"
         print(f"{stage.name:<10} {damaged.get(stage.name, state)}")
     if problems:
@@ -392,7 +393,7 @@ _defaults_from: list[Path | None] = [None]
 
 
 def _config_of(run_dir: Path | None) -> Path | None:
-    path = None if run_dir is None else run_dir / "config.json"
+    path = None if run_dir is None else RunDir(run_dir).config
     return path.resolve() if path is not None and path.is_file() else None
 
 

@@ -48,14 +48,14 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
 
 from nlrw.backends.base import Backend, Generation, Message
+from nlrw.config.explain import ExplainConfig, Selection
 from nlrw.lib.io import atomic_path, atomic_write_json
 from nlrw.lib.parts import PartStore, chunked, remove_tree
 from nlrw.lib.progress import progress_bar
@@ -82,74 +82,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Selection = Literal["frequent", "random"]
-
-
-@dataclass(frozen=True)
-class ExplainConfig:
-    """Options of the ``explain`` stage (defaults: the paper's protocol, our explainer)."""
-
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
-    """LLM backend of the explainer (see nlrw.backends)."""
-
-    model: str = "qwen2.5-coder-0.5b"
-    """Explainer model: an alias of the embedded default, a hub name, a local folder, or the
-    served model's name for the openai backend."""
-
-    n_bins: int = 10
-    """Equal-count bins over the latent's top windows ranked by max activation."""
-
-    examples_per_bin: int = 4
-    """Examples drawn from each bin and shown to the explainer (paper: 4, 40 in all)."""
-
-    min_count: int = 200
-    """Latents with fewer active positions are skipped (the reason is recorded)."""
-
-    max_latents: int | None = None
-    """Explain at most this many eligible latents (None: all of them)."""
-
-    selection: Selection = "frequent"
-    """Which latents come first: "frequent" (most active positions first, ties by id) or
-    "random" (a permutation drawn from seed)."""
-
-    highlight_threshold: float = 0.2
-    """A token is highlighted when its activation exceeds this fraction of its example's max."""
-
-    clip_digits: bool = True
-    """Clip the activation digits floor(10 a / max) to 0..9 (False: the paper's code, where the
-    top token gets 10)."""
-
-    temperature: float = 0.7
-    """Sampling temperature of the explainer (paper: 0.7; 0: greedy)."""
-
-    max_new_tokens: int = 200
-    """Most tokens the explainer may write per reply."""
-
-    seed: int = 0
-    """Seed of example sampling, latent order ("random") and generation (retry r uses seed + r)."""
-
-    retries: int = 3
-    """Extra attempts for an empty or malformed reply before the latent is recorded as failed."""
-
-    part_size: int = 8
-    """Latents per part (one batched generate call; a kill loses at most one part)."""
-
-    backend_options: tuple[tuple[str, str], ...] = ()
-    """Extra keyword options for the backend's constructor, as (name, value) pairs."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_bins", "examples_per_bin", "part_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.min_count < 0 or self.retries < 0:
-            raise ValueError("min_count and retries must be non-negative")
-        if self.max_latents is not None and self.max_latents < 0:
-            raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
-        if not 0.0 <= self.highlight_threshold < 1.0:
-            raise ValueError(
-                f"highlight_threshold must be in [0, 1), got {self.highlight_threshold}"
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,8 +459,8 @@ def run(
     cache (:class:`CacheSource`); both are parameters so that tests can pass fakes.
     """
     run_dir = Path(run_dir)
-    out_path = run_dir / "explanations.parquet"
-    parts_dir = run_dir / "explanations.parts"
+    out_path = RunDir(run_dir).explanations
+    parts_dir = RunDir(run_dir).explanations_parts
     if overwrite:
         remove_tree(parts_dir)
     source = source if source is not None else CacheSource(run_dir)
@@ -628,7 +560,7 @@ def run(
         table.write_parquet(tmp)
     status = table["status"].value_counts()
     atomic_write_json(
-        run_dir / "explain.json",
+        RunDir(run_dir).explain_record,
         stage_record(
             "explain",
             cfg,
@@ -643,5 +575,5 @@ def run(
 
 def explanations_for(run_dir: str | Path) -> pl.DataFrame:
     """The usable explanations of a run (``status == "ok"``)."""
-    table = pl.read_parquet(Path(run_dir) / "explanations.parquet")
+    table = pl.read_parquet(RunDir(run_dir).explanations)
     return table.filter(pl.col("status") == "ok")

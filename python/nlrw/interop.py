@@ -166,8 +166,8 @@ def run_coder(run_dir: str | Path) -> Coder:
     run_dir = Path(run_dir)
     hookpoint = None
     for path, keys in (
-        (run_dir / "config.json", ("config", "collect", "hookpoint")),
-        (run_dir / "activations" / "collect.json", ("config", "hookpoint")),
+        (RunDir(run_dir).config, ("config", "collect", "hookpoint")),
+        (RunDir(run_dir).collect_record, ("config", "hookpoint")),
     ):
         if path.is_file():
             value: Any = _read_json(path)
@@ -551,13 +551,13 @@ def import_explanations(
     coder = run_coder(run_dir)
     imported = read_source(source, coder, hookpoint=hookpoint, explainer_model=explainer_model)
     provenance = {**imported.provenance, "run_hookpoint": coder.hookpoint}
-    stages = run_dir / "stages"
+    stages = RunDir(run_dir).stages
     names = [s.name for s in STAGES]
     with locked(run_dir):
         hashes = _stage_hashes(run_dir)
         coder_hash = _record(stages / "train.json").get("hash")
         explanations = imported.explanations
-        with atomic_path(run_dir / "explanations.parquet") as tmp:
+        with atomic_path(RunDir(run_dir).explanations) as tmp:
             explanations.write_parquet(tmp)
         counts = _status_counts(explanations)
         record = {
@@ -569,18 +569,18 @@ def import_explanations(
             "versions": versions(),
             "git_revision": git_revision(),
         }
-        atomic_write_json(run_dir / "explain.json", record)
+        atomic_write_json(RunDir(run_dir).explain_record, record)
         imported_stages = ["explain"]
         if imported.scores is not None:
             scores = imported.scores
-            with atomic_path(run_dir / "scores.parquet") as tmp:
+            with atomic_path(RunDir(run_dir).scores) as tmp:
                 scores.write_parquet(tmp)
             summary = {
                 "latents": scores.height,
                 "mean_balanced_accuracy": _mean(scores["balanced_accuracy"]),
             }
             atomic_write_json(
-                run_dir / "score.json",
+                RunDir(run_dir).score_record,
                 {"stage": "score", "status": "imported", **provenance, **summary},
             )
             imported_stages.append("score")
@@ -629,7 +629,7 @@ def _record(path: Path) -> dict[str, Any]:
 
 
 def _stage_hashes(run_dir: Path) -> dict[str, str]:
-    hashes = _record(run_dir / "config.json").get("stage_hashes")
+    hashes = _record(RunDir(run_dir).config).get("stage_hashes")
     return hashes if isinstance(hashes, dict) else {}
 
 
@@ -644,7 +644,7 @@ def export_explanations(run_dir: str | Path, out: str | Path) -> Path:
     (written beside it, then renamed)."""
     run_dir, out = Path(run_dir), Path(out)
     coder = run_coder(run_dir)
-    path = run_dir / "explanations.parquet"
+    path = RunDir(run_dir).explanations
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: run the explain stage or import explanations first"
@@ -652,14 +652,14 @@ def export_explanations(run_dir: str | Path, out: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder")
     table = pl.read_parquet(path).filter(pl.col("status") == "ok").sort("latent")
-    scores_path = run_dir / "scores.parquet"
+    scores_path = RunDir(run_dir).scores
     scores = pl.read_parquet(scores_path) if scores_path.is_file() else None
     threshold = (
-        _record(run_dir / "score.json").get("config", {}).get("threshold", 0.5)
+        _record(RunDir(run_dir).score_record).get("config", {}).get("threshold", 0.5)
         if scores is not None
         else 0.5
     )
-    config = _record(run_dir / "config.json").get("config", {})
+    config = _record(RunDir(run_dir).config).get("config", {})
     models = table["model"].drop_nulls().unique().to_list()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -44,22 +44,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from nlrw.cache import CacheConfig
-from nlrw.calibrate import CalibrateConfig
-from nlrw.collect import CollectConfig
-from nlrw.contexts import ContextsConfig
+from nlrw.config.cache import CacheConfig
+from nlrw.config.calibrate import CalibrateConfig
+from nlrw.config.collect import CollectConfig
+from nlrw.config.contexts import ContextsConfig
+from nlrw.config.explain import ExplainConfig
+from nlrw.config.recovery import RecoveryConfig
+from nlrw.config.score import ScoreConfig
+from nlrw.config.simulate import SimulateConfig
 from nlrw.evaluate import EvaluateConfig
-from nlrw.explain import ExplainConfig
 from nlrw.lib.io import atomic_write, atomic_write_json, file_digest, fsync_dir
 from nlrw.lib.provenance import config_hash, from_dict, git_revision, to_jsonable, versions
-from nlrw.lib.rundir import STAGE_FILES
+from nlrw.lib.rundir import STAGE_FILES, RunDir
 from nlrw.prompts import detection as detection_prompt
 from nlrw.prompts import explain as explain_prompt
 from nlrw.prompts import simulation as simulation_prompt
-from nlrw.recovery import RecoveryConfig
 from nlrw.report import ReportConfig
-from nlrw.score import ScoreConfig
-from nlrw.simulate import SimulateConfig
 from nlrw.train import TrainConfig
 
 __all__ = [
@@ -394,7 +394,7 @@ def work_sizes(cfg: RunConfig) -> dict[str, str]:
 
 
 def _record_path(run_dir: Path, name: str) -> Path:
-    return run_dir / "stages" / f"{name}.json"
+    return RunDir(run_dir).stage_record(name)
 
 
 def _read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
@@ -416,7 +416,7 @@ def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
     """``config.json``: every stage's resolved config and hash, versions, git, seeds."""
     hashes = chained_hashes(cfg)
     atomic_write_json(
-        run_dir / "config.json",
+        RunDir(run_dir).config,
         {
             "format": RUN_FORMAT,
             "config": to_jsonable(cfg),
@@ -433,7 +433,7 @@ def write_run_config(cfg: RunConfig, run_dir: Path) -> None:
 def locked(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir/.lock`` (an advisory ``flock``, released by the kernel when the holder
     dies, so a killed run never leaves a stale lock) for the duration of the block."""
-    path = run_dir / ".lock"
+    path = RunDir(run_dir).lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -454,7 +454,7 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 
 def _check_format(run_dir: Path) -> None:
-    path = run_dir / "config.json"
+    path = RunDir(run_dir).config
     if not path.is_file():
         return
     try:
@@ -471,7 +471,7 @@ def _check_format(run_dir: Path) -> None:
 def load_run_config(run_dir: str | Path) -> RunConfig | None:
     """The config a run directory was last run with (its ``config.json``), or None for a
     directory that has none yet. ``nlrw run`` and the stage subcommands start from it."""
-    path = Path(run_dir) / "config.json"
+    path = RunDir(run_dir).config
     _check_format(Path(run_dir))
     try:
         record = json.loads(path.read_text())
@@ -507,7 +507,7 @@ def changed_stages(cfg: RunConfig, run_dir: str | Path) -> list[tuple[str, str, 
     run_dir = Path(run_dir)
     hashes = chained_hashes(cfg)
     try:
-        before = json.loads((run_dir / "config.json").read_text()).get("stage_hashes") or {}
+        before = json.loads(RunDir(run_dir).config.read_text()).get("stage_hashes") or {}
     except (OSError, json.JSONDecodeError, AttributeError):
         before = {}
     out: list[tuple[str, str, float | None]] = []
@@ -693,7 +693,7 @@ def preflight(cfg: RunConfig, stages: list[str]) -> None:
 def _same_as_recorded(cfg: RunConfig, run_dir: Path) -> bool:
     """Whether ``cfg`` is the config ``config.json`` records, value for value."""
     try:
-        recorded = json.loads((run_dir / "config.json").read_text()).get("config")
+        recorded = json.loads(RunDir(run_dir).config.read_text()).get("config")
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
     current = to_jsonable(cfg)
@@ -735,7 +735,7 @@ def _run_locked(
 ) -> dict[str, Any]:
     """Run the stages; a done stage whose outputs are damaged (missing, resized, or with
     ``digests`` of other content) is redone, and so is every stage after one that ran."""
-    config_path = run_dir / "config.json"
+    config_path = RunDir(run_dir).config
     previous_config = config_path.read_bytes() if config_path.is_file() else None
     write_run_config(cfg, run_dir)
     hashes = chained_hashes(cfg)
@@ -871,7 +871,7 @@ def stage_files(run_dir: Path, name: str) -> list[str]:
 
 
 def _replaced_dir(run_dir: Path, name: str) -> Path:
-    return run_dir / ".replaced" / name
+    return RunDir(run_dir).replaced / name
 
 
 def _remove(path: Path) -> None:
@@ -898,7 +898,7 @@ def _set_aside(run_dir: Path, name: str) -> None:
 def _discard_set_aside(run_dir: Path, name: str) -> None:
     shutil.rmtree(_replaced_dir(run_dir, name), ignore_errors=True)
     with contextlib.suppress(OSError):
-        (run_dir / ".replaced").rmdir()  # only once empty
+        RunDir(run_dir).replaced.rmdir()  # only once empty
 
 
 def _roll_back(run_dir: Path, name: str) -> bool:
@@ -964,7 +964,7 @@ def verify(run_dir: str | Path) -> list[tuple[str, str]]:
     problem)`` for each damaged stage, empty when all are intact. A record written before
     records listed outputs has nothing to check against (the next ``run`` adds the list)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
+    if not RunDir(run_dir).config.is_file():
         raise FileNotFoundError(
             f"{run_dir / 'config.json'} not found: is {run_dir} a run directory?"
         )
@@ -1004,7 +1004,7 @@ class StageStatus(NamedTuple):
 def status(run_dir: str | Path) -> list[StageStatus]:
     """Each stage's state in ``run_dir``, judged against the config in its config.json."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
+    config_path = RunDir(run_dir).config
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: is {run_dir} a run directory?")
     try:

@@ -17,7 +17,6 @@ the coder's input is the hookpoint's output (the residual stream) instead of its
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nlrw.config.recovery import RecoveryConfig
 from nlrw.lib.io import atomic_write_json
 from nlrw.lib.provenance import stage_record
 from nlrw.lib.rundir import RunDir
@@ -35,16 +35,6 @@ if TYPE_CHECKING:
     from nlrw.collect import CollectConfig
 
 __all__ = ["RecoveryConfig", "RecoveryResult", "loss_recovered", "run", "zero_ablation"]
-
-
-@dataclass(frozen=True)
-class RecoveryConfig:
-    """How the transcoder's loss recovered is measured on held-out text."""
-
-    n_windows: int = 32
-    """Held-out windows evaluated (each ctx_len tokens long, taken in order)."""
-    batch_size: int = 8
-    """Windows per forward pass."""
 
 
 class RecoveryResult(NamedTuple):

@@ -33,14 +33,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from nlrw.backends.base import Backend, Message, SplitPrompt, answer_token_ids, split_encode
+from nlrw.config.score import ScoreConfig
 from nlrw.explain import (
     CacheSource,
     LatentSource,
@@ -51,6 +51,7 @@ from nlrw.lib.metrics import auroc, balanced_accuracy
 from nlrw.lib.parts import PartStore, chunked, remove_tree
 from nlrw.lib.progress import progress_bar
 from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.lib.rundir import RunDir
 from nlrw.prompts import detection as prompt
 from nlrw.prompts.explain import escape
 
@@ -61,58 +62,6 @@ __all__ = [
     "run",
     "scoring_examples",
 ]
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """Options of the ``score`` stage (defaults: the paper's detection scoring)."""
-
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
-    """LLM backend of the scorer (see nlrw.backends)."""
-
-    model: str = "qwen2.5-coder-0.5b"
-    """Scorer model: an alias of the embedded default, a hub name, a local folder, or the served
-    model's name for the openai backend."""
-
-    n_bins: int = 10
-    """Equal-count bins over the latent's top windows ranked by max activation."""
-
-    examples_per_bin: int = 10
-    """Activating examples drawn per bin (paper: 10, 100 in all); the explainer's are excluded."""
-
-    n_non_activating: int = 100
-    """Random windows where the latent never fires (paper: 100)."""
-
-    examples_per_prompt: int = 5
-    """Examples shown together in one scorer prompt (paper: 5)."""
-
-    threshold: float = 0.5
-    """An example is predicted activating when p(yes) exceeds this (balanced accuracy)."""
-
-    max_latents: int | None = None
-    """Score at most this many explained latents, in latent order (None: all)."""
-
-    shuffled: bool = True
-    """Also score each latent's examples against another latent's explanation (chance
-    baseline; doubles the cost)."""
-
-    seed: int = 0
-    """Seed of the example draws, their order in prompts, and the derangement."""
-
-    part_size: int = 8
-    """Latents per part (a kill loses at most one part)."""
-
-    backend_options: tuple[tuple[str, str], ...] = ()
-    """Extra keyword options for the backend's constructor, as (name, value) pairs."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_bins", "examples_per_prompt", "part_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.examples_per_bin < 0 or self.n_non_activating < 0:
-            raise ValueError("examples_per_bin and n_non_activating must be non-negative")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,10 +222,10 @@ def run(
     """Score every usable explanation of ``run_dir/explanations.parquet``; writes
     ``scores.parquet`` and ``score.json``."""
     run_dir = Path(run_dir)
-    parts_dir = run_dir / "scores.parts"
+    parts_dir = RunDir(run_dir).scores_parts
     if overwrite:
         remove_tree(parts_dir)
-    table = pl.read_parquet(run_dir / "explanations.parquet")
+    table = pl.read_parquet(RunDir(run_dir).explanations)
     table = table.filter(pl.col("status") == "ok").sort("latent")
     if cfg.max_latents is not None:
         table = table.head(cfg.max_latents)
@@ -350,10 +299,10 @@ def run(
         if own_backend and backend is not None:
             backend.close()
     scores = store.merge(SCHEMA).sort("latent")
-    with atomic_path(run_dir / "scores.parquet") as tmp:
+    with atomic_path(RunDir(run_dir).scores) as tmp:
         scores.write_parquet(tmp)
     atomic_write_json(
-        run_dir / "score.json",
+        RunDir(run_dir).score_record,
         stage_record(
             "score",
             cfg,

@@ -62,17 +62,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
 
 from nlrw.backends.base import Backend, SplitPrompt, split_encode
+from nlrw.config.simulate import EV, SimulateConfig, parse_shard
 from nlrw.lib.io import atomic_path, atomic_write_json
 from nlrw.lib.parts import PartStore, chunked, remove_tree
 from nlrw.lib.progress import progress_bar
@@ -99,122 +99,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-EV = Literal["renormalized", "paper"]
-
-
-@dataclass(frozen=True)
-class SimulateConfig:
-    """Options of the ``simulate`` stage (defaults: the paper's protocol, our simulator and
-    reading of the answer)."""
-
-    backend: Literal["transformers", "openai", "vllm"] = "transformers"
-    """LLM backend of the simulator (see nlrw.backends)."""
-
-    model: str = "qwen2.5-coder-0.5b"
-    """Simulator model: an alias of the embedded default, a hub name, a local folder, or the
-    served model's name for the openai backend."""
-
-    base_url: str | None = None
-    """API root of the OpenAI-compatible server (openai backend), e.g.
-    http://127.0.0.1:8000/v1."""
-
-    dtype: str = "auto"
-    """Simulator weights' dtype (transformers backend): auto (bfloat16 on CUDA and on CPUs with
-    native bf16, else float32), float32, bfloat16 or float16."""
-
-    engine: Literal["shared-prefix", "padded", "single"] = "shared-prefix"
-    """How the transformers backend runs the prompts: shared-prefix (each distinct prefix's KV
-    cache computed once and reused by its suffixes), padded (batches of whole prompts) or
-    single (one forward per prompt, the reference)."""
-
-    batch_size: int = 16
-    """Prompts (suffixes) per forward pass; the transformers backend lowers it to fit memory."""
-
-    layout: Layout = "explanation-first"
-    """Prompt layout: explanation-first (the prefix ends with the explanation, shared by all
-    contexts of a latent) or context-first (the prefix ends with the context, shared by the
-    latents of a chunk)."""
-
-    prompt: Style = "nlrw"
-    """Simulator prompt: nlrw (one text, "Rating: N") or paper (the authors' structure: a
-    linguistics-researcher system prompt, several texts per few-shot message answered as
-    Python lists, the digit read after a prefilled "[")."""
-
-    ev: EV = "renormalized"
-    """Expected value of the rating: renormalized (sum d p_d / sum p_d over the ten digits) or
-    paper (sum d p_d, not renormalized, as the paper's code)."""
-
-    shuffled_control: bool = False
-    """Also simulate the shuffled-explanation control: each latent of a seeded subset rated
-    with the explanation of another latent of the subset (a seeded derangement: never its
-    own), written to simulations_shuffled.parquet; calibrated and evaluated like the real
-    simulations (condition shuffled). Its gap to the real rewrite is what the explanations
-    explain."""
-
-    shuffled_latents: int | None = None
-    """How many simulated latents the shuffled control covers (a seeded subset, at least 2;
-    None: all of them)."""
-
-    max_latents: int | None = None
-    """Simulate at most this many explained latents: the best by detection score when
-    scores.parquet exists, else the lowest ids (None: every explained latent)."""
-
-    chunk_latents: int = 4
-    """Latents per parquet part (a kill loses at most one part)."""
-
-    missing_explanations: Literal["exclude", "error"] = "exclude"
-    """Latents without a usable explanation (failed or skipped by explain): exclude them and
-    report them in simulate.json, or stop with an error naming them."""
-
-    min_digit_mass: float = 0.5
-    """Warn about a latent whose median digit mass (probability of the ten digit tokens) is
-    below this: the simulator is not answering in the expected format."""
-
-    shard: str | None = None
-    """Run only shard "i/n" (0-based i) of the chunks: n shards together write the parts of
-    one run; the last to finish merges them (None: all chunks)."""
-
-    seed: int = 0
-    """Recorded for provenance: the stage draws nothing at random (answers are read, not
-    sampled)."""
-
-    progress: bool = True
-    """Show a progress bar (prompts/s and ETA)."""
-
-    backend_options: tuple[tuple[str, str], ...] = ()
-    """Extra keyword options for the backend's constructor, as (name, value) pairs."""
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "chunk_latents"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.shuffled_latents is not None and self.shuffled_latents < 2:
-            raise ValueError(
-                f"simulate.shuffled_latents must be at least 2 (a derangement needs two "
-                f"latents), got {self.shuffled_latents}"
-            )
-        if self.max_latents is not None and self.max_latents < 0:
-            raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
-        if self.layout not in prompt.LAYOUTS:
-            raise ValueError(f"unknown layout {self.layout!r}: expected one of {prompt.LAYOUTS}")
-        if self.prompt not in prompt.STYLES:
-            raise ValueError(
-                f"unknown simulate.prompt {self.prompt!r}: expected one of {prompt.STYLES}"
-            )
-        if self.ev not in ("renormalized", "paper"):
-            raise ValueError(f"unknown ev {self.ev!r}: expected 'renormalized' or 'paper'")
-        if self.missing_explanations not in ("exclude", "error"):
-            raise ValueError(
-                f"missing_explanations must be 'exclude' or 'error', not "
-                f"{self.missing_explanations!r}"
-            )
-        if not 0.0 <= self.min_digit_mass <= 1.0:
-            raise ValueError(f"min_digit_mass must be in [0, 1], got {self.min_digit_mass}")
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("the openai backend needs base_url (the server's API root)")
-        if self.shard is not None:
-            parse_shard(self.shard)
 
 
 _RUN_ONLY_FIELDS = ("shard", "progress")
@@ -255,20 +139,6 @@ def expected_values(probs: np.ndarray, ev: EV = "renormalized") -> np.ndarray:
         raise ValueError(f"unknown ev {ev!r}: expected 'renormalized' or 'paper'")
     mass = probs.sum(1)
     return np.divide(weighted, mass, out=np.zeros_like(weighted), where=mass > 0)
-
-
-_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-
-
-def parse_shard(shard: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
-    m = _SHARD.match(shard)
-    if m is None:
-        raise ValueError(f"shard must look like 'i/n' (e.g. '0/4'), got {shard!r}")
-    i, n = int(m[1]), int(m[2])
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {shard!r}: need n >= 1 and 0 <= i < n (i is 0-based)")
-    return i, n
 
 
 def shard_chunks(n_chunks: int, shard: str | None) -> list[int]:
@@ -347,13 +217,13 @@ def derangement(latents: Sequence[int], seed: int) -> dict[int, int]:
 def read_plan(cfg: SimulateConfig, run_dir: Path) -> Plan:
     from nlrw.contexts import read_contexts
 
-    ctx_path = run_dir / "contexts.parquet"
+    ctx_path = RunDir(run_dir).contexts
     if not ctx_path.is_file():
         raise FileNotFoundError(
             f"{ctx_path} is missing: run the contexts stage first (`nlrw contexts` or "
             "nlrw.contexts.run)"
         )
-    expl_path = run_dir / "explanations.parquet"
+    expl_path = RunDir(run_dir).explanations
     if not expl_path.is_file():
         raise FileNotFoundError(
             f"{expl_path} is missing: run the explain stage first (`nlrw explain`)"
@@ -380,7 +250,7 @@ def read_plan(cfg: SimulateConfig, run_dir: Path) -> Plan:
             "the others"
         )
     explanations = {int(k): str(v) for k, v in ok.select("latent", "explanation").iter_rows()}
-    scores_path = run_dir / "scores.parquet"
+    scores_path = RunDir(run_dir).scores
     scores = pl.read_parquet(scores_path) if scores_path.is_file() else None
     latents = select_latents(list(explanations), scores, cfg.max_latents)
     shuffled: dict[int, int] = {}
@@ -424,7 +294,7 @@ def _few(items: Sequence[int], n: int = 20) -> str:
 def _check_contexts(contexts: pl.DataFrame, run_dir: Path) -> None:
     """Every context has the same number of tokens, the ``ctx_len`` of ``contexts.json``."""
     lengths = contexts["input_ids"].list.len()
-    record = run_dir / "contexts.json"
+    record = RunDir(run_dir).contexts_record
     want: int | None = None
     if record.is_file():
         want = json.loads(record.read_text()).get("config", {}).get("ctx_len")
@@ -510,10 +380,10 @@ def _slices(keys: list[tuple[int, int]], layout: Layout, at_least: int) -> list[
 
 def finished_outputs(run_dir: Path, key: str) -> pl.DataFrame | None:
     try:
-        record = json.loads((run_dir / "simulate.json").read_text())
+        record = json.loads(RunDir(run_dir).simulate_record.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    path = run_dir / "simulations.parquet"
+    path = RunDir(run_dir).simulations
     if record.get("key") != key or not path.is_file():
         return None
     if record.get("n_shuffled_latents") and not (run_dir / SHUFFLED_FILE).is_file():
@@ -546,7 +416,7 @@ def run(
     """
     run_dir = Path(run_dir)
     plan = read_plan(cfg, run_dir)
-    parts_dir = run_dir / "simulations.parts"
+    parts_dir = RunDir(run_dir).simulations_parts
     if overwrite:
         if cfg.shard is not None:
             raise ValueError(
@@ -557,7 +427,7 @@ def run(
         for name in ("simulations.parquet", "simulate.json", SHUFFLED_FILE):
             (run_dir / name).unlink(missing_ok=True)
     elif (done := finished_outputs(run_dir, plan.key)) is not None:
-        log.info("simulate: %s is up to date", run_dir / "simulations.parquet")
+        log.info("simulate: %s is up to date", RunDir(run_dir).simulations)
         return done
 
     store = PartStore(parts_dir, plan.key)
@@ -644,7 +514,7 @@ def merge(cfg: SimulateConfig, run_dir: str | Path) -> pl.DataFrame:
     """
     run_dir = Path(run_dir)
     plan = read_plan(cfg, run_dir)
-    store = PartStore(run_dir / "simulations.parts", plan.key)
+    store = PartStore(RunDir(run_dir).simulations_parts, plan.key)
     absent = [i for i in range(len(plan.chunks)) if not store.done(i)]
     if absent:
         _, n = parse_shard(cfg.shard) if cfg.shard else (0, 1)
@@ -796,7 +666,7 @@ def _finish(
         with atomic_path(run_dir / SHUFFLED_FILE) as tmp:
             control.with_columns(source.alias("explanation_of")).write_parquet(tmp)
         n_control = control.height
-    with atomic_path(run_dir / "simulations.parquet") as tmp:
+    with atomic_path(RunDir(run_dir).simulations) as tmp:
         table.write_parquet(tmp)
 
     info_path = store.folder / "simulator.json"
@@ -806,7 +676,7 @@ def _finish(
     splits = {str(s): int(n) for s, n in plan.contexts["split"].value_counts().iter_rows()}
     mass = table["digit_mass"]
     atomic_write_json(
-        run_dir / "simulate.json",
+        RunDir(run_dir).simulate_record,
         stage_record(
             "simulate",
             replace(cfg, shard=None),

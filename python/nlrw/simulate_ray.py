@@ -49,6 +49,7 @@ import polars as pl
 from nlrw import simulate
 from nlrw.lib.io import atomic_write_json
 from nlrw.lib.parts import PartStore
+from nlrw.lib.rundir import RunDir
 from nlrw.simulate import SimulateConfig
 
 __all__ = ["TEST_KILL_ENV", "simulate_distributed"]
@@ -133,7 +134,7 @@ class _ShardWorker:
         ray = _require_ray()
         started = time.perf_counter()
         i, n = simulate.parse_shard(shard)
-        parts_dir = Path(run_dir) / "simulations.parts"
+        parts_dir = RunDir(run_dir).simulations_parts
         if i == 0 and self.kill_marker is not None and not Path(self.kill_marker).exists():
             _die_after_first_part(parts_dir, i, n, Path(self.kill_marker))
         if self.backend is None:
@@ -219,9 +220,9 @@ def simulate_distributed(
     plan = simulate.read_plan(cfg, run_dir)
     done = simulate.finished_outputs(run_dir, plan.key)
     if done is not None:
-        log.info("simulate: %s is up to date", run_dir / "simulations.parquet")
+        log.info("simulate: %s is up to date", RunDir(run_dir).simulations)
         return done
-    parts_dir = run_dir / "simulations.parts"
+    parts_dir = RunDir(run_dir).simulations_parts
     store = PartStore(parts_dir, plan.key)  # refuses another config's parts
     n = max(1, min(n_workers, len(plan.chunks)))
     if n < n_workers:
@@ -244,7 +245,7 @@ def simulate_distributed(
             ray.shutdown()
 
     table = simulate.merge(cfg, run_dir)
-    record_path = run_dir / "simulate.json"
+    record_path = RunDir(run_dir).simulate_record
     record = json.loads(record_path.read_text())
     record["distributed"] = {
         "engine": "ray",

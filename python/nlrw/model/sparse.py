@@ -38,7 +38,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from nlrw.lib.io import atomic_path, atomic_write_json, fsync_dir
+from nlrw.lib.types import Kind
 from nlrw.model import topk as _topk
 
 __all__ = [
@@ -68,7 +69,6 @@ __all__ = [
     "split_rows",
 ]
 
-Kind = Literal["transcoder", "sae"]
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nlrw.lib.types import DTypeOption, Kind
+
 __all__ = [
     "Activations",
     "DTypeOption",
@@ -62,13 +64,6 @@ __all__ = [
     "resolve_dtype",
     "splice",
 ]
-
-Kind = Literal["transcoder", "sae"]
-"""What is captured at a hookpoint: the module's input and output (``"transcoder"``) or its
-output alone (``"sae"``)."""
-
-DTypeOption = Literal["auto", "float32", "bfloat16", "float16"]
-"""Precision of the subject: ``"auto"`` is float32 on the CPU and bfloat16 on a GPU."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
