@@ -1,9 +1,10 @@
 """nlrw.backends: prompt rendering, answer tokens, the transformers and openai backends.
 
-Fast tests use a tiny random Qwen2/Llama with a tiny byte-level tokenizer built here, and small
-stdlib HTTP servers for the openai backend's failure handling. Slow tests use the embedded
+Fast tests use a tiny random Qwen2/Llama with a tiny byte-level tokenizer (``support.py``), and
+small stdlib HTTP servers for the openai backend's failure handling. Slow tests use the embedded
 Qwen2.5-Coder-0.5B: through transformers, and through a real OpenAI-compatible server
-(llama-cpp-python's, serving the same GGUF) started on loopback; the two must agree.
+(llama-cpp-python's, serving the same GGUF) started on loopback; the two must agree (the
+``qwen`` and ``llama_server`` fixtures are in ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -11,14 +12,8 @@ from __future__ import annotations
 import http.server
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,14 +21,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from nlrw.backends import (
     AnswerDistribution,
@@ -46,82 +35,19 @@ from nlrw.backends import (
 )
 from nlrw.backends.openai import OpenAIBackend
 from nlrw.backends.transformers import TransformersBackend
+from support import (
+    BYTE_VOCAB,
+    DIGITS,
+    EXAMPLES,
+    chats,
+    free_port,
+    rating_chat,
+    tiny_backend,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 torch.set_num_threads(1)
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-DIGITS = [str(d) for d in range(10)]
-
-
-def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    """Byte-level BPE: every byte is a token, plus merges giving "Yes" and "No" one token each;
-    so digits are single tokens, " 5" is two, "Maybe" five."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    for t in ["Ye", "Yes", "No"]:
-        vocab[t] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("Y", "e"), ("Ye", "s"), ("N", "o")]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # pyright: ignore
-    tok.decoder = decoders.ByteLevel()  # pyright: ignore
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    t = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    t.name_or_path = f"tiny-bytes-{'chat' if chat_template else 'plain'}"
-    if chat_template:
-        t.chat_template = CHAT_TEMPLATE
-    return t
-
-
-VOCAB = 262
-
-
-def tiny_model(arch: str = "qwen2", seed: int = 0) -> Any:
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=261,
-        pad_token_id=259,
-    )
-    model = (
-        Qwen2ForCausalLM(Qwen2Config(**common))
-        if arch == "qwen2"
-        else LlamaForCausalLM(LlamaConfig(**common))
-    )
-    with torch.no_grad():  # larger than the default init, so that outputs depend on the input
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.3)
-    return model.eval()
-
-
-def tiny_backend(arch: str = "qwen2", batch_size: int = 8, **kw: Any) -> TransformersBackend:
-    kw.setdefault("tokenizer", tiny_tokenizer())
-    kw.setdefault("dtype", "float32")
-    return TransformersBackend(
-        f"tiny-{arch}", model_obj=tiny_model(arch), batch_size=batch_size, **kw
-    )
-
-
-def chats(n: int) -> list[list[dict[str, str]]]:
-    """n chats of different lengths (some with a system message)."""
-    out = []
-    for i in range(n):
-        chat = [{"role": "user", "content": f"Rate example {i}: " + "word " * (3 * i % 11)}]
-        if i % 2:
-            chat.insert(0, {"role": "system", "content": "You rate things."})
-        out.append(chat)
-    return out
-
 
 # --------------------------------------------------------------------------------------------
 # Prompt text and answer tokens
@@ -268,7 +194,7 @@ class EOSHead(torch.nn.Module):
     """An output layer that always predicts EOS (token 261)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(*h.shape[:-1], VOCAB, dtype=h.dtype)
+        logits = torch.zeros(*h.shape[:-1], BYTE_VOCAB, dtype=h.dtype)
         logits[..., 261] = 10.0
         return logits
 
@@ -307,12 +233,6 @@ def test_load_backend_and_protocol(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # openai backend: failure handling against small stdlib servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Scripted(http.server.BaseHTTPRequestHandler):
@@ -414,34 +334,6 @@ def test_openai_generate_returns_malformed_replies_flagged(scripted: str) -> Non
 # --------------------------------------------------------------------------------------------
 # Slow: the embedded Qwen2.5-Coder-0.5B, through transformers and a real server
 
-RATING_SYSTEM = (
-    "You are a meticulous AI researcher. You will see an explanation of a neuron of a "
-    "language model and a text whose last token is marked <<like this>>. Rate how strongly "
-    "the neuron fires on the marked token, from 0 (not at all) to 9 (as strongly as it "
-    "ever fires). Answer with a single digit."
-)
-EXAMPLES = [
-    ("the word 'dog' and other pets", "She walked her <<dog>>"),
-    ("the word 'dog' and other pets", "The stock market fell <<sharply>>"),
-    ("closing parentheses in code", "print(len(x)<<)>>"),
-    ("female names", "Yesterday I met <<Elizabeth>>"),
-    ("numbers written as digits", "The year was <<1811>>"),
-]
-
-
-def rating_chat(explanation: str, text: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": RATING_SYSTEM},
-        {"role": "user", "content": f"Neuron explanation: {explanation}.\nText: {text}"},
-    ]
-
-
-@pytest.fixture(scope="module")
-def qwen() -> Iterator[TransformersBackend]:
-    backend = TransformersBackend("qwen2.5-coder-0.5b", dtype="float32", device="cpu")
-    yield backend
-    backend.close()
-
 
 @pytest.mark.slow
 def test_qwen_gives_a_sensible_digit_distribution(qwen: TransformersBackend) -> None:
@@ -453,61 +345,6 @@ def test_qwen_gives_a_sensible_digit_distribution(qwen: TransformersBackend) -> 
         [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=16
     )
     assert "Paris" in out[0].text and out[0].ok
-
-
-def _llama_server_available() -> bool:
-    try:
-        import llama_cpp.server  # noqa: F401  # pyright: ignore[reportMissingImports]
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module")
-def llama_server() -> Iterator[str]:
-    """llama-cpp-python's OpenAI-compatible server on a free loopback port, serving the GGUF."""
-    if not _llama_server_available():
-        pytest.skip("llama-cpp-python[server] is not installed (pip install -e '.[dev]')")
-    from nlrw.assets import SIMULATOR_ALIAS, simulator_gguf
-
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(simulator_gguf()),
-        "--model_alias", SIMULATOR_ALIAS,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", "2048", "--n_threads", str(min(2, os.cpu_count() or 1)),
-        "--logits_all", "True", "--verbose", "False",
-    ]  # fmt: skip
-    # The server's log goes to a file: an unread pipe fills up and blocks a chatty server.
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                err = log.read().decode(errors="replace")
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}: {err[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("llama_cpp.server did not answer /v1/models within 90 s")
-            time.sleep(0.5)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from nlrw import collect
 from nlrw.collect import CollectConfig, is_held_out, run, token_windows
 from nlrw.model.shards import ShardReader
 from nlrw.model.subject import capture, load_subject
-from test_subject import random_text, save_tiny, tiny_tokenizer
+from support import random_text, save_tiny, word_tokenizer
 
 # Tiny models gain nothing from threads, and spin-waiting threads suffer on a shared machine.
 torch.set_num_threads(1)
@@ -130,7 +130,7 @@ def test_held_out_documents_are_kept_apart(assets: dict[str, Path], tmp_path: Pa
 
 
 def test_windows_concatenate_documents_with_a_separator() -> None:
-    tok = tiny_tokenizer()
+    tok = word_tokenizer()
     docs = [(10, "the cat sat"), (11, ""), (12, "a dog ran on the mat"), (13, "red")]
     windows = list(token_windows(docs, tok, 4))
     the, cat, sat, a, dog, ran, on, mat, red = (

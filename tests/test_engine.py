@@ -34,15 +34,7 @@ from nlrw.backends.base import (
 )
 from nlrw.backends.openai import OpenAIBackend
 from nlrw.backends.transformers import TransformersBackend
-from test_backends import (  # noqa: F401  (llama_server, qwen: fixtures used below)
-    DIGITS,
-    chats,
-    llama_server,
-    qwen,
-    tiny_backend,
-    tiny_model,
-    tiny_tokenizer,
-)
+from support import BYTE_VOCAB, DIGITS, chats, tiny_backend, tiny_lm, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)
 
@@ -252,11 +244,10 @@ def test_shared_prefix_with_logits_post_processed_after_the_head() -> None:
 def test_sliding_window_models_fall_back_to_whole_prompts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=262,
+    model = tiny_lm(
+        "qwen2",
+        vocab_size=BYTE_VOCAB,
+        init_std=None,  # the default init
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -267,7 +258,7 @@ def test_sliding_window_models_fall_back_to_whole_prompts(
         max_window_layers=0,
     )
     backend = TransformersBackend(
-        "tiny-sliding", model_obj=Qwen2ForCausalLM(cfg), tokenizer=tiny_tokenizer(), dtype="float32"
+        "tiny-sliding", model_obj=model, tokenizer=tiny_tokenizer(), dtype="float32"
     )
     prompts = random_prompts(6)
     with caplog.at_level(logging.WARNING, logger="nlrw.backends.transformers"):
@@ -484,7 +475,7 @@ def sim_prompts(tokenizer: Any, n_contexts: int) -> list[SplitPrompt]:
 
 @pytest.mark.slow
 def test_qwen_shared_prefix_equals_single_on_realistic_prompts(
-    qwen: TransformersBackend,  # noqa: F811
+    qwen: TransformersBackend,
 ) -> None:
     prompts = sim_prompts(qwen.tokenizer, 3)
     assert 200 <= len(prompts[0].prefix) <= 300, len(prompts[0].prefix)
@@ -501,8 +492,8 @@ def test_qwen_shared_prefix_equals_single_on_realistic_prompts(
 
 @pytest.mark.slow
 def test_openai_answer_distribution_ids_on_a_real_server_agrees_with_transformers(
-    llama_server: str,  # noqa: F811
-    qwen: TransformersBackend,  # noqa: F811
+    llama_server: str,
+    qwen: TransformersBackend,
 ) -> None:
     """Same tolerances and reasons as test_backends' answer_distribution test (llama.cpp runs
     the same quantized weights with 8-bit activations in its matmuls). llama.cpp's server takes

@@ -33,7 +33,7 @@ from nlrw.lib.rundir import RunDir
 from nlrw.model.sparse import SparseCoder, SparseCoderConfig
 from nlrw.model.subject import Subject, get_hookpoint, load_subject
 from nlrw.model.topk import topk_replace
-from test_subject import LAYER, MLP, VOCAB, save_tiny
+from support import LAYER, MLP, WORD_VOCAB, save_tiny
 
 torch.set_num_threads(1)
 
@@ -89,7 +89,7 @@ def make_run(
     coder.save(RunDir(run_dir).coder(hookpoint))
     g = torch.Generator().manual_seed(1)
     n = N_EVAL + N_CAL
-    windows = torch.randint(3, VOCAB, (n, CTX_LEN + 1), generator=g)
+    windows = torch.randint(3, WORD_VOCAB, (n, CTX_LEN + 1), generator=g)
     table = pl.DataFrame(
         {
             "context_id": list(range(n)),

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from nlrw import explain
-from nlrw.backends.base import AnswerDistribution, Generation, Message
+from nlrw.backends.base import Message
 from nlrw.explain import (
     ExplainConfig,
     activation_digits,
@@ -26,96 +26,7 @@ from nlrw.explain import (
     select_latents,
 )
 from nlrw.prompts import explain as prompt
-
-WINDOW = 8
-WORDS = ["the", " cat", " sat", " on", " mat", ".", "\n", " dog", " ran", " far", " a", " big"]
-
-
-class ArraySource:
-    """A LatentSource over arrays: tokens [n, w], activations {latent: [n, w]}."""
-
-    def __init__(self, tokens: np.ndarray, acts: dict[int, np.ndarray], counts: dict[int, int]):
-        self._tokens = tokens
-        self._acts = acts
-        self._counts = counts
-
-    def counts(self) -> tuple[np.ndarray, np.ndarray]:
-        latents = np.array(sorted(self._counts), dtype=np.int64)
-        return latents, np.array([self._counts[int(k)] for k in latents], dtype=np.int64)
-
-    def top_windows(self, latent: int) -> np.ndarray:
-        peak = self._acts[latent].max(1)
-        active = np.flatnonzero(peak > 0)
-        return active[np.lexsort((active, -peak[active]))].astype(np.int64)
-
-    def activations(self, latent: int, windows: np.ndarray) -> np.ndarray:
-        return self._acts[latent][windows]
-
-    def tokens(self, windows: np.ndarray) -> np.ndarray:
-        return self._tokens[windows]
-
-    def inactive_windows(self, latent: int, n: int, seed: int) -> np.ndarray:
-        idle = np.flatnonzero(self._acts[latent].max(1) == 0)
-        rng = np.random.default_rng([seed, latent])
-        return rng.choice(idle, size=min(n, len(idle)), replace=False).astype(np.int64)
-
-    def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]:
-        return [WORDS[int(i)] for i in ids]
-
-
-def synthetic_source(n_windows: int = 400, seed: int = 0) -> ArraySource:
-    """Latent 0 fires on " cat" (id 1), latent 1 on " dog" (id 7), latent 2 on "." (id 5),
-    latent 3 is rare (count 3): strengths vary so the top windows rank by them."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, len(WORDS), size=(n_windows, WINDOW))
-    tokens[: n_windows // 2, 0] = 2  # half the windows have no cat/dog/period at all
-    tokens[: n_windows // 2] = np.where(
-        np.isin(tokens[: n_windows // 2], [1, 5, 7]), 3, tokens[: n_windows // 2]
-    )
-    acts: dict[int, np.ndarray] = {}
-    strength = rng.uniform(0.5, 5.0, size=(n_windows, WINDOW))
-    for latent, tok in [(0, 1), (1, 7), (2, 5)]:
-        acts[latent] = np.where(tokens == tok, strength, 0.0)
-    rare = np.zeros((n_windows, WINDOW))
-    rare[-1, :3] = 1.0
-    acts[3] = rare
-    counts = {k: int((v > 0).sum()) for k, v in acts.items()}
-    return ArraySource(tokens, acts, counts)
-
-
-class FakeExplainer:
-    """A Backend whose replies come from a function of (chat, seed); counts calls."""
-
-    name = "fake"
-    model = "fake-model"
-
-    def __init__(self, reply=None, fail_after: int | None = None) -> None:
-        self.reply = reply or (lambda chat, seed: "Sure, here is the explanation: the word cat.")
-        self.fail_after = fail_after
-        self.calls: list[int] = []
-
-    def generate(
-        self,
-        chats: Sequence[Sequence[Message]],
-        *,
-        max_new_tokens: int = 200,
-        temperature: float = 0.0,
-        seed: int = 0,
-    ) -> list[Generation]:
-        if self.fail_after is not None and len(self.calls) >= self.fail_after:
-            raise KeyboardInterrupt("killed")
-        self.calls.append(len(chats))
-        return [Generation(self.reply(c, seed), 100, 10, "stop") for c in chats]
-
-    def answer_distribution(
-        self, chats: Sequence[Sequence[Message]], answer_prefix: str, answers: Sequence[str]
-    ) -> AnswerDistribution:
-        probs = np.full((len(chats), len(answers)), 0.5)
-        return AnswerDistribution(probs, probs.sum(1))
-
-    def close(self) -> None:
-        pass
-
+from support import FakeExplainer, synthetic_source
 
 # --------------------------------------------------------------------------------------------
 # Prompt text

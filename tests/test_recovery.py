@@ -10,7 +10,9 @@ import torch
 from nlrw.model.sparse import SparseCoder, SparseCoderConfig
 from nlrw.model.subject import load_subject, next_token_loss, splice
 from nlrw.recovery import loss_recovered, zero_ablation
-from test_subject import LAYER, MLP, ids, save_tiny
+from support import LAYER, MLP, ids, save_tiny
+
+torch.set_num_threads(1)  # tiny models: a second thread only adds contention
 
 
 def random_coder(kind: str, d: int, seed: int = 0) -> SparseCoder:

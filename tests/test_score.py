@@ -16,7 +16,7 @@ from nlrw.backends.base import AnswerDistribution, Generation, Message
 from nlrw.explain import ExplainConfig
 from nlrw.prompts import detection as prompt
 from nlrw.score import ScoreConfig, derangement, p_yes
-from test_explain import FakeExplainer, synthetic_source
+from support import FakeExplainer, synthetic_source
 
 
 def test_golden_detection_prompt() -> None:
@@ -220,7 +220,7 @@ class _OneAnswerAtATime:
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_shared_prefix_scoring_equals_one_forward_per_answer(chat_template: bool) -> None:
     from nlrw.backends.transformers import TransformersBackend
-    from test_backends import tiny_model, tiny_tokenizer
+    from support import tiny_model, tiny_tokenizer
 
     backend = TransformersBackend(
         "tiny",

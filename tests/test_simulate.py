@@ -35,7 +35,7 @@ from nlrw.simulate import (
     select_latents,
     shard_chunks,
 )
-from test_backends import tiny_tokenizer
+from support import tiny_tokenizer
 
 torch.set_num_threads(1)
 

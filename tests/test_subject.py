@@ -3,30 +3,17 @@
 Hookpoints resolve by module name with helpful errors; :func:`capture` returns what a plain
 forward hook on the full model sees, stops after the hookpoint, and reads Pythia's MLP input
 correctly; :func:`splice` and :func:`next_token_loss` behave as the evaluation stage needs.
-The helpers at the top (tiny tokenizer and models) are shared with ``test_collect.py``.
+The tiny word-level tokenizer and models come from ``support.py``.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
 
 from nlrw.model.subject import (
     HookpointError,
@@ -37,101 +24,10 @@ from nlrw.model.subject import (
     resolve_dtype,
     splice,
 )
+from support import LAYER, MLP, WORD_VOCAB, ids, save_tiny, word_model
 
 # Tiny models gain nothing from threads, and spin-waiting threads suffer on a shared machine.
 torch.set_num_threads(1)
-
-_WORD_TEXT = (
-    "the a cat dog bird sat ran flew on under over mat house tree red blue green big small "
-    "and but then quickly slowly happy sad old young river hill road walked saw heard"
-)
-WORDS = _WORD_TEXT.split()
-SPECIALS = ["<unk>", "<bos>", "<eos>"]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over :data:`WORDS` (ids 0-2 are <unk>, <bos>, <eos>)."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = Whitespace()  # pyright: ignore[reportAttributeAccessIssue]
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
-    )
-
-
-VOCAB = len(SPECIALS) + len(WORDS)
-
-
-def random_text(rng: random.Random, lo: int = 3, hi: int = 30) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-
-def tiny_model(arch: str, seed: int = 0) -> Any:
-    """A random 3-layer model of the given family, width 32, in eval mode."""
-    torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        model = LlamaForCausalLM(cfg)
-    elif arch == "neox":
-        cfg = GPTNeoXConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            use_parallel_residual=True,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = GPTNeoXForCausalLM(cfg)
-    elif arch == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=3,
-            n_head=4,
-            n_positions=64,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-        model = GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(arch)
-    # Larger than the default init (std 0.02), so that layers visibly change the residual.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.2)
-    return model.eval()
-
-
-MLP = {
-    "llama": "model.layers.{}.mlp",
-    "neox": "gpt_neox.layers.{}.mlp",
-    "gpt2": "transformer.h.{}.mlp",
-}
-LAYER = {"llama": "model.layers.{}", "neox": "gpt_neox.layers.{}", "gpt2": "transformer.h.{}"}
-
-
-def save_tiny(path: Path, arch: str = "llama") -> str:
-    """Saves a tiny model and tokenizer as a local Hugging Face folder; returns its path."""
-    tiny_model(arch).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-def ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)
 
 
 def full_forward_hook(model: Any, hookpoint: str, input_ids: torch.Tensor) -> dict[str, Any]:
@@ -150,7 +46,7 @@ def full_forward_hook(model: Any, hookpoint: str, input_ids: torch.Tensor) -> di
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
 def test_hookpoint_is_resolved_from_the_module_tree(arch: str) -> None:
-    model = tiny_model(arch)
+    model = word_model(arch)
     base = {"llama": "model", "neox": "gpt_neox", "gpt2": "transformer"}[arch]
     blocks = getattr(getattr(model, base), "h" if arch == "gpt2" else "layers")
     assert get_hookpoint(model, MLP[arch].format(1)) is blocks[1].mlp
@@ -158,7 +54,7 @@ def test_hookpoint_is_resolved_from_the_module_tree(arch: str) -> None:
 
 
 def test_missing_hookpoint_lists_nearest_module_names() -> None:
-    model = tiny_model("llama")
+    model = word_model("llama")
     with pytest.raises(HookpointError, match=r"model\.layers\.1\.mlp") as err:
         get_hookpoint(model, "model.layer.1.mlp")
     assert "'model.layer.1.mlp' is not a module of LlamaForCausalLM" in str(err.value)
@@ -172,7 +68,7 @@ def test_missing_hookpoint_lists_nearest_module_names() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
 def test_capture_equals_a_hook_on_the_full_forward(arch: str) -> None:
-    model, x_ids = tiny_model(arch), ids()
+    model, x_ids = word_model(arch), ids()
     hookpoint = MLP[arch].format(1)
     acts = capture(model, hookpoint, x_ids)
     ref = full_forward_hook(model, hookpoint, x_ids)
@@ -186,7 +82,7 @@ def test_capture_equals_a_hook_on_the_full_forward(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
 def test_sae_capture_of_a_layer_is_the_residual_stream_after_it(arch: str) -> None:
-    model, x_ids = tiny_model(arch), ids()
+    model, x_ids = word_model(arch), ids()
     acts = capture(model, LAYER[arch].format(0), x_ids, kind="sae")
     with torch.no_grad():
         hidden = model(input_ids=x_ids, output_hidden_states=True).hidden_states
@@ -195,7 +91,7 @@ def test_sae_capture_of_a_layer_is_the_residual_stream_after_it(arch: str) -> No
 
 def test_neox_parallel_residual_mlp_input_is_the_normed_layer_input() -> None:
     """Pythia's parallel residual: mlp(post_attention_layernorm(h)), h the layer's input."""
-    model, x_ids = tiny_model("neox"), ids()
+    model, x_ids = word_model("neox"), ids()
     assert model.config.use_parallel_residual
     layer = model.gpt_neox.layers[1]
     h = capture(model, "gpt_neox.layers.0", x_ids, kind="sae").y  # input of layer 1
@@ -217,7 +113,7 @@ def test_neox_parallel_residual_mlp_input_is_the_normed_layer_input() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
 def test_capture_stops_the_forward_after_the_hookpoint(arch: str) -> None:
-    model = tiny_model(arch)
+    model = word_model(arch)
     fired: list[str] = []
     above = [LAYER[arch].format(2), "lm_head"]
     handles = [
@@ -240,17 +136,17 @@ def test_capture_stops_the_forward_after_the_hookpoint(arch: str) -> None:
 
 
 def test_capture_leaves_no_hook_behind() -> None:
-    model = tiny_model("llama")
+    model = word_model("llama")
     module = get_hookpoint(model, "model.layers.1.mlp")
     capture(model, "model.layers.1.mlp", ids())
     assert not module._forward_hooks
 
 
 def test_next_token_loss_is_the_shifted_cross_entropy() -> None:
-    model, x_ids = tiny_model("llama"), ids(batch=3, seq=10)
+    model, x_ids = word_model("llama"), ids(batch=3, seq=10)
     with torch.no_grad():
         logits = model(input_ids=x_ids).logits
-    manual = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x_ids[:, 1:].reshape(-1))
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, WORD_VOCAB), x_ids[:, 1:].reshape(-1))
     loss = next_token_loss(model, x_ids)
     torch.testing.assert_close(loss, manual)
     per_position = next_token_loss(model, x_ids, reduction="none")
@@ -266,7 +162,7 @@ def test_next_token_loss_is_the_shifted_cross_entropy() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
 def test_splice_identity_keeps_the_loss_and_zeros_change_it(arch: str) -> None:
-    model, x_ids = tiny_model(arch), ids()
+    model, x_ids = word_model(arch), ids()
     hookpoint = MLP[arch].format(1)
     clean = next_token_loss(model, x_ids)
     inputs: list[torch.Tensor] = []
@@ -295,7 +191,7 @@ def test_splice_identity_keeps_the_loss_and_zeros_change_it(arch: str) -> None:
 def test_splice_of_one_position_only_changes_the_prediction_it_makes() -> None:
     """Position -2 predicts the last token: the evaluation stage's splice of the context's
     final position, seen through next_token_loss over the whole window."""
-    model, x_ids = tiny_model("llama"), ids()
+    model, x_ids = word_model("llama"), ids()
     clean = next_token_loss(model, x_ids, reduction="none")
 
     def last_zero(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

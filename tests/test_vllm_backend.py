@@ -44,7 +44,7 @@ from nlrw.backends.vllm import (
     parse_outputs,
     supports_logprob_token_ids,
 )
-from test_backends import (
+from support import (
     DIGITS,
     EXAMPLES,
     RATING_SYSTEM,

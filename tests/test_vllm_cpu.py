@@ -43,7 +43,6 @@ for _name, _value in {
 pytest.importorskip("vllm", reason="vLLM is not installed here (make test runs it in .venv-vllm)")
 
 import torch  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from nlrw.backends.base import (  # noqa: E402
     SplitPrompt,
@@ -52,15 +51,18 @@ from nlrw.backends.base import (  # noqa: E402
 )
 from nlrw.backends.transformers import TransformersBackend  # noqa: E402
 from nlrw.backends.vllm import VLLMBackend, build_requests  # noqa: E402
-from test_backends import (  # noqa: E402
+from support import (  # noqa: E402
+    BYTE_VOCAB,
     DIGITS,
     EXAMPLES,
     RATING_SYSTEM,
-    VOCAB,
     chats,
     rating_chat,
+    tiny_model,
     tiny_tokenizer,
 )
+
+torch.set_num_threads(1)  # tiny models: a second thread only adds contention
 
 TOL = 1e-5
 """Largest difference allowed between vLLM's and the transformers backend's digit
@@ -74,24 +76,15 @@ MARK = "<<<SPLIT>>>"
 
 def tiny_folder(path: Path) -> Path:
     """A tiny random Qwen2 (head_dim 32) and the byte-level chat tokenizer, saved to ``path``."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
+    model = tiny_model(
+        "qwen2",
         hidden_size=64,
         intermediate_size=96,
-        num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=512,
-        eos_token_id=261,
-        pad_token_id=259,
         tie_word_embeddings=False,
     )
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # larger than the default init, so that outputs depend on the input
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.3)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
@@ -130,8 +123,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VLLMBackend
         str(folder),
         dtype="float32",
         max_model_len=512,
-        logprobs=VOCAB,
-        max_logprobs=VOCAB,
+        logprobs=BYTE_VOCAB,
+        max_logprobs=BYTE_VOCAB,
         engine_options=ENGINE,
     )
     yield backend, folder
