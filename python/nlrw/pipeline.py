@@ -24,7 +24,13 @@ a damaged stage is redone, and so is what follows it.
 ``config.json`` holds the resolved config of every stage with its hash, package versions,
 the git revision and the seeds; it is rewritten (atomically) at the start of each run.
 Presets are TOML files shipped in ``nlrw/presets`` (one table per stage); any value can be
-overridden on the command line.
+overridden on the command line. What a stage wrote is listed, set aside, rolled back and
+digested by :mod:`nlrw.lib.outputs`; the stages' bodies live in their own modules and are
+imported only when they run, so this module (and ``nlrw status``) never imports torch.
+
+Why this module is long: the run loop, resume, refusal of changed stages, replacement with
+rollback, the dry run and status are one state machine over the ``stages/<name>.json``
+records; split, each part would have to re-derive that state.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -53,9 +58,10 @@ from nlrw.config.recovery import RecoveryConfig
 from nlrw.config.score import ScoreConfig
 from nlrw.config.simulate import SimulateConfig
 from nlrw.evaluate import EvaluateConfig
-from nlrw.lib.io import atomic_write, atomic_write_json, file_digest, fsync_dir
+from nlrw.lib import outputs as stage_outputs
+from nlrw.lib.io import atomic_write, atomic_write_json
 from nlrw.lib.provenance import config_hash, from_dict, git_revision, to_jsonable, versions
-from nlrw.lib.rundir import STAGE_FILES, RunDir
+from nlrw.lib.rundir import RunDir
 from nlrw.prompts import detection as detection_prompt
 from nlrw.prompts import explain as explain_prompt
 from nlrw.prompts import simulation as simulation_prompt
@@ -551,7 +557,7 @@ def run(
     _check_format(run_dir)
     with locked(run_dir):
         for stage in STAGES:  # replacements a kill interrupted: the previous outputs come back
-            if _roll_back(run_dir, stage.name):
+            if stage_outputs.roll_back(run_dir, stage.name):
                 log(
                     f"[{stage.name}] an interrupted replacement was rolled back: previous "
                     "outputs kept"
@@ -604,7 +610,7 @@ def _pending(
             done = record.get("status") == "imported" or (
                 record.get("status") == "done"
                 and record.get("hash") == hashes[stage.name]
-                and _damage(run_dir, record, digests=False) is None
+                and stage_outputs.damage(run_dir, record, digests=False) is None
             )
             if force or not done:
                 out.append(stage.name)
@@ -627,7 +633,7 @@ def check_inputs(run_dir: str | Path, stage: str) -> None:
         if record.get("status") not in ("done", "imported"):
             continue  # not finished: the stage reports what it lacks itself
         redo = f"nlrw {upstream.name} {run_dir} --overwrite"
-        problem = _damage(run_dir, record, digests=True)
+        problem = stage_outputs.damage(run_dir, record, digests=True)
         if problem is not None:
             raise ValueError(
                 f"{problem}: an output of the {upstream.name} stage, which {stage} reads "
@@ -635,7 +641,9 @@ def check_inputs(run_dir: str | Path, stage: str) -> None:
             )
         if "outputs" in record:
             continue
-        for path in _files_under(run_dir, stage_files(run_dir, upstream.name)):
+        for path in stage_outputs.files_under(
+            run_dir, stage_outputs.stage_files(run_dir, upstream.name)
+        ):
             if path.suffix == ".parquet":
                 try:
                     pl.read_parquet_schema(path)
@@ -752,7 +760,7 @@ def _run_locked(
                 record = {**record, "hash": None}  # redo on request: outputs replaced
             damage = None
             if record is not None and record.get("status") == "done" and record.get("hash") == h:
-                damage = _damage(run_dir, record, digests=digests)
+                damage = stage_outputs.damage(run_dir, record, digests=digests)
                 if damage is None and redone_upstream is not None:
                     damage = f"its input from {redone_upstream} was redone"
             if record is not None and record.get("status") == "imported":
@@ -776,7 +784,7 @@ def _run_locked(
                 took = f"{record.get('seconds', 0):.0f} s"
                 log(f"[{stage.name}] done already ({took}), skipped{again}")
                 if "outputs" not in record:  # recorded before digests: trusted once, from now
-                    record = {**record, "outputs": _outputs(run_dir, stage.name)}
+                    record = {**record, "outputs": stage_outputs.digests(run_dir, stage.name)}
                     atomic_write_json(_record_path(run_dir, stage.name), record)
                 summaries[stage.name] = record.get("summary")
             else:
@@ -788,7 +796,7 @@ def _run_locked(
                     action = f"re-running ({damage})"
                 if record is not None and not overwrite:
                     action = "resuming"
-                if rerun and not overwrite and stage_files(run_dir, stage.name):
+                if rerun and not overwrite and stage_outputs.stage_files(run_dir, stage.name):
                     # On request, outputs no record accounts for (or a partial run's) are
                     # replaced too, instead of the stage refusing them.
                     overwrite, action = True, "running (replacing the outputs present)"
@@ -824,7 +832,7 @@ def _run_stage_replacing(
     ``.replaced/<stage>/`` and only deleted once the new ones are complete; any failure
     (an exception here, or a kill, rolled back at the next run) puts them back."""
     if replace:
-        _set_aside(run_dir, stage.name)
+        stage_outputs.set_aside(run_dir, stage.name)
     started = time.perf_counter()
     try:
         atomic_write_json(
@@ -841,122 +849,16 @@ def _run_stage_replacing(
                 "finished_at": _now(),
                 "seconds": seconds,
                 "summary": to_jsonable(summary),
-                "outputs": _outputs(run_dir, stage.name),
+                "outputs": stage_outputs.digests(run_dir, stage.name),
             },
         )
     except BaseException:
-        if _roll_back(run_dir, stage.name):
+        if stage_outputs.roll_back(run_dir, stage.name):
             log(f"[{stage.name}] failed: its previous outputs are back in place")
         raise
-    _discard_set_aside(run_dir, stage.name)
+    stage_outputs.discard_set_aside(run_dir, stage.name)
     log(f"[{stage.name}] done in {seconds:.0f} s")
     return summary
-
-
-# --- what a stage wrote: set aside, rolled back, digested -----------------------------------
-
-_NOT_MINE = {"train": {"transcoder/recovery.json"}}
-"""Files inside a stage's folder that another stage writes."""
-
-
-def stage_files(run_dir: Path, name: str) -> list[str]:
-    """The entries (files or folders, relative to ``run_dir``) of stage ``name`` present now."""
-    out: list[str] = []
-    for pattern in STAGE_FILES[name]:
-        for path in sorted(run_dir.glob(pattern)):
-            rel = path.relative_to(run_dir).as_posix()
-            if rel not in _NOT_MINE.get(name, set()):
-                out.append(rel)
-    return out
-
-
-def _replaced_dir(run_dir: Path, name: str) -> Path:
-    return RunDir(run_dir).replaced / name
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _set_aside(run_dir: Path, name: str) -> None:
-    """Move stage ``name``'s outputs and record into ``.replaced/<name>/`` (renames, no
-    copies), listing them first so that a kill at any point can be rolled back."""
-    backup = _replaced_dir(run_dir, name)
-    record = _record_path(run_dir, name).relative_to(run_dir).as_posix()
-    moved = stage_files(run_dir, name) + ([record] if (run_dir / record).exists() else [])
-    backup.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(backup / "moved.json", moved)
-    for rel in moved:
-        (backup / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(run_dir / rel, backup / "files" / rel)
-    fsync_dir(run_dir)
-
-
-def _discard_set_aside(run_dir: Path, name: str) -> None:
-    shutil.rmtree(_replaced_dir(run_dir, name), ignore_errors=True)
-    with contextlib.suppress(OSError):
-        RunDir(run_dir).replaced.rmdir()  # only once empty
-
-
-def _roll_back(run_dir: Path, name: str) -> bool:
-    """Undo an unfinished replacement of stage ``name``: what it wrote goes, the previous
-    outputs and record come back. Idempotent (safe to kill and redo). False if none."""
-    backup = _replaced_dir(run_dir, name)
-    try:
-        moved: list[str] = json.loads((backup / "moved.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        if backup.exists():
-            _discard_set_aside(run_dir, name)  # killed before anything was moved
-        return False
-    record = _record_path(run_dir, name).relative_to(run_dir).as_posix()
-    for rel in [*stage_files(run_dir, name), record]:
-        if rel not in moved:
-            _remove(run_dir / rel)  # written by the failed attempt, nothing to go back
-    for rel in moved:
-        source = backup / "files" / rel
-        if source.exists() or source.is_symlink():
-            if (run_dir / rel).exists():
-                _remove(run_dir / rel)
-            os.replace(source, run_dir / rel)
-    fsync_dir(run_dir)
-    _discard_set_aside(run_dir, name)
-    return True
-
-
-def _files_under(run_dir: Path, rels: list[str]) -> list[Path]:
-    out: list[Path] = []
-    for rel in rels:
-        path = run_dir / rel
-        out.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-    return out
-
-
-def _outputs(run_dir: Path, name: str) -> dict[str, list[Any]]:
-    """Every file stage ``name`` wrote: relative path → [size, digest]."""
-    return {
-        p.relative_to(run_dir).as_posix(): [p.stat().st_size, file_digest(p)]
-        for p in _files_under(run_dir, stage_files(run_dir, name))
-    }
-
-
-def _damage(run_dir: Path, record: dict[str, Any], *, digests: bool) -> str | None:
-    """What is wrong with a done stage's recorded outputs (None: nothing, or no outputs
-    recorded): a file missing, of another size, or (with ``digests``) of other content."""
-    outputs = record.get("outputs")
-    if not isinstance(outputs, dict):
-        return None
-    for rel, (size, digest) in outputs.items():
-        path = run_dir / rel
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size:,} bytes, {size:,} when written"
-        if digests and file_digest(path) != digest:
-            return f"{path} has changed since it was written (digest differs)"
-    return None
 
 
 def verify(run_dir: str | Path) -> list[tuple[str, str]]:
@@ -972,7 +874,7 @@ def verify(run_dir: str | Path) -> list[tuple[str, str]]:
     for stage in STAGES:
         record = _read_record(run_dir, stage.name)
         if record is not None and record.get("status") == "done":
-            problem = _damage(run_dir, record, digests=True)
+            problem = stage_outputs.damage(run_dir, record, digests=True)
             if problem is not None:
                 out.append((stage.name, problem))
     return out
@@ -1014,7 +916,7 @@ def status(run_dir: str | Path) -> list[StageStatus]:
     out = []
     for stage in STAGES:
         record = _read_record(run_dir, stage.name)
-        backup = _replaced_dir(run_dir, stage.name)
+        backup = stage_outputs.replaced_dir(run_dir, stage.name)
         if (backup / "moved.json").is_file():
             detail = f"previous outputs kept in {backup}/ until it finishes (rolled back if not)"
             out.append(StageStatus(stage.name, "replacing", None, detail))
@@ -1024,8 +926,10 @@ def status(run_dir: str | Path) -> list[StageStatus]:
             out.append(StageStatus(stage.name, "imported", None, f"from {record.get('source')}"))
         elif record.get("hash") != hashes.get(stage.name):
             out.append(StageStatus(stage.name, "stale", record.get("seconds"), "other config"))
-        elif record.get("status") == "done" and (damage := _damage(run_dir, record, digests=False)):
-            out.append(StageStatus(stage.name, "damaged", record.get("seconds"), damage))
+        elif record.get("status") == "done" and (
+            problem := stage_outputs.damage(run_dir, record, digests=False)
+        ):
+            out.append(StageStatus(stage.name, "damaged", record.get("seconds"), problem))
         elif record.get("status") == "done":
             summary = record.get("summary")
             detail = json.dumps(summary)[:80] if summary else ""
