@@ -83,6 +83,10 @@ checks each listed part (size and checksum) and reads it back instead of re-enco
 running statistics are rebuilt from the parts in the same order, so a resumed cache is
 identical to an uninterrupted one. A missing or corrupt part is re-made (with a warning
 naming it).
+
+Why this module is long: the cache is one streaming pass over the held-out activations, and
+its outputs (statistics, quantile sketches, top windows, reference positions) are all
+updated from the same chunk of latents; split, each would re-read the shards.
 """
 
 from __future__ import annotations

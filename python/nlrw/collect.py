@@ -49,6 +49,9 @@ next :func:`run` with the same config re-tokenizes the corpus (cheap), skips the
 every batch whose rows are already on disk and continues; batch ``b`` always holds windows
 ``[b * batch_size, (b + 1) * batch_size)``, so a resumed run computes every row in the same
 batch as an uninterrupted one and ends with byte-identical shards.
+
+Why this module is long: corpus reading, windowing and the resumable capture share the
+batch arithmetic that makes a resumed run byte-identical to an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ line, key or record at fault, and nothing is written.
 **Export** (``nlrw export-explanations RUN_DIR OUT``) writes the run's usable explanations and
 detection scores in delphi's layout (each detection record also keeps nlrw's ``window``), so
 delphi users can read them and ``import`` reads them back unchanged.
+
+Why this module is long: two input layouts (delphi's folders and a JSON object), the
+export, and a one-line error for every malformed case of each; every check sits next to the
+format it guards.
 """
 
 from __future__ import annotations

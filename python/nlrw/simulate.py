@@ -56,6 +56,10 @@ of the same chunk list: ``n`` processes (or machines sharing the run directory, 
 are copied into one ``simulations.parts``) together write exactly the parts of one run, with
 the same prompts in the same batches, hence the same numbers. The shard that finds every part
 present merges; :func:`merge` does it explicitly.
+
+Why this module is long: the stage's plan (which latents, which contexts, which chunks and
+shards) and the merge of parts must agree exactly for shards and resumed runs to produce the
+same numbers; they are kept in one module.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ bag, both with hand-written backward passes that touch only the B·k selected
 (row, latent) pairs instead of the dense ``[B, L]`` matrix (see ``benches/bench_train.py``).
 For inference on the CPU, :meth:`SparseCoder.encode` uses the Rust top-k of
 :mod:`nlrw.model.topk`.
+
+Why this module is long: the coder's math (inference and the sparse training step with its
+hand-written backward passes) and sparsify's checkpoint format must agree field by field;
+they are kept side by side so that a change to one is seen next to the other.
 """
 
 from __future__ import annotations
