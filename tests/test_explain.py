@@ -21,11 +21,11 @@ from nlrw.explain import (
     clean_explanation,
     copied_word,
     draw_from_bins,
-    highlight,
     render_examples,
     select_latents,
 )
 from nlrw.prompts import explain as prompt
+from nlrw.prompts.markup import escape, highlight
 from support import FakeExplainer, synthetic_source
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +127,8 @@ def test_activation_digits_are_floored_and_clipped() -> None:
 
 
 def test_escape_keeps_examples_on_their_lines() -> None:
-    assert prompt.escape("a\nb\tc\r") == "a\\nb\\tc\\r"
-    assert prompt.escape("naïve — ok") == "naïve — ok"
+    assert escape("a\nb\tc\r") == "a\\nb\\tc\\r"
+    assert escape("naïve — ok") == "naïve — ok"
 
 
 # --------------------------------------------------------------------------------------------

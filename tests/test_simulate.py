@@ -27,6 +27,7 @@ from nlrw.contexts import read_contexts, true_activations
 from nlrw.pipeline import load_preset
 from nlrw.pipeline import run as run_pipeline
 from nlrw.prompts import simulation as prompt
+from nlrw.prompts.markup import mark_last
 from nlrw.simulate import (
     SimulateConfig,
     expected_values,
@@ -236,12 +237,12 @@ def test_split_is_at_the_layout_boundary_and_tokenizes_like_the_whole(
 
 
 def test_mark_last_keeps_leading_space_outside_and_escapes() -> None:
-    assert prompt.mark_last("the big", " cat") == "the big <<cat>>"
-    assert prompt.mark_last("the big ", "cat") == "the big <<cat>>"
-    assert prompt.mark_last("line one", "\n") == "line one<<\\n>>"
-    assert prompt.mark_last("a\tb", " \nx") == "a\\tb <<\\nx>>"
-    assert prompt.mark_last("two", "  ") == "two<<  >>"  # all spaces: marked as it is
-    assert prompt.mark_last("", "Hello") == "<<Hello>>"
+    assert mark_last("the big", " cat") == "the big <<cat>>"
+    assert mark_last("the big ", "cat") == "the big <<cat>>"
+    assert mark_last("line one", "\n") == "line one<<\\n>>"
+    assert mark_last("a\tb", " \nx") == "a\\tb <<\\nx>>"
+    assert mark_last("two", "  ") == "two<<  >>"  # all spaces: marked as it is
+    assert mark_last("", "Hello") == "<<Hello>>"
 
 
 def test_context_text_decodes_with_the_subject_tokenizer() -> None:

@@ -62,7 +62,7 @@ from nlrw.lib.progress import progress_bar
 from nlrw.lib.provenance import config_hash, stage_record
 from nlrw.lib.rundir import RunDir
 from nlrw.prompts import explain as prompt
-from nlrw.prompts.explain import escape
+from nlrw.prompts.markup import highlight, highlighted_mask
 
 __all__ = [
     "CacheSource",
@@ -73,9 +73,7 @@ __all__ = [
     "clean_explanation",
     "copied_word",
     "draw_from_bins",
-    "escape",
     "explainer_examples",
-    "highlight",
     "render_examples",
     "run",
     "select_latents",
@@ -196,26 +194,6 @@ def draw_from_bins(
         take = min(per_bin, len(pool))
         out.append(np.sort(rng.choice(pool, size=take, replace=False)) if take else pool[:0])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-
-def highlighted_mask(acts: np.ndarray, threshold: float) -> np.ndarray:
-    """Tokens whose activation exceeds ``threshold x`` the example's max (none if max <= 0)."""
-    acts = np.asarray(acts, dtype=np.float64)
-    top = float(acts.max()) if acts.size else 0.0
-    if top <= 0.0:
-        return np.zeros(acts.shape, dtype=bool)
-    return acts > threshold * top
-
-
-def highlight(tokens: Sequence[str], acts: np.ndarray, threshold: float = 0.2) -> str:
-    """The example's text with highlighted tokens wrapped ``<<…>>``, consecutive ones merged."""
-    mask = highlighted_mask(acts, threshold)
-    parts: list[str] = []
-    for i, tok in enumerate(tokens):
-        opens = mask[i] and (i == 0 or not mask[i - 1])
-        closes = mask[i] and (i == len(tokens) - 1 or not mask[i + 1])
-        parts.append(("<<" if opens else "") + escape(tok) + (">>" if closes else ""))
-    return "".join(parts)
 
 
 def activation_digits(

@@ -53,7 +53,7 @@ from nlrw.lib.progress import progress_bar
 from nlrw.lib.provenance import config_hash, stage_record
 from nlrw.lib.rundir import RunDir
 from nlrw.prompts import detection as prompt
-from nlrw.prompts.explain import escape
+from nlrw.prompts.markup import escape
 
 __all__ = [
     "ScoreConfig",

@@ -5,8 +5,11 @@ golden tests of the exact rendered text (``tests/test_explain.py``, ``tests/test
 * :mod:`nlrw.prompts.explain`: the explainer's chat (highlighted top-activating examples);
 * :mod:`nlrw.prompts.detection`: the detection scorer's chat (does the explanation apply?);
 * :mod:`nlrw.prompts.simulation`: the simulator's chat (a 0-9 rating of the last token), in
-  two layouts split into a shared prefix and a suffix.
+  two layouts split into a shared prefix and a suffix;
+* :mod:`nlrw.prompts.markup`: how token text is written into all three (escaping, the ``<<…>>``
+  highlighting and last-token mark).
 
-Each module exposes ``PROMPT_HASH``: a short hash of its template strings, recorded beside every
-output and counted in the stage hashes, so a changed template re-runs its stage.
+Each template module (explain, detection, simulation) exposes ``PROMPT_HASH``: a short hash of
+its template strings, recorded beside every output and counted in the stage hashes, so a changed
+template re-runs its stage.
 """

@@ -19,8 +19,9 @@ import hashlib
 from collections.abc import Sequence
 
 from nlrw.backends.base import Message
+from nlrw.prompts.markup import escape
 
-__all__ = ["PROMPT_HASH", "SYSTEM", "USER", "escape", "render_chat", "render_example"]
+__all__ = ["PROMPT_HASH", "SYSTEM", "USER", "render_chat", "render_example"]
 
 SYSTEM = (
     "You explain what a feature of a language model detects. You see text examples in which "
@@ -74,20 +75,11 @@ PROMPT_HASH = hashlib.sha256(
 ).hexdigest()[:16]
 
 
-def escape(text: str) -> str:
-    """Newlines, tabs and other control characters written as escapes (``\\n``), so an example
-    stays on its line of the prompt."""
-    return "".join(
-        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
-        for ch in text
-    )
-
-
 def render_example(index: int, text: str, activations: Sequence[tuple[str, int]]) -> str:
     """One example: its (already highlighted) text and its ``("token", digit)`` pairs.
 
-    ``text`` must already have newlines escaped (:func:`escape`); tokens in the pairs are
-    escaped the same way and written between double quotes.
+    ``text`` must already have newlines escaped (:func:`nlrw.prompts.markup.escape`); tokens
+    in the pairs are escaped the same way and written between double quotes.
     """
     pairs = ", ".join(f'("{escape(tok)}", {digit})' for tok, digit in activations)
     return EXAMPLE.format(index=index, text=text, activations=pairs or "(none)")

@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 from nlrw.backends.base import Message, answer_token_ids
-from nlrw.prompts.explain import escape
+from nlrw.prompts.markup import escape, mark_last
 
 __all__ = [
     "ANSWER",
@@ -74,7 +74,6 @@ __all__ = [
     "Style",
     "context_text",
     "digit_tokens",
-    "mark_last",
     "prompt_hash",
     "render_chat",
     "user_message",
@@ -241,19 +240,9 @@ PAPER_PROMPT_HASH = hashlib.sha256(
 # --------------------------------------------------------------------------------------------
 
 
-def mark_last(head: str, last: str) -> str:
-    """``head`` + ``last`` wrapped ``<<…>>``, control characters escaped; leading spaces of
-    ``last`` stay outside the marks (``" cat"`` -> ``" <<cat>>"``) unless it is all spaces."""
-    body = last.lstrip(" ")
-    lead = last[: len(last) - len(body)]
-    if not body:
-        lead, body = "", last
-    return f"{escape(head)}{lead}<<{escape(body)}>>"
-
-
 def context_text(tokenizer: Any, ids: Sequence[int]) -> str:
     """The simulator's text of a context: token ids decoded with the **subject's** tokenizer,
-    the last token marked (:func:`mark_last`).
+    the last token marked (:func:`nlrw.prompts.markup.mark_last`).
 
     The last token's text is ``decode(ids)`` minus ``decode(ids[:-1])`` when the first starts
     with the second (SentencePiece tokenizers drop a lone token's leading space when it is
