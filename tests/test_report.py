@@ -20,6 +20,9 @@ import pytest
 
 from nlrw import evaluate, explain, pipeline, report, score
 from nlrw.report import ReportConfig, select_browser_latents, token_spans_html
+from nlrw.report.content import claim, decomposition
+from nlrw.report.figures import real_simulator_auroc
+from nlrw.report.load import SUMMARY_COLUMNS_SINCE_CONTROLS
 
 CALIBRATIONS = ("uncalibrated", "quantile", "isotonic", "gate")
 FRACTIONS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -469,9 +472,9 @@ def test_summary_without_its_columns_is_a_clear_error(run_dir: Path) -> None:
 
 
 def test_summary_from_before_the_controls_is_refused(run_dir: Path) -> None:
-    assert report.SUMMARY_COLUMNS_SINCE_CONTROLS == evaluate.SUMMARY_COLUMNS_SINCE_CONTROLS
+    assert SUMMARY_COLUMNS_SINCE_CONTROLS == evaluate.SUMMARY_COLUMNS_SINCE_CONTROLS
     path = run_dir / "eval" / "summary.parquet"
-    old = pl.read_parquet(path).drop(report.SUMMARY_COLUMNS_SINCE_CONTROLS)
+    old = pl.read_parquet(path).drop(SUMMARY_COLUMNS_SINCE_CONTROLS)
     old.write_parquet(path)
     with pytest.raises(ValueError, match=r"predates the controls.*nlrw evaluate"):
         report.run(ReportConfig(), run_dir)
@@ -492,17 +495,17 @@ def _row(**values: Any) -> dict[str, Any]:
 
 
 def test_claims_come_from_the_tests() -> None:
-    assert report.claim(_row(condition="zero_ablation")) == ""
+    assert claim(_row(condition="zero_ablation")) == ""
     # similarity only from a passed TOST, never from a large p-value alone
-    assert report.claim(_row()) == "inconclusive: neither a difference nor similarity shown"
-    assert report.claim(_row(p_value_holm=0.99)).startswith("inconclusive")
-    similar = report.claim(_row(equivalent_to_zero=True))
+    assert claim(_row()) == "inconclusive: neither a difference nor similarity shown"
+    assert claim(_row(p_value_holm=0.99)).startswith("inconclusive")
+    similar = claim(_row(equivalent_to_zero=True))
     assert similar == "similar to zero ablation (within ±0.040 nats)"
-    both = report.claim(_row(equivalent_to_zero=True, p_better_holm=0.001, diff_vs_zero=-0.01))
+    both = claim(_row(equivalent_to_zero=True, p_better_holm=0.001, diff_vs_zero=-0.01))
     assert both.startswith("better than, and similar to zero ablation")
-    assert report.claim(_row(p_better_holm=0.01, diff_vs_zero=-0.3)) == "better than zero ablation"
-    assert report.claim(_row(p_value_holm=0.01, diff_vs_zero=0.3)) == "worse than zero ablation"
-    untested = report.claim(_row(p_equivalent=float("nan"), equivalent_to_zero=None))
+    assert claim(_row(p_better_holm=0.01, diff_vs_zero=-0.3)) == "better than zero ablation"
+    assert claim(_row(p_value_holm=0.01, diff_vs_zero=0.3)) == "worse than zero ablation"
+    untested = claim(_row(p_equivalent=float("nan"), equivalent_to_zero=None))
     assert "similar" not in untested and "no equivalence test" in untested
 
 
@@ -526,11 +529,11 @@ def test_report_words_similarity_only_where_tost_passes(run_dir: Path) -> None:
     # the decomposition of the loss by the oracles, per calibration at fraction 1 (the
     # fixture: oracle_support removes half the excess of the simulated rows, oracle_magnitude
     # a fifth, so what remains with the true support is the smaller error)
-    lines = report.decomposition(summary)
+    lines = decomposition(summary)
     assert len(lines) == 4 and all("support error dominates" in ln for ln in lines)
     assert lines[0] in md
     # the frontier figure, with the real simulator at its measured mean AUROC
-    real = report.real_simulator_auroc(pl.read_parquet(run_dir / "calibration_metrics.parquet"))
+    real = real_simulator_auroc(pl.read_parquet(run_dir / "calibration_metrics.parquet"))
     assert real is not None and f"measured mean AUROC {real:.3f}" in page
     assert (run_dir / "report" / "frontier.png").is_file()
 
@@ -570,9 +573,9 @@ def test_report_of_a_run_with_only_the_summary(tmp_path: Path) -> None:
             "mean_ce": [3.2, 3.4, 7.3],
             "ci_low": [3.1, 3.3, 7.0],
             "ci_high": [3.3, 3.5, 7.6],
-            **{c: [None, None, None] for c in report.SUMMARY_COLUMNS_SINCE_CONTROLS},
+            **{c: [None, None, None] for c in SUMMARY_COLUMNS_SINCE_CONTROLS},
         },
-        schema_overrides={c: pl.Float64 for c in report.SUMMARY_COLUMNS_SINCE_CONTROLS}
+        schema_overrides={c: pl.Float64 for c in SUMMARY_COLUMNS_SINCE_CONTROLS}
         | {"equivalent_to_zero": pl.Boolean},
     ).write_parquet(run_dir / "eval" / "summary.parquet")
     page = report.run(ReportConfig(), run_dir).read_text()
