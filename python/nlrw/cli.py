@@ -27,12 +27,12 @@ from nlrw.config.collect import CollectConfig
 from nlrw.config.contexts import ContextsConfig
 from nlrw.config.explain import ExplainConfig
 from nlrw.config.recovery import RecoveryConfig
+from nlrw.config.report import ReportConfig
 from nlrw.config.score import ScoreConfig
 from nlrw.config.simulate import SimulateConfig
 from nlrw.evaluate import EvaluateConfig
 from nlrw.lib.rundir import RunDir
 from nlrw.pipeline import RunConfig, load_preset, preset_names
-from nlrw.report import ReportConfig
 from nlrw.train import TrainConfig
 
 # Config dataclasses appear without a prefix: `nlrw collect --n-tokens 1000`.

@@ -55,6 +55,7 @@ from nlrw.config.collect import CollectConfig
 from nlrw.config.contexts import ContextsConfig
 from nlrw.config.explain import ExplainConfig
 from nlrw.config.recovery import RecoveryConfig
+from nlrw.config.report import ReportConfig
 from nlrw.config.score import ScoreConfig
 from nlrw.config.simulate import SimulateConfig
 from nlrw.evaluate import EvaluateConfig
@@ -65,7 +66,6 @@ from nlrw.lib.rundir import RunDir
 from nlrw.prompts import detection as detection_prompt
 from nlrw.prompts import explain as explain_prompt
 from nlrw.prompts import simulation as simulation_prompt
-from nlrw.report import ReportConfig
 from nlrw.train import TrainConfig
 
 __all__ = [
