@@ -7,58 +7,26 @@ latents help or hurt. This stage maps every simulated score of an **eval** conte
 each calibration method asked for, side by side, and measures on the eval contexts how well
 each calibrated activation matches the true one.
 
-**Methods** (per latent ``l``; ``E`` its simulated score on a context):
+**Methods** (per latent ``l``; ``E`` its simulated score on a context), one module each in
+:mod:`nlrw.calibrations` with its math, applied through the registry
+:data:`nlrw.calibrations.CALIBRATIONS`:
 
-* ``uncalibrated`` (the paper's first mapping): ``a = E / 9 · max_l``, ``max_l`` the latent's
-  largest activation at the cache's reference positions (``reference_max`` in
-  ``latents/stats.parquet``: tokens with a window's worth of context, like the evaluated
-  ones; see :mod:`nlrw.cache`). ``E = 9`` gives ``max_l`` (the
-  paper's code maps 9.0 to 0: a bug, not the protocol). Any ``E > 0`` gives ``a > 0``, so a
-  simulator that rates inactive contexts above zero (the paper saw ≈ 8.5 on inactive
-  contexts) has **low specificity**: this is the paper's diagnosis.
-* ``quantile`` (the paper's calibration): ``a = F_real⁻¹(F_sim(E))``, exact for sparse
-  latents (:mod:`nlrw.model.quantiles`): ``F_real`` is the latent's reference distribution as the
-  mixture of its active frequency ``q`` (``reference_frequency``) and its active values'
-  quantiles (``active_quantiles``), so ``F_real⁻¹(p) = 0`` for ``p ≤ 1 − q``; ``F_sim`` the
-  distribution of its simulated scores over the **eval** contexts (``quantile_fit``; the
-  paper fits it on the contexts it evaluates, and that is the default) at the mid-rank
-  positions ``(r − ½)/n`` (one table entry per context by default, ``sim_quantiles = 0``), so
-  the top-scored context never maps to the cache's maximum by construction. Only contexts
-  whose score ranks in the top ``≈ q`` get an activation above zero, whether they are the
-  truly active ones or not: **sensitivity is low** when the ranking is imperfect (the
-  paper's second diagnosis).
+* ``uncalibrated`` (the paper's first mapping; :mod:`nlrw.calibrations.uncalibrated`):
+  ``a = E / 9 · max_l``, ``max_l`` the latent's ``reference_max``; any ``E > 0`` is active, so
+  specificity is low (the paper's diagnosis).
+* ``quantile`` (the paper's calibration; :mod:`nlrw.calibrations.quantile`):
+  ``a = F_real⁻¹(F_sim(E))``, ``F_real`` the cache's reference distribution, ``F_sim`` the
+  latent's simulated scores over the eval contexts (``quantile_fit``), ties and ranks as
+  ``quantile_ranks`` says; only the top ``≈ q`` scores are active, so sensitivity is low when
+  the ranking is imperfect (the paper's second diagnosis).
+* ``isotonic`` (nlrw's; :mod:`nlrw.calibrations.isotonic`): a monotone least-squares fit of
+  the true activation on ``E`` over the **calibration** split, applied to the eval contexts.
+* ``gate`` (nlrw's; :mod:`nlrw.calibrations.gate`): 0 below a threshold ``t_l`` set on the
+  calibration split for a specificity sized by the top-k budget (``gate_budget``,
+  ``gate_min_specificity``, ``gate_specificity``), the isotonic value (or a fill) above it.
+  Resolving specificity ``s`` takes at least ``⌈1 / (1 − s)⌉`` inactive calibration
+  contexts; a latent with fewer falls back (below), named in ``calibrate.json``.
 
-  *Ranks and ties* (``quantile_ranks``). ``random`` (default): each score's probability is
-  drawn uniformly within the probabilities its rank covers (a run of tied scores covers the
-  run's whole range), seeded by ``seed``: the randomized probability integral transform.
-  With an uninformative simulator the calibrated activations then have exactly the real
-  distribution, active on a fraction ``q`` of contexts at any ``q`` (measured in
-  ``tests/test_calibrate.py``). ``mid``: the deterministic rule, the middle of the run for
-  ties and ``(r − ½)/n`` otherwise; equal scores give equal activations, but a latent rarer
-  than ``1/(2n)`` is never activated (200 contexts: a latent at 0.1% never fires). If 70% of
-  the eval contexts share ``E = 0``, ``mid`` gives them all ``p = 0.35``, i.e. 0 for any
-  latent inactive on more than 35% of tokens; ``random`` spreads them over ``[0, 0.7]``.
-  F_sim uses the eval contexts' *scores* only, never their true activations.
-* ``isotonic`` (nlrw's): a per-latent monotone non-decreasing least-squares fit of the true
-  activation on ``E`` over the **calibration** split only (:func:`isotonic_fit`,
-  pool-adjacent-violators), applied to the eval contexts by linear interpolation between the
-  fitted points, constant beyond the first and last (:func:`isotonic_apply`). The fit is a
-  conditional mean, so it is ≥ 0 (true activations are) and it learns from held-out
-  contexts how often each score range is really active.
-* ``gate`` (nlrw's): a threshold ``t_l`` on ``E`` chosen on the calibration split for
-  specificity (:func:`gate_threshold`: the smallest ``t`` with ``P(E < t | inactive) ≥ s``),
-  then ``a = 0`` when ``E < t_l``, else the isotonic value at ``E``; where that is 0 (the
-  isotonic fit is flat at zero up there), ``a`` is the *fill*: the mean true activation of
-  the active calibration contexts with ``E ≥ t_l`` (of all active calibration contexts when
-  none is above ``t_l``) (:func:`gate_fill`). The specificity ``s`` is **sized by the top-k
-  budget**: with ``N`` simulated latents, each latent may let through at most
-  ``gate_budget · k / N`` false positives per context, so that the expected number of
-  false-positive latents per context stays ≤ ``gate_budget · k`` (default ``k/4``):
-  ``s = max(gate_min_specificity, 1 − gate_budget · k / N)`` (:func:`gate_specificity`; the
-  budget only tightens the former default 0.9, which it overtakes above ``N = 2.5 k``;
-  ``gate_specificity`` overrides both).
-  Resolving ``s`` takes at least ``⌈1 / (1 − s)⌉`` inactive calibration contexts; a latent
-  with fewer falls back (below), named in ``calibrate.json``.
 **Fallback.** A latent with fewer than ``min_calibration_contexts`` calibration contexts, or
 fewer than ``min_calibration_active`` active ones among them, cannot be fitted: its
 ``isotonic`` and ``gate`` activations are all 0 (predict inactive, the zero-ablation value
@@ -112,12 +80,17 @@ outputs of another config or inputs raise ``FileExistsError`` unless ``overwrite
 
 Memory: the four needed columns of the simulations (≈ 16 bytes a row) plus the output
 (≈ 30 bytes per eval row and method); fits run latent by latent.
+
+Why this module is long: the methods live in :mod:`nlrw.calibrations`, but the stage itself
+is most of what remains: checking three input files with errors that name the bad row or
+latent (≈ 190 lines), the per-latent fit / apply / metrics loop, the support diagnostics,
+five output tables with their schemas, and resume. The input checks could be a module of
+their own; they are kept here beside the one function that uses them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -126,13 +99,24 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from nlrw.calibrations import CALIBRATIONS, LatentFit, PerLatent, Rows
+from nlrw.calibrations.gate import (
+    gate_apply,
+    gate_fill,
+    gate_fit,
+    gate_specificity,
+    gate_threshold,
+)
+from nlrw.calibrations.isotonic import isotonic_apply, isotonic_fit
+from nlrw.calibrations.quantile import fit_sim_tables, quantile_calibrate, random_offsets
+from nlrw.calibrations.uncalibrated import E_MAX, uncalibrated
 from nlrw.config.calibrate import METHODS, SPLITS, CalibrateConfig, Method
 from nlrw.contexts import load_context_activations
 from nlrw.lib.io import atomic_path, atomic_write_json, file_digest
 from nlrw.lib.metrics import auroc, pearson
 from nlrw.lib.progress import progress_bar
 from nlrw.lib.provenance import config_hash, stage_record
-from nlrw.model.quantiles import midrank_tables, quantile_normalize, save_tables
+from nlrw.model.quantiles import save_tables
 
 __all__ = [
     "METHODS",
@@ -166,198 +150,12 @@ SHUFFLED_OUTPUT_FILE = "calibration_shuffled.parquet"
 TABLES_FILE = "calibration.safetensors"
 RECORD_FILE = "calibrate.json"
 
-E_MAX = 9.0
 _E_TOLERANCE = 1e-3  # a renormalized float32 expectation may exceed 9 by rounding
 
 
 # --------------------------------------------------------------------------------------------
-# The methods, as pure functions
+# Fitting one latent (the methods themselves: nlrw.calibrations)
 # --------------------------------------------------------------------------------------------
-
-
-def _vector(x: npt.ArrayLike, name: str) -> npt.NDArray[np.float64]:
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name}[{int(np.argmin(np.isfinite(a)))}] is not finite")
-    return a
-
-
-def uncalibrated(
-    expected_value: npt.ArrayLike, max_activation: npt.ArrayLike
-) -> npt.NDArray[np.float32]:
-    """The paper's mapping ``a = E / 9 · max`` (``max`` a scalar or one per score)."""
-    e = np.asarray(expected_value, dtype=np.float64)
-    return (e / E_MAX * np.asarray(max_activation, dtype=np.float64)).astype(np.float32)
-
-
-def quantile_calibrate(
-    fit_index: npt.ArrayLike,
-    fit_scores: npt.ArrayLike,
-    index: npt.ArrayLike,
-    scores: npt.ArrayLike,
-    active_table: npt.ArrayLike,
-    frequency: npt.ArrayLike,
-    sim_quantiles: int = 0,
-    offsets: npt.ArrayLike | None = None,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Quantile normalization ``a = F_real⁻¹(F_sim(E))`` of ``scores``.
-
-    Row ``i`` of ``active_table`` (``[L, Qr]``) and ``frequency[i]`` are latent ``i``'s
-    reference; ``F_sim`` of latent ``i`` is the mid-rank table of the ``fit_scores`` with
-    ``fit_index == i`` (``sim_quantiles`` entries, 0 for one per score); ``index`` names each
-    score's row; ``offsets`` as in :func:`nlrw.model.quantiles.quantile_normalize`. Returns
-    ``(activations, sim_table)``.
-    """
-    active = np.asarray(active_table, dtype=np.float32)
-    if active.ndim != 2:
-        raise ValueError(f"active_table must be 2-D [L, Q], got shape {active.shape}")
-    sim = midrank_tables(fit_index, fit_scores, active.shape[0], sim_quantiles or None)
-    return quantile_normalize(index, scores, sim, active, frequency, offsets), sim
-
-
-def isotonic_fit(
-    x: npt.ArrayLike, y: npt.ArrayLike
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Least-squares monotone non-decreasing regression of ``y`` on ``x``.
-
-    Returns ``(xs, ys)``: ``xs`` the distinct values of ``x`` ascending, ``ys`` the fitted
-    value at each, the minimiser of ``Σ_i (y_i − f(x_i))²`` over non-decreasing ``f``.
-    Pool-adjacent-violators: the points with equal ``x`` are pooled first (mean of their
-    ``y``, weight = their count); going up ``x``, each point starts a block and while a
-    block's mean is below the previous block's the two merge (weighted mean). The result is
-    the block means; equivalently ``ŷ_i = max_{j ≤ i} min_{k ≥ i} mean(y_j … y_k)`` (pooled
-    weights). ``O(n log n)`` for the sort, ``O(n)`` merges. Empty input gives empty arrays.
-    """
-    xa, ya = _vector(x, "x"), _vector(y, "y")
-    if xa.shape != ya.shape:
-        raise ValueError(f"x has {xa.shape[0]} values but y has {ya.shape[0]}")
-    if xa.size == 0:
-        return np.zeros(0), np.zeros(0)
-    xs, inverse = np.unique(xa, return_inverse=True)
-    weight = np.bincount(inverse, minlength=xs.size).astype(np.float64)
-    means = np.bincount(inverse, weights=ya, minlength=xs.size) / weight
-    values: list[float] = []
-    weights: list[float] = []
-    sizes: list[int] = []
-    for v, w in zip(means.tolist(), weight.tolist(), strict=True):
-        values.append(v)
-        weights.append(w)
-        sizes.append(1)
-        while len(values) > 1 and values[-2] > values[-1]:
-            v2, w2, n2 = values.pop(), weights.pop(), sizes.pop()
-            w1 = weights[-1]
-            values[-1] = (values[-1] * w1 + v2 * w2) / (w1 + w2)
-            weights[-1] = w1 + w2
-            sizes[-1] += n2
-    ys = np.repeat(np.asarray(values), np.asarray(sizes))
-    return xs, np.maximum.accumulate(ys)  # exact monotonicity despite rounding in the means
-
-
-def isotonic_apply(
-    xs: npt.ArrayLike, ys: npt.ArrayLike, x: npt.ArrayLike
-) -> npt.NDArray[np.float64]:
-    """A fit of :func:`isotonic_fit` at ``x``: linear interpolation between the fitted points
-    (``numpy.interp``), ``ys[0]`` below ``xs[0]`` and ``ys[-1]`` above ``xs[-1]``; all zeros
-    for an empty fit (the fallback: predict inactive)."""
-    xs_a, ys_a = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
-    xa = np.asarray(x, dtype=np.float64)
-    if xs_a.shape != ys_a.shape or xs_a.ndim != 1:
-        raise ValueError(f"xs and ys must be 1-D of one length, got {xs_a.shape}, {ys_a.shape}")
-    if xs_a.size == 0:
-        return np.zeros(xa.shape)
-    return np.interp(xa, xs_a, ys_a)
-
-
-def gate_threshold(scores: npt.ArrayLike, active: npt.ArrayLike, specificity: float) -> float:
-    """The smallest ``t`` with ``#{inactive i: E_i < t} / #inactive ≥ specificity``.
-
-    With the inactive scores sorted ``e_(1) ≤ … ≤ e_(n)`` and ``m`` the smallest count with
-    ``m / n ≥ specificity``, the condition is ``e_(m) < t``; scores are float32, so the
-    smallest such ``t`` is the next float32 above ``e_(m)`` (then ``E < t ⟺ E ≤ e_(m)``).
-    ``-inf`` (gate nothing) when no context is inactive.
-    """
-    e = np.asarray(scores, dtype=np.float32)
-    act = np.asarray(active, dtype=bool)
-    if e.shape != act.shape or e.ndim != 1:
-        raise ValueError(f"scores and active must be 1-D of one length, got {e.shape}, {act.shape}")
-    if not 0.0 < specificity <= 1.0:
-        raise ValueError(f"specificity must be in (0, 1], got {specificity}")
-    inactive = np.sort(e[~act])
-    n = inactive.size
-    if n == 0:
-        return float("-inf")
-    m = max(1, math.ceil(specificity * n))
-    while m > 1 and (m - 1) / n >= specificity:  # ceil of a rounded product may be one high
-        m -= 1
-    while m < n and m / n < specificity:
-        m += 1
-    return float(np.nextafter(inactive[m - 1], np.float32(np.inf)))
-
-
-def gate_specificity(budget: float, k: int, n_latents: int, minimum: float = 0.0) -> float:
-    """The per-latent specificity that keeps the expected false-positive latents per context
-    at ``budget · k`` over ``n_latents`` simulated latents: ``1 − budget · k / n_latents``, and
-    at least ``minimum`` (the budget only tightens a gate; floored at 0)."""
-    if n_latents <= 0:
-        return 1.0
-    return max(minimum, 0.0, 1.0 - budget * k / n_latents)
-
-
-def gate_resolvable(n_inactive: int, specificity: float) -> bool:
-    """Whether ``n_inactive`` contexts resolve ``specificity``: one false positive among them
-    must be a rate of at most ``1 − specificity`` (``n ≥ 1 / (1 − s)``)."""
-    if specificity <= 0.0:
-        return True
-    if specificity >= 1.0:
-        return n_inactive > 0
-    return n_inactive * (1.0 - specificity) >= 1.0 - 1e-9
-
-
-def gate_fill(scores: npt.ArrayLike, true: npt.ArrayLike, threshold: float) -> float:
-    """The gate's value where the isotonic fit is 0: the mean true activation of the active
-    contexts with ``E ≥ threshold``, of all active contexts when none is, 0 when none is
-    active."""
-    e = np.asarray(scores, dtype=np.float64)
-    t = np.asarray(true, dtype=np.float64)
-    active = t > 0
-    above = active & (e >= threshold)
-    pick = above if above.any() else active
-    return float(t[pick].mean()) if pick.any() else 0.0
-
-
-def gate_apply(
-    scores: npt.ArrayLike,
-    threshold: float,
-    xs: npt.ArrayLike,
-    ys: npt.ArrayLike,
-    fill: float,
-) -> npt.NDArray[np.float64]:
-    """``a = 0`` where ``E < threshold``; else the isotonic value, or ``fill`` where that is
-    0."""
-    e = np.asarray(scores, dtype=np.float64)
-    iso = isotonic_apply(xs, ys, e)
-    return np.where(e < threshold, 0.0, np.where(iso > 0, iso, fill))
-
-
-class LatentFit(NamedTuple):
-    """What a latent's calibration split gives the isotonic and gate methods."""
-
-    xs: npt.NDArray[np.float64]
-    """Isotonic fit: distinct calibration scores, ascending (empty for the fallback)."""
-    ys: npt.NDArray[np.float64]
-    """Isotonic fit: fitted activation at each of ``xs``."""
-    threshold: float
-    """Gate threshold (``inf`` for the fallback: everything gated)."""
-    fill: float
-    """Gate value where the isotonic fit is 0."""
-    n_calibration: int
-    n_calibration_active: int
-    fallback: str | None
-    """Why the latent was not fitted, or None."""
-    gate_fallback: str | None = None
-    """Why the gate could not be set (its activations are then 0), or None."""
 
 
 def fit_latent(
@@ -382,18 +180,8 @@ def fit_latent(
         return LatentFit(empty, empty, float("inf"), 0.0, n, n_active, reason, reason)
     xs, ys = isotonic_fit(e, t)
     spec = specificity if specificity is not None else (cfg.gate_specificity or 0.9)
-    n_inactive = n - n_active
-    # No inactive context: nothing to gate (the threshold is -inf), nothing to resolve.
-    if n_inactive and not gate_resolvable(n_inactive, spec):
-        need = math.ceil(1.0 / (1.0 - spec) - 1e-9)
-        why = (
-            f"{n_inactive} inactive calibration contexts cannot resolve gate specificity "
-            f"{spec:.6g} (needs {need})"
-        )
-        return LatentFit(xs, ys, float("inf"), 0.0, n, n_active, None, why)
-    # A budget as large as the simulated latents themselves gates nothing (specificity 0).
-    threshold = gate_threshold(e, t > 0, spec) if spec > 0 else float("-inf")
-    return LatentFit(xs, ys, threshold, gate_fill(e, t, threshold), n, n_active, None)
+    gate = gate_fit(e, t, spec)
+    return LatentFit(xs, ys, gate.threshold, gate.fill, n, n_active, None, gate.fallback)
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,31 +502,32 @@ def _calibrate(
     ``specificity``; ``truth`` the contexts' true top-k (for the support diagnostics)."""
     n_rows, n_latents = data.latent.size, data.latents.size
     row_latent = np.repeat(np.arange(n_latents), np.diff(data.bounds))  # index into latents
-    calibrated: dict[str, np.ndarray] = {}
-    if "uncalibrated" in cfg.methods:
-        calibrated["uncalibrated"] = uncalibrated(data.score, data.max_activation[row_latent])
-    # The simulated-score tables are always computed: calibration.safetensors keeps them.
+    # F_sim is always fitted: calibration.safetensors keeps it.
     fit_rows = data.is_eval if cfg.quantile_fit == "eval" else ~data.is_eval
-    offsets = None
-    if cfg.quantile_ranks == "random":
-        rng = np.random.default_rng([cfg.seed, 0x9A17])
-        offsets = (rng.random(n_rows) - 0.5).astype(np.float32)
-    acts, sim_table = quantile_calibrate(
-        row_latent[fit_rows],
-        data.score[fit_rows],
-        row_latent,
-        data.score,
-        data.active_table,
-        data.frequency,
-        cfg.sim_quantiles,
-        offsets,
+    sim_table = fit_sim_tables(
+        row_latent[fit_rows], data.score[fit_rows], n_latents, cfg.sim_quantiles
     )
-    if "quantile" in cfg.methods:
-        calibrated["quantile"] = acts
-    fitted = any(m in cfg.methods for m in ("isotonic", "gate"))
-    for m in ("isotonic", "gate"):
-        if m in cfg.methods:
-            calibrated[m] = np.zeros(n_rows, np.float32)
+    rows_in = Rows(
+        latent=row_latent,
+        score=data.score,
+        max_activation=data.max_activation,
+        sim_table=sim_table,
+        active_table=data.active_table,
+        frequency=data.frequency,
+        offsets=random_offsets(cfg.seed, n_rows) if cfg.quantile_ranks == "random" else None,
+    )
+    calibrated: dict[str, np.ndarray] = {}
+    per_latent: dict[str, PerLatent] = {}  # applied latent by latent in the loop below
+    for m in cfg.methods:
+        every_row, apply = CALIBRATIONS[m]
+        if every_row is not None:
+            calibrated[m] = every_row(rows_in)
+        elif apply is not None:
+            calibrated[m] = np.zeros(n_rows, np.float32)  # calibration rows stay 0 (unused)
+            per_latent[m] = apply
+        else:
+            raise TypeError(f"calibration {m!r} is registered without a function")
+    fitted = bool(per_latent)
 
     fits: list[dict[str, Any]] = []
     fallbacks: dict[int, str] = {}
@@ -764,12 +553,8 @@ def _calibrate(
         if fitted:
             e_eval = e_all[ev]
             idx = np.arange(rows.start, rows.stop)[ev]
-            if "isotonic" in calibrated:
-                calibrated["isotonic"][idx] = isotonic_apply(fit.xs, fit.ys, e_eval)
-            if "gate" in calibrated:
-                calibrated["gate"][idx] = gate_apply(
-                    e_eval, fit.threshold, fit.xs, fit.ys, fit.fill
-                )
+            for m, apply in per_latent.items():
+                calibrated[m][idx] = apply(e_eval, fit)
             fits.append(
                 {
                     "latent": lat,
