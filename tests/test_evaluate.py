@@ -27,6 +27,8 @@ from nlrw import evaluate
 from nlrw.contexts import SCHEMA as CONTEXTS_SCHEMA
 from nlrw.contexts import ContextsConfig, context_activations, true_activations
 from nlrw.evaluate import EvaluateConfig, Grid, grid_ce, grid_ce_full, topk_replace_torch
+from nlrw.evaluate.grid import TAG_SYNTHETIC_FIXED
+from nlrw.evaluate.synthetic import _normal_cdf
 from nlrw.lib.io import atomic_write_json
 from nlrw.lib.provenance import stage_record
 from nlrw.lib.rundir import RunDir
@@ -858,7 +860,7 @@ def test_synthetic_generator_measures_its_target(quality: float) -> None:
         assert (np.diff(scores[active, j][order]) >= 0).all()
     assert np.nanmean(measured) == pytest.approx(quality, abs=0.01)
     # inactive contexts' scores are the noise alone, at every quality
-    np.testing.assert_array_equal(scores[:, 0], 9 * evaluate._normal_cdf(noise[:, 0]))
+    np.testing.assert_array_equal(scores[:, 0], 9 * _normal_cdf(noise[:, 0]))
 
 
 def test_synthetic_generator_exact_at_one_and_bad_quality() -> None:
@@ -916,7 +918,7 @@ def test_synthetic_rows_equal_a_manual_rewrite(tc_run, calibration: str, choice:
     expected = np.zeros(len(ids))
     for t in trials:
         if choice == "random":  # the synthetic family's own seeded permutation of all latents
-            rng = np.random.default_rng([FAST.seed, evaluate._TAG_SYNTHETIC_FIXED, t])
+            rng = np.random.default_rng([FAST.seed, TAG_SYNTHETIC_FIXED, t])
             chosen = rng.permutation(coder.num_latents)[:n_sel]
         else:
             a = grid.synthetic.auroc[0.5]
