@@ -807,3 +807,10 @@ def test_the_budget_only_tightens_the_gate(tmp_path: Path) -> None:
     assert fits["gate_threshold"].item() <= np.nextafter(inactive.min(), np.float32(np.inf))
     with pytest.raises(ValueError, match="gate_min_specificity"):
         CalibrateConfig(gate_min_specificity=0.0)
+
+
+def test_every_configured_method_is_registered() -> None:
+    from nlrw.calibrations import CALIBRATIONS
+    from nlrw.config.calibrate import METHODS
+
+    assert set(METHODS) == set(CALIBRATIONS)

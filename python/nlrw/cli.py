@@ -25,15 +25,15 @@ from nlrw.config.cache import CacheConfig
 from nlrw.config.calibrate import CalibrateConfig
 from nlrw.config.collect import CollectConfig
 from nlrw.config.contexts import ContextsConfig
+from nlrw.config.evaluate import EvaluateConfig
 from nlrw.config.explain import ExplainConfig
 from nlrw.config.recovery import RecoveryConfig
 from nlrw.config.report import ReportConfig
 from nlrw.config.score import ScoreConfig
 from nlrw.config.simulate import SimulateConfig
-from nlrw.evaluate import EvaluateConfig
+from nlrw.config.train import TrainConfig
 from nlrw.lib.rundir import RunDir
 from nlrw.pipeline import RunConfig, load_preset, preset_names
-from nlrw.train import TrainConfig
 
 # Config dataclasses appear without a prefix: `nlrw collect --n-tokens 1000`.
 _Flat = tyro.conf.arg(name="")

@@ -53,12 +53,13 @@ from nlrw.config.cache import CacheConfig
 from nlrw.config.calibrate import CalibrateConfig
 from nlrw.config.collect import CollectConfig
 from nlrw.config.contexts import ContextsConfig
+from nlrw.config.evaluate import EvaluateConfig
 from nlrw.config.explain import ExplainConfig
 from nlrw.config.recovery import RecoveryConfig
 from nlrw.config.report import ReportConfig
 from nlrw.config.score import ScoreConfig
 from nlrw.config.simulate import SimulateConfig
-from nlrw.evaluate import EvaluateConfig
+from nlrw.config.train import TrainConfig
 from nlrw.lib import outputs as stage_outputs
 from nlrw.lib.io import atomic_write, atomic_write_json
 from nlrw.lib.provenance import config_hash, from_dict, git_revision, to_jsonable, versions
@@ -66,7 +67,6 @@ from nlrw.lib.rundir import RunDir
 from nlrw.prompts import detection as detection_prompt
 from nlrw.prompts import explain as explain_prompt
 from nlrw.prompts import simulation as simulation_prompt
-from nlrw.train import TrainConfig
 
 __all__ = [
     "RUN_FORMAT",

@@ -54,7 +54,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,8 +74,9 @@ from nlrw.model.sparse import (
     evaluate,
     split_rows,
 )
-from nlrw.train_data import TorchBatches, check_width, count_rows, rebatch, resolve_dims, row_stream
-from nlrw.train_losses import (
+from nlrw.train.data import TorchBatches, check_width, count_rows, rebatch, resolve_dims, row_stream
+from nlrw.train.distributed import Dist, all_reduce, init_distributed, resolve_device
+from nlrw.train.losses import (
     LossModule,
     Signum,
     StepLosses,
@@ -144,40 +145,6 @@ class TrainResult:
     """The metrics logged at each evaluation (as in metrics.jsonl)."""
 
 
-# ---------------------------------------------------------------------- distributed
-
-
-class _Dist(NamedTuple):
-    rank: int
-    world: int
-    local_rank: int
-
-
-def _init_distributed() -> _Dist:
-    """The process group of a ``torchrun`` launch (initialized here when needed)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return _Dist(0, 1, 0)
-
-
-def _all_reduce(t: Tensor, world: int, op: Any = None) -> Tensor:
-    if world > 1:
-        dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM)
-    return t
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 # ---------------------------------------------------------------------- resuming
 
 
@@ -232,8 +199,8 @@ class Trainer:
         self.eval_batches = eval_batches
         self.hookpoint = hookpoint
         self.out = Path(out_dir)
-        self.ddp = _init_distributed()
-        self.device = _resolve_device(cfg.device, self.ddp.local_rank)
+        self.ddp = init_distributed()
+        self.device = resolve_device(cfg.device, self.ddp.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.autocast = cfg.autocast == "bf16" or (
@@ -395,7 +362,7 @@ class Trainer:
 
         losses: StepLosses = self._wrapped(x, y, total_variance, dead_mask)
         terms = torch.stack([losses.fvu, losses.auxk_loss, losses.multi_topk_fvu]).detach()
-        terms = _all_reduce(terms.float(), ddp.world)
+        terms = all_reduce(terms.float(), ddp.world)
         total = float(terms[0] + cfg.auxk_alpha * terms[1] + terms[2] / 8)
         if not math.isfinite(total):
             raise NonFiniteLossError(
@@ -416,7 +383,7 @@ class Trainer:
         with torch.no_grad():
             fired = torch.zeros(self.coder_cfg.num_latents, dtype=torch.int32, device=self.device)
             fired[losses.indices[losses.values > 0]] = 1
-            _all_reduce(fired, ddp.world, dist.ReduceOp.MAX if ddp.world > 1 else None)
+            all_reduce(fired, ddp.world, dist.ReduceOp.MAX if ddp.world > 1 else None)
             self.tokens_since_fired += global_batch.shape[0]
             self.tokens_since_fired[fired.bool()] = 0
         self.window.append(terms)
@@ -626,7 +593,7 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _evaluate(
-    coder: SparseCoder, eval_batches: Iterable[Any], ddp: _Dist, use_autocast: bool
+    coder: SparseCoder, eval_batches: Iterable[Any], ddp: Dist, use_autocast: bool
 ) -> EvalResult:
     """FVU and dead fraction over all eval rows; each rank takes its slice of every batch."""
 
