@@ -346,12 +346,7 @@ class FakeExplainer:
         self.calls: list[int] = []
 
     def generate(
-        self,
-        chats: Sequence[Sequence[Message]],
-        *,
-        max_new_tokens: int = 200,
-        temperature: float = 0.0,
-        seed: int = 0,
+        self, chats: Sequence[Sequence[Message]], *, seed: int = 0, **_: object
     ) -> list[Generation]:
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("killed")

@@ -33,8 +33,8 @@ import numpy.typing as npt
 
 from nlrw.calibrations.gate import gate_apply
 from nlrw.calibrations.isotonic import isotonic_apply
-from nlrw.calibrations.quantile import quantile_apply
 from nlrw.calibrations.uncalibrated import uncalibrated
+from nlrw.model.quantiles import quantile_normalize
 
 __all__ = ["CALIBRATIONS", "Calibration", "EveryRow", "LatentFit", "PerLatent", "Rows"]
 
@@ -97,7 +97,7 @@ CALIBRATIONS: dict[str, Calibration] = {
         every_row=lambda r: uncalibrated(r.score, r.max_activation[r.latent])
     ),
     "quantile": Calibration(
-        every_row=lambda r: quantile_apply(
+        every_row=lambda r: quantile_normalize(
             r.latent, r.score, r.sim_table, r.active_table, r.frequency, r.offsets
         )
     ),

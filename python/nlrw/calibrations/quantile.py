@@ -29,7 +29,7 @@ F_sim uses the eval contexts' *scores* only, never their true activations.
 
 Fit: :func:`fit_sim_tables` (the ``F_sim`` tables of every latent at once: with one entry per
 score the table width is the largest latent's count, shared by all). Apply:
-:func:`quantile_apply`. Both: :func:`quantile_calibrate`.
+:func:`nlrw.model.quantiles.quantile_normalize` (the Rust lookup). Both: :func:`quantile_calibrate`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from nlrw.model.quantiles import midrank_tables, quantile_normalize
 
-__all__ = ["fit_sim_tables", "quantile_apply", "quantile_calibrate", "random_offsets"]
+__all__ = ["fit_sim_tables", "quantile_calibrate", "random_offsets"]
 
 
 _OFFSETS_TAG = 0x9A17  # the offsets' stream of the run's seed
@@ -64,20 +64,6 @@ def fit_sim_tables(
     return midrank_tables(fit_index, fit_scores, n_latents, sim_quantiles or None)
 
 
-def quantile_apply(
-    index: npt.ArrayLike,
-    scores: npt.ArrayLike,
-    sim_table: npt.ArrayLike,
-    active_table: npt.ArrayLike,
-    frequency: npt.ArrayLike,
-    offsets: npt.ArrayLike | None = None,
-) -> npt.NDArray[np.float32]:
-    """``a = F_real⁻¹(F_sim(E))`` of each score of ``scores``, ``index`` naming its latent's
-    row of ``sim_table`` (:func:`fit_sim_tables`), ``active_table`` and ``frequency``;
-    ``offsets`` as in :func:`nlrw.model.quantiles.quantile_normalize` (None: the mid rule)."""
-    return quantile_normalize(index, scores, sim_table, active_table, frequency, offsets)
-
-
 def quantile_calibrate(
     fit_index: npt.ArrayLike,
     fit_scores: npt.ArrayLike,
@@ -100,4 +86,4 @@ def quantile_calibrate(
     if active.ndim != 2:
         raise ValueError(f"active_table must be 2-D [L, Q], got shape {active.shape}")
     sim = fit_sim_tables(fit_index, fit_scores, active.shape[0], sim_quantiles)
-    return quantile_apply(index, scores, sim, active, frequency, offsets), sim
+    return quantile_normalize(index, scores, sim, active, frequency, offsets), sim

@@ -1,8 +1,4 @@
-"""Options of the cache stage: held-out activations encoded into per-latent statistics.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.cache` re-exports
-them.
-"""
+"""Options of the cache stage (:mod:`nlrw.cache`)."""
 
 from __future__ import annotations
 

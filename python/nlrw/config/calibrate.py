@@ -1,8 +1,4 @@
-"""Options of the calibrate stage: simulated scores mapped onto each latent's activations.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.calibrate` re-exports
-them.
-"""
+"""Options of the calibrate stage (:mod:`nlrw.calibrate`)."""
 
 from __future__ import annotations
 

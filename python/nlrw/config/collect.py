@@ -1,8 +1,4 @@
-"""Options of the collect stage: activations of the subject model at the hookpoint.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.collect` re-exports
-them.
-"""
+"""Options of the collect stage (:mod:`nlrw.collect`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Options of the contexts stage: the evaluation and calibration contexts.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.contexts` re-exports
-them.
-"""
+"""Options of the contexts stage (:mod:`nlrw.contexts`)."""
 
 from __future__ import annotations
 

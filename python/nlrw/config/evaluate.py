@@ -1,10 +1,6 @@
-"""Options of the ``evaluate`` stage (:mod:`nlrw.evaluate`), importable without torch.
-
-:class:`EvaluateConfig` and the names its definition needs: the controls, the default
-fractions and synthetic qualities, the synthetic calibrations and the literal types of a choice
-and of the random mode. The stage re-exports all of them (``from nlrw.evaluate import
-EvaluateConfig`` works); the CLI's help is generated from the field docstrings.
-"""
+"""Options of the evaluate stage (:mod:`nlrw.evaluate`): :class:`EvaluateConfig` and the names
+its definition needs (the controls, the default fractions and synthetic qualities, the
+synthetic calibrations, the literal types of a choice and of the random mode)."""
 
 from __future__ import annotations
 
@@ -18,6 +14,7 @@ __all__ = [
     "CONTROLS",
     "DEFAULT_FRACTIONS",
     "DEFAULT_QUALITIES",
+    "SUMMARY_COLUMNS_SINCE_CONTROLS",
     "SYNTHETIC_CALIBRATIONS",
     "Choice",
     "EvaluateConfig",
@@ -203,3 +200,18 @@ def check_margin(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be > 0 (an equivalence margin), got {value!r}")
+
+
+SUMMARY_COLUMNS_SINCE_CONTROLS = (
+    "quality",
+    "p_value_holm",
+    "p_better",
+    "p_better_holm",
+    "equivalence_margin",
+    "p_equivalent",
+    "p_equivalent_holm",
+    "equivalent_to_zero",
+)
+"""Summary columns added with the controls and equivalence tests (issue 17): a summary
+without them was written before them, and the report refuses it (here, torch-free, so that
+the report reads it without importing the evaluate stage)."""

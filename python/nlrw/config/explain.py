@@ -1,8 +1,4 @@
-"""Options of the explain stage: an LLM explains each latent.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.explain` re-exports
-them.
-"""
+"""Options of the explain stage (:mod:`nlrw.explain`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Options of the recovery stage: the loss recovered by the coder's splice.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.recovery` re-exports
-them.
-"""
+"""Options of the recovery stage (:mod:`nlrw.recovery`)."""
 
 from __future__ import annotations
 

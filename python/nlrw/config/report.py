@@ -1,8 +1,4 @@
-"""Options of the report stage: what the latent browser shows, figure resolution.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.report` re-exports
-them.
-"""
+"""Options of the report stage (:mod:`nlrw.report`)."""
 
 from __future__ import annotations
 

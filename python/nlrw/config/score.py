@@ -1,8 +1,4 @@
-"""Options of the score stage: detection scoring of the explanations.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.score` re-exports
-them.
-"""
+"""Options of the score stage (:mod:`nlrw.score`)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Options of the simulate stage: an LLM predicts each latent's activation.
-
-Torch-free, so that the CLI and the pipeline read them cheaply; :mod:`nlrw.simulate` re-exports
-them.
-"""
+"""Options of the simulate stage (:mod:`nlrw.simulate`)."""
 
 from __future__ import annotations
 

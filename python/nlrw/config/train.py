@@ -1,8 +1,4 @@
-"""Options of the ``train`` stage (:mod:`nlrw.train`), importable without torch.
-
-The stage re-exports :class:`TrainConfig` (``from nlrw.train import TrainConfig`` works); the
-CLI's help is generated from the field docstrings.
-"""
+"""Options of the train stage (:mod:`nlrw.train`)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from nlrw.config.evaluate import check_margin
+from nlrw.config.evaluate import SUMMARY_COLUMNS_SINCE_CONTROLS, check_margin
 from nlrw.evaluate.grid import (
     CONDITIONS,
     TAG_BOOTSTRAP,
@@ -255,18 +255,6 @@ SUMMARY_SCHEMA: dict[str, Any] = {
     "equivalent_to_zero": pl.Boolean,
 }
 """Columns of ``eval/summary.parquet`` (see :func:`summarize`)."""
-
-SUMMARY_COLUMNS_SINCE_CONTROLS = (
-    "quality",
-    "p_value_holm",
-    "p_better",
-    "p_better_holm",
-    "equivalence_margin",
-    "p_equivalent",
-    "p_equivalent_holm",
-    "equivalent_to_zero",
-)
-"""Summary columns added with the controls (issue 17): a summary without them predates them."""
 
 
 def results_frame(grid: Grid, ce: np.ndarray, context_ids: np.ndarray) -> pl.DataFrame:

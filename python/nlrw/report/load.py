@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import polars as pl
 
+from nlrw.config.evaluate import SUMMARY_COLUMNS_SINCE_CONTROLS
 from nlrw.report.format import BASELINES, CONTROL_LABELS, calibration_order
 
 INPUTS: dict[str, str] = {
@@ -38,21 +39,6 @@ INPUTS: dict[str, str] = {
 
 REQUIRED = "eval/summary.parquet"
 _SUMMARY_COLUMNS = ("condition", "mean_ce", "ci_low", "ci_high")
-
-
-SUMMARY_COLUMNS_SINCE_CONTROLS = (
-    "quality",
-    "p_value_holm",
-    "p_better",
-    "p_better_holm",
-    "equivalence_margin",
-    "p_equivalent",
-    "p_equivalent_holm",
-    "equivalent_to_zero",
-)
-"""The evaluate stage's summary columns of the controls and equivalence tests (the same as
-:data:`nlrw.evaluate.SUMMARY_COLUMNS_SINCE_CONTROLS`, kept here so that the report does not
-import torch): a summary without them was written before, and is refused."""
 
 
 def lookup(d: Any, *keys: str) -> Any:
