@@ -485,5 +485,5 @@ def test_numpy_batches_and_bad_dtypes() -> None:
     coder = random_coder("sae")
     rows = np.random.default_rng(0).standard_normal((8, 12)).astype(np.float16)
     assert evaluate(coder, [rows]).rows == 8
-    with pytest.raises(TypeError, match=r"nlrw\.shards\.to_torch"):
+    with pytest.raises(TypeError, match=r"nlrw\.model\.shards\.to_torch"):
         evaluate(coder, [rows.view(np.uint16)])
