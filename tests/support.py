@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nlrw.backends.base import AnswerDistribution, Generation, Message
+from nlrw.backends.base import AnswerDistribution, Generation, Message, SplitPrompt
 
 if TYPE_CHECKING:
     import torch
@@ -361,3 +361,22 @@ class FakeExplainer:
 
     def close(self) -> None:
         pass
+
+
+def interleaved_prompts(
+    n: int, seed: int, shared: int, extra: tuple[int, int]
+) -> list[SplitPrompt]:
+    """Three prefixes interleaved: ``shared`` common leading tokens plus ``extra[0]`` more,
+    the empty prefix, and the same ``shared`` plus ``extra[1]`` more; suffixes of 1..7 tokens
+    (byte-level ids below 259)."""
+    rng = np.random.default_rng(seed)
+    head = tuple(int(t) for t in rng.integers(0, 259, shared))
+    prefixes = [
+        head + tuple(int(t) for t in rng.integers(0, 259, extra[0])),
+        (),
+        head + tuple(int(t) for t in rng.integers(0, 259, extra[1])),
+    ]
+    return [
+        SplitPrompt(prefixes[i % 3], tuple(int(t) for t in rng.integers(0, 259, 1 + (5 * i) % 7)))
+        for i in range(n)
+    ]

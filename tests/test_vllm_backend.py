@@ -49,6 +49,7 @@ from support import (
     EXAMPLES,
     RATING_SYSTEM,
     chats,
+    interleaved_prompts,
     rating_chat,
     tiny_model,
     tiny_tokenizer,
@@ -62,17 +63,7 @@ ANSWERS = list(range(48, 58))  # ten token ids of the tiny vocabulary ("0".."9")
 
 def random_prompts(n: int, seed: int = 0) -> list[SplitPrompt]:
     """Prefixes (one empty, two sharing their first 8 tokens) interleaved; suffixes 1..7."""
-    rng = np.random.default_rng(seed)
-    head = tuple(int(t) for t in rng.integers(0, 259, 8))
-    prefixes = [
-        head + tuple(int(t) for t in rng.integers(0, 259, 13)),
-        (),
-        head + tuple(int(t) for t in rng.integers(0, 259, 26)),
-    ]
-    return [
-        SplitPrompt(prefixes[i % 3], tuple(int(t) for t in rng.integers(0, 259, 1 + (5 * i) % 7)))
-        for i in range(n)
-    ]
+    return interleaved_prompts(n, seed, 8, (13, 26))
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from support import (  # noqa: E402
     EXAMPLES,
     RATING_SYSTEM,
     chats,
+    interleaved_prompts,
     rating_chat,
     tiny_model,
     tiny_tokenizer,
@@ -93,17 +94,7 @@ def tiny_folder(path: Path) -> Path:
 def shared_prompts(n: int, seed: int = 0) -> list[SplitPrompt]:
     """Three prefixes (70, 0 and 100 tokens; the two long ones share 40 leading tokens, more
     than a block) interleaved, suffixes of 1..7 tokens."""
-    rng = np.random.default_rng(seed)
-    head = tuple(int(t) for t in rng.integers(0, 259, 40))
-    prefixes = [
-        head + tuple(int(t) for t in rng.integers(0, 259, 30)),
-        (),
-        head + tuple(int(t) for t in rng.integers(0, 259, 60)),
-    ]
-    return [
-        SplitPrompt(prefixes[i % 3], tuple(int(t) for t in rng.integers(0, 259, 1 + (5 * i) % 7)))
-        for i in range(n)
-    ]
+    return interleaved_prompts(n, seed, 40, (30, 60))
 
 
 def prefix_cache_counts(llm: Any) -> tuple[float, float]:
