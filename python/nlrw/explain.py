@@ -168,7 +168,7 @@ class CacheSource:
 
 
 # --------------------------------------------------------------------------------------------
-# Examples: bins, sampling, highlighting
+# Examples: bins, sampling, rendering (highlighting is prompts.markup's)
 # --------------------------------------------------------------------------------------------
 
 

@@ -399,12 +399,8 @@ def work_sizes(cfg: RunConfig) -> dict[str, str]:
 # --- running and status --------------------------------------------------------------------
 
 
-def _record_path(run_dir: Path, name: str) -> Path:
-    return RunDir(run_dir).stage_record(name)
-
-
 def _read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
-    path = _record_path(run_dir, name)
+    path = RunDir(run_dir).stage_record(name)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -770,7 +766,7 @@ def _run_locked(
                     raise RunDirError(
                         f"{run_dir}: the {stage.name} output imported from {record.get('source')} "
                         "belongs to a coder the train stage has since replaced; import again, or "
-                        f"delete {_record_path(run_dir, stage.name)} to run the stage"
+                        f"delete {RunDir(run_dir).stage_record(stage.name)} to run the stage"
                     )
                 log(f"[{stage.name}] imported from {record.get('source')}, kept")
                 summaries[stage.name] = record.get("summary")
@@ -785,7 +781,7 @@ def _run_locked(
                 log(f"[{stage.name}] done already ({took}), skipped{again}")
                 if "outputs" not in record:  # recorded before digests: trusted once, from now
                     record = {**record, "outputs": stage_outputs.digests(run_dir, stage.name)}
-                    atomic_write_json(_record_path(run_dir, stage.name), record)
+                    atomic_write_json(RunDir(run_dir).stage_record(stage.name), record)
                 summaries[stage.name] = record.get("summary")
             else:
                 overwrite = record is not None and (record.get("hash") != h or damage is not None)
@@ -836,13 +832,13 @@ def _run_stage_replacing(
     started = time.perf_counter()
     try:
         atomic_write_json(
-            _record_path(run_dir, stage.name),
+            RunDir(run_dir).stage_record(stage.name),
             {"status": "running", "hash": h, "started_at": _now()},
         )
         summary = stage.run(cfg, run_dir, replace)
         seconds = time.perf_counter() - started
         atomic_write_json(
-            _record_path(run_dir, stage.name),
+            RunDir(run_dir).stage_record(stage.name),
             {
                 "status": "done",
                 "hash": h,
