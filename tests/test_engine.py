@@ -187,6 +187,48 @@ def test_shared_prefix_runs_each_prefix_once_and_keeps_the_input_order() -> None
     np.testing.assert_allclose(shuffled.probs, got.probs[order], rtol=0, atol=1e-6)
 
 
+def test_common_base_of_distinct_prefixes_runs_once_across_calls() -> None:
+    """Context-first prefixes: one long common head (instructions), then each context's own
+    tokens. The head's KV runs once and is kept; each prefix then runs only its own tail, in
+    this call and the next, and the probabilities equal one forward per whole prompt."""
+    backend = tiny_backend("qwen2", engine_batch_size=4)
+    backend._head_applies()
+    rng = np.random.default_rng(3)
+    head = tuple(int(t) for t in rng.integers(0, 259, 40))
+    tails = [tuple(int(t) for t in rng.integers(0, 259, 5 + i)) for i in range(4)]
+    prompts = [
+        SplitPrompt(head + tails[c], tuple(int(t) for t in rng.integers(0, 259, 1 + lat)))
+        for c in range(4)
+        for lat in range(3)
+    ]
+    seen: list[int] = []
+    embed = backend.lm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda _m, args, _o: seen.append(args[0].numel()))
+    try:
+        first = backend.answer_distribution_ids(prompts[:6], ANSWERS)
+        n_first = sum(seen)
+        second = backend.answer_distribution_ids(prompts[6:], ANSWERS)
+    finally:
+        hook.remove()
+    suffix_tokens = sum(len(p.suffix) for p in prompts[:3]) + sum(
+        len(p.suffix) for p in prompts[3:6]
+    )
+    # the head once, then the two contexts' tails, then suffix batches (one per context)
+    assert n_first == len(head) + len(tails[0]) + len(tails[1]) + 3 * 3 + 3 * 3
+    assert sum(seen) - n_first == len(tails[2]) + len(tails[3]) + 3 * 3 + 3 * 3
+    assert suffix_tokens < n_first
+    got = np.concatenate([first.probs, second.probs])
+    np.testing.assert_allclose(got, reference(backend.lm, prompts, ANSWERS), rtol=0, atol=1e-5)
+    # a prompt whose prefix does not extend the kept head runs whole, and is still right
+    other = [SplitPrompt(tails[0], (1, 2)), SplitPrompt(tails[1], (3,))]
+    np.testing.assert_allclose(
+        backend.answer_distribution_ids(other, ANSWERS).probs,
+        reference(backend.lm, other, ANSWERS),
+        rtol=0,
+        atol=1e-5,
+    )
+
+
 def test_engine_defaults_and_overrides() -> None:
     backend = tiny_backend(engine="single", engine_batch_size=2)
     assert backend.engine == "single" and backend.engine_batch_size == 2

@@ -78,7 +78,7 @@ SHOTS = [
 def _user(explanation: str, text: str, layout: str, cut: str = "") -> str:
     if layout == "explanation-first":
         return f"Feature explanation: {explanation}.\n\n{cut}Text: {text}\n\n{QUESTION}"
-    return f"Text: {text}\n\n{cut}Feature explanation: {explanation}.\n\n{QUESTION}"
+    return f"Text: {text}\n\n{QUESTION}\n\nFeature explanation:{cut} {explanation}."
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +164,8 @@ def test_golden_paper_style_chat() -> None:
     assert "no relation" in system and "lower ratings are far more likely" in system
     assert "Python list" in system
     split = prompt.render_chat("x", "y <<z>>", "context-first", split=True, style="paper")
-    assert split[-1]["content"].startswith("Text 1: y <<z>>\n\n" + prompt.SPLIT)
+    assert split[-1]["content"].startswith("Text 1: y <<z>>\n\n" + prompt.PAPER_QUESTION)
+    assert split[-1]["content"].endswith("Feature explanation:" + prompt.SPLIT + " x.")
     assert prompt.prompt_hash("paper") == prompt.PAPER_PROMPT_HASH != prompt.PROMPT_HASH
     with pytest.raises(ValueError, match="unknown simulation prompt"):
         prompt.render_chat("x", "y", style="poem")  # type: ignore[arg-type]
@@ -203,8 +204,8 @@ def test_golden_simulation_text_plain_fallback_context_first() -> None:
         expected += f"User: {_user(expl, shot_text, 'context-first')}\n\n"
         expected += f"Assistant: Rating: {rating}\n\n"
     expected += (
-        "User: Text: the big <<cat>>\n\n\x00Feature explanation: Words about cats.\n\n"
-        "How strongly does the latent fire on the marked last token?\n\nAssistant: Rating: "
+        "User: Text: the big <<cat>>\n\nHow strongly does the latent fire on the marked last "
+        "token?\n\nFeature explanation:\x00 Words about cats.\n\nAssistant: Rating: "
     )
     assert text == expected
 
@@ -227,7 +228,7 @@ def test_split_is_at_the_layout_boundary_and_tokenizes_like_the_whole(
             whole = render(tok, prompt.render_chat(e, t, layout), answer_prefix="Rating: ")
             assert [*got[i, j].prefix, *got[i, j].suffix] == encode_prompt(tok, whole)
             suffix_text = str(tok.decode(list(got[i, j].suffix)))
-            head = "Text: " if layout == "explanation-first" else "Feature explanation: "
+            head = "Text: " if layout == "explanation-first" else f" {expls[i]}."
             assert suffix_text.startswith(head)
             assert suffix_text.endswith("Rating: ")
     if layout == "explanation-first":  # contexts of a latent share the prefix
@@ -509,7 +510,7 @@ def test_prompts_are_grouped_for_prefix_sharing(run_dir: Path) -> None:
 
     fake = FakeSimulator()
     second = simulate.run(
-        _cfg(chunk_latents=3, layout="context-first", batch_size=1),
+        _cfg(layout="context-first", batch_size=1, chunk_contexts=n_ctx),  # one part
         run_dir,
         backend=fake,
         overwrite=True,
@@ -562,6 +563,42 @@ def test_killed_run_resumes_from_the_last_part(run_dir: Path, tmp_path: Path) ->
     resumed = simulate.run(_cfg(), other, backend=fake)
     assert len(fake.calls) == 1  # only the third latent
     assert resumed.equals(reference)
+
+
+def test_context_first_chunks_by_context_and_resumes_after_a_kill(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """context-first parts hold every latent on a slice of contexts; a kill mid-way keeps the
+    finished parts, and the resumed run simulates each remaining pair once, none twice."""
+    cfg = _cfg(layout="context-first", chunk_contexts=4)  # one backend call per part
+    n_ctx = read_contexts(run_dir).height
+    reference = simulate.run(cfg, run_dir, backend=FakeSimulator())
+    n_parts = len(list((run_dir / "simulations.parts").glob("part-*.parquet")))
+    assert n_parts == -(-n_ctx // 4)
+    first = pl.read_parquet(run_dir / "simulations.parts" / "part-000000.parquet")
+    assert sorted(set(first["latent"])) == sorted(EXPLANATIONS)  # every latent
+    assert first["context_id"].n_unique() == 4
+
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    shutil.rmtree(other / "simulations.parts")
+    (other / "simulations.parquet").unlink()
+    (other / "simulate.json").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        simulate.run(cfg, other, backend=FakeSimulator(fail_after=1))
+    done = sorted((other / "simulations.parts").glob("part-*.parquet"))
+    assert len(done) == 1
+    fake = FakeSimulator()
+    resumed = simulate.run(cfg, other, backend=fake)
+    asked = [(p.prefix, p.suffix) for call in fake.calls for p in call]
+    assert len(asked) == len(set(asked)) == len(EXPLANATIONS) * (n_ctx - 4)
+    assert resumed.equals(reference)
+    # the same pairs as explanation-first, and a different stage identity
+    by_latent = simulate.run(_cfg(), run_dir, backend=FakeSimulator(), overwrite=True)
+    assert by_latent.select("latent", "context_id").equals(reference.select("latent", "context_id"))
+    assert prompt.template_hash("nlrw", "context-first") != prompt.template_hash(
+        "nlrw", "explanation-first"
+    )
 
 
 def test_three_shards_merged_equal_one_run_byte_for_byte(
@@ -690,6 +727,8 @@ def test_config_is_validated() -> None:
         SimulateConfig(backend="openai")
     with pytest.raises(ValueError, match="chunk_latents"):
         SimulateConfig(chunk_latents=0)
+    with pytest.raises(ValueError, match="chunk_contexts"):
+        SimulateConfig(chunk_contexts=0)
     with pytest.raises(ValueError, match="min_digit_mass"):
         SimulateConfig(min_digit_mass=2.0)
 

@@ -28,11 +28,13 @@ either value can be recomputed. A latent whose **median** digit mass is below
 ``suffix`` (:func:`nlrw.backends.base.split_encode`). ``"explanation-first"``: the prefix is the
 system message, the few-shot exchanges and the explanation, shared by every context of a
 latent; prompts run latent by latent. ``"context-first"``: the prefix ends with the context's
-text, shared by every latent of a context; prompts run context by context *within a chunk of
-latents*, so the prefix is shared by at most ``chunk_latents`` prompts (use a large
-``chunk_latents`` with this layout). The transformers backend's ``"shared-prefix"`` engine
-computes each distinct prefix once per call; the openai backend sends prompts in prefix order so
-a server's prefix cache hits.
+text, the question and the label ``Feature explanation:``, shared by every latent of a context,
+and a latent's suffix is only its explanation and the answer cue; prompts run context by
+context, and the stage chunks this layout **by context** (``chunk_contexts`` contexts x every
+latent per part), so each context's prefix serves every simulated latent. The transformers
+backend's ``"shared-prefix"`` engine computes each distinct prefix once per call (and, for
+context-first, the instructions common to every context's prefix once per backend); the openai
+backend sends prompts in prefix order so a server's prefix cache hits.
 
 **Which latents.** Every latent of ``explanations.parquet`` with ``status == "ok"``; with
 ``max_latents``, the best ``max_latents`` of them by detection score (``balanced_accuracy`` of
@@ -42,7 +44,8 @@ the explain stage) are excluded and reported in ``simulate.json``, or stop the r
 (``missing_explanations = "error"``). Latents the explain stage never looked at are not
 reported; the evaluation keeps their true values.
 
-**Output.** Parts of ``chunk_latents`` latents each (in latent id order), written atomically to
+**Output.** Parts of ``chunk_latents`` latents each (in latent id order; for context-first,
+of ``chunk_contexts`` contexts each), written atomically to
 ``simulations.parts/part-NNNNNN.parquet`` (``latent, context_id, expected_value,
 digit_probs[10], digit_mass``); a killed run resumes from the parts on disk. When every part is
 there they are merged into ``simulations.parquet``, sorted by ``(latent, context_id)``, with
@@ -88,6 +91,7 @@ from nlrw.prompts.simulation import DigitTokens, Layout, Style
 __all__ = [
     "PART_SCHEMA",
     "SCHEMA",
+    "Chunk",
     "Plan",
     "SimulateConfig",
     "build_prompts",
@@ -96,6 +100,7 @@ __all__ = [
     "load_simulator",
     "merge",
     "parse_shard",
+    "plan_chunks",
     "read_plan",
     "run",
     "select_latents",
@@ -180,6 +185,34 @@ def select_latents(
 # --------------------------------------------------------------------------------------------
 
 
+class Chunk(NamedTuple):
+    """One part's pairs: every (latent, context) of ``latents x contexts``."""
+
+    latents: list[int]
+    contexts: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.latents) * len(self.contexts)
+
+
+def plan_chunks(
+    layout: Layout,
+    latents: Sequence[int],
+    context_ids: Sequence[int],
+    chunk_latents: int,
+    chunk_contexts: int,
+) -> list[Chunk]:
+    """The parts of one simulation: chunks of ``chunk_latents`` latents x every context for
+    explanation-first (a latent's prefix is shared by its contexts), every latent x chunks of
+    ``chunk_contexts`` contexts for context-first (a context's prefix by its latents)."""
+    if not latents:
+        return []
+    if layout == "context-first":
+        return [Chunk(list(latents), c) for c in chunked(list(context_ids), chunk_contexts)]
+    return [Chunk(c, list(context_ids)) for c in chunked(list(latents), chunk_latents)]
+
+
 class Plan(NamedTuple):
     """Everything the stage reads, resolved: what to simulate and the identity of the result."""
 
@@ -188,7 +221,7 @@ class Plan(NamedTuple):
     explanations: dict[int, str]
     contexts: pl.DataFrame  # context_id, split, input_ids (sorted by context_id)
     missing: dict[str, list[int]]  # status -> latents without a usable explanation
-    chunks: list[list[int]]
+    chunks: list[Chunk]
     key: str
     shuffled: dict[int, int]  # latent -> the latent whose explanation the control gives it
     n_real_chunks: int  # chunks[:n_real_chunks] are the real simulation, the rest the control
@@ -271,19 +304,25 @@ def read_plan(cfg: SimulateConfig, run_dir: Path) -> Plan:
     identity = {
         "config": {k: v for k, v in cfg.__dict__.items() if k not in _RUN_ONLY_FIELDS},
         "prompt_hash": prompt.prompt_hash(cfg.prompt),
+        "template": prompt.template_hash(cfg.prompt, cfg.layout),
         "latents": [(lat, explanations[lat]) for lat in latents],
         "contexts": digest,
     }
     if shuffled:
         identity["shuffled"] = sorted(shuffled.items())
-    real_chunks = chunked(latents, cfg.chunk_latents)
+    ctx_ids = [int(c) for c in contexts["context_id"]]
+
+    def parts(lats: Sequence[int]) -> list[Chunk]:
+        return plan_chunks(cfg.layout, lats, ctx_ids, cfg.chunk_latents, cfg.chunk_contexts)
+
+    real_chunks = parts(latents)
     return Plan(
         run_dir=run_dir,
         latents=latents,
         explanations={lat: explanations[lat] for lat in latents},
         contexts=contexts.select("context_id", "split", "input_ids"),
         missing=missing,
-        chunks=real_chunks + chunked(sorted(shuffled), cfg.chunk_latents),
+        chunks=real_chunks + parts(sorted(shuffled)),
         key=config_hash(identity),
         shuffled=shuffled,
         n_real_chunks=len(real_chunks),
@@ -437,7 +476,6 @@ def run(
     store = PartStore(parts_dir, plan.key)
     mine = shard_chunks(len(plan.chunks), cfg.shard)
     todo = [i for i in mine if not store.done(i)]
-    n_ctx = plan.contexts.height
     own_backend = backend is None
     started = time.perf_counter()
     n_prompts, busy = 0, 0.0
@@ -462,13 +500,13 @@ def run(
                 for c, row in zip(context_ids, ids, strict=True)
             }
             bar = progress_bar(
-                sum(len(plan.chunks[i]) for i in mine) * n_ctx,
+                sum(plan.chunks[i].size for i in mine),
                 "simulate",
                 "prompt",
                 enabled=cfg.progress,
             )
             if bar is not None:
-                bar.update(sum(len(plan.chunks[i]) for i in mine if i not in todo) * n_ctx)
+                bar.update(sum(plan.chunks[i].size for i in mine if i not in todo))
             for index in todo:
                 t0 = time.perf_counter()
                 frame = _simulate_chunk(
@@ -478,7 +516,6 @@ def run(
                     plan.for_chunk(index),
                     plan.chunks[index],
                     texts,
-                    context_ids,
                     bar,
                 )
                 busy += time.perf_counter() - t0
@@ -564,18 +601,17 @@ def _simulate_chunk(
     backend: Backend,
     digits: DigitTokens,
     plan: Plan,
-    chunk: list[int],
+    chunk: Chunk,
     texts: dict[int, str],
-    context_ids: list[int],
     bar: Any,
 ) -> pl.DataFrame:
-    """One part: every (latent of ``chunk``, context) prompt, in backend calls of whole prefix
+    """One part: every (latent, context) prompt of ``chunk``, in backend calls of whole prefix
     groups; rows sorted by (latent, context_id)."""
     tokenizer = _tokenizer_of(backend)
     if cfg.layout == "explanation-first":
-        keys = [(lat, c) for lat in chunk for c in context_ids]
+        keys = [(lat, c) for lat in chunk.latents for c in chunk.contexts]
     else:
-        keys = [(lat, c) for c in context_ids for lat in chunk]
+        keys = [(lat, c) for c in chunk.contexts for lat in chunk.latents]
     probs = np.zeros((len(keys), 10), dtype=np.float64)
     for span in _slices(keys, cfg.layout, 8 * cfg.batch_size):
         part = [keys[i] for i in span]
@@ -609,8 +645,9 @@ def _simulate_chunk(
         },
         schema=PART_SCHEMA,
     )
-    n = len(context_ids)
-    for r, lat in enumerate(sorted(chunk)):
+    n = len(chunk.contexts)
+    # context-first parts hold a slice of contexts: _finish warns once on the whole table
+    for r, lat in enumerate(sorted(chunk.latents) if cfg.layout == "explanation-first" else []):
         median = float(np.median(mass[r * n : (r + 1) * n])) if n else float("nan")
         if median < cfg.min_digit_mass:
             log.warning(
@@ -677,6 +714,15 @@ def _finish(
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     medians = table.group_by("latent").agg(pl.col("digit_mass").median().alias("m")).sort("latent")
     low = medians.filter(pl.col("m") < cfg.min_digit_mass)["latent"].to_list()
+    if low and cfg.layout == "context-first":
+        log.warning(
+            "simulate: latents %s have median digit mass < min_digit_mass %.2f (prompt %s, "
+            "simulator %s): the simulator rarely answers with a digit, their ratings mean little",
+            _few(low),
+            cfg.min_digit_mass,
+            prompt.prompt_hash(cfg.prompt),
+            cfg.model,
+        )
     splits = {str(s): int(n) for s, n in plan.contexts["split"].value_counts().iter_rows()}
     mass = table["digit_mass"]
     atomic_write_json(

@@ -33,6 +33,12 @@ a per-prompt ``suffix`` (:class:`~nlrw.backends.base.SplitPrompt`), with one of 
   from its own forward instead (logged). The cache is passed as ``cache=`` (transformers 5)
   or ``past_key_values=`` (4.x), whichever the forward names.
 
+  Prefixes that differ only at their end (the context-first layout: the same system message
+  and few-shot exchanges, then each context's text) share more: when a call holds several
+  distinct prefixes, the KV cache of their longest common prefix ``B`` is computed once and
+  kept across calls, and each prefix runs only its last ``P - |B|`` tokens on top of it. A
+  context's prefix then costs its text, not the ~300 tokens of instructions.
+
   Batch size: ``engine_batch_size`` suffixes per forward (within a group, longest first). On
   CPU it is capped so that the batch's KV cache, activations and attention weights take at
   most half of ``MemAvailable`` (``/proc/meminfo``; see :meth:`TransformersBackend._cpu_rows_cap`);
@@ -236,6 +242,9 @@ class TransformersBackend:
         self._cuda_rows_cap: int | None = None  # lowered by out-of-memory errors
         self._head_ok: bool | None = None  # head(body(x)) == the model's own logits?
         self._warned: set[str] = set()
+        # The KV cache of the longest prefix common to a call's distinct prefixes (module
+        # docstring): prefixes that extend it are computed from it, across calls.
+        self._base: tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -397,6 +406,8 @@ class TransformersBackend:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(tuple(p.prefix), []).append(i)
+        if len(groups) > 1:
+            self._remember_base(_common_prefix(list(groups)))
         probs = np.zeros((len(prompts), len(index)), dtype=np.float64)
         for prefix, rows in groups.items():
             kv = self._prefix_kv(prefix)
@@ -477,13 +488,37 @@ class TransformersBackend:
         out = body(input_ids=ids, use_cache=cache is not None, **{name: cache}, **kw)
         return out.last_hidden_state
 
+    def _remember_base(self, base: tuple[int, ...]) -> None:
+        """Keep the KV cache of ``base``, the longest prefix common to a call's distinct
+        prefixes, unless it is already kept or too short to be worth it (under 16 tokens):
+        with the context-first layout every context's prefix is the same system message and
+        few-shot exchanges followed by its own text, so each context then runs only its
+        text instead of the whole prefix."""
+        if len(base) < 16 or (self._base is not None and self._base[0] == base):
+            return
+        self._base = None
+        kv = self._prefix_kv(base)
+        if kv:
+            self._base = (base, kv)
+
     def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per-layer keys/values ``[1, kv_heads, P, head_dim]`` of ``prefix`` ([] if empty);
-        None for a sliding-window cache (the caller falls back to whole prompts)."""
+        None for a sliding-window cache (the caller falls back to whole prompts).
+
+        When the kept base prefix (:meth:`_remember_base`) starts ``prefix``, only the rest
+        runs, on top of the base's keys and values: causal attention makes the result the
+        same up to float rounding."""
         if not prefix:
             return []
         cache = self._new_cache()
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        start = 0
+        if self._base is not None:
+            base, kv = self._base
+            if len(base) < len(prefix) and prefix[: len(base)] == base:
+                for layer, (k, v) in enumerate(kv):
+                    cache.update(k, v, layer)
+                start = len(base)
+        ids = torch.tensor([prefix[start:]], dtype=torch.long, device=self.device)
         self._body(ids, cache=cache)
         layers = getattr(cache, "layers", None)
         if layers is None:  # transformers < 4.56
@@ -609,6 +644,17 @@ class TransformersBackend:
         self.lm = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _common_prefix(seqs: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
+    """The longest common prefix of token sequences."""
+    first, last = min(seqs), max(seqs)  # the lexicographic extremes bound every other pair
+    n = 0
+    for a, b in zip(first, last, strict=False):
+        if a != b:
+            break
+        n += 1
+    return first[:n]
 
 
 def _check_engine(engine: str) -> Engine:

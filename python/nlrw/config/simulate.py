@@ -45,8 +45,8 @@ class SimulateConfig:
 
     layout: Layout = "explanation-first"
     """Prompt layout: explanation-first (the prefix ends with the explanation, shared by all
-    contexts of a latent) or context-first (the prefix ends with the context, shared by the
-    latents of a chunk)."""
+    contexts of a latent) or context-first (the prefix ends with the context and the question,
+    shared by every latent; the suffix is the explanation and the answer cue only)."""
 
     prompt: Style = "nlrw"
     """Simulator prompt: nlrw (one text, "Rating: N") or paper (the authors' structure: a
@@ -73,7 +73,12 @@ class SimulateConfig:
     scores.parquet exists, else the lowest ids (None: every explained latent)."""
 
     chunk_latents: int = 4
-    """Latents per parquet part (a kill loses at most one part)."""
+    """Latents per parquet part with the explanation-first layout (a kill loses at most one
+    part)."""
+
+    chunk_contexts: int = 16
+    """Contexts per parquet part with the context-first layout (each part rates every latent
+    on its contexts, so a context's prefix serves them all)."""
 
     missing_explanations: Literal["exclude", "error"] = "exclude"
     """Latents without a usable explanation (failed or skipped by explain): exclude them and
@@ -98,7 +103,7 @@ class SimulateConfig:
     """Extra keyword options for the backend's constructor, as (name, value) pairs."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "chunk_latents"):
+        for name in ("batch_size", "chunk_latents", "chunk_contexts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.shuffled_latents is not None and self.shuffled_latents < 2:

@@ -23,8 +23,18 @@ are ``"Rating: N"``, so the model has seen the format three times.
 
   cut (:data:`SPLIT`) before ``Text:``: the prefix (system, few-shot, explanation) is shared by
   every context of a latent;
-* ``"context-first"``: ``Text:`` first, then the explanation, cut before ``Feature
-  explanation:``: the prefix (system, few-shot, text) is shared by every latent of a context.
+* ``"context-first"``, the shortest suffix::
+
+      Text: {text}
+
+      {QUESTION}
+
+      Feature explanation: {explanation}.
+
+  cut after ``Feature explanation:``, before the space that starts the explanation: the
+  prefix (system, few-shot, text, question, label) is shared by every latent of a context, and
+  a latent's suffix is its explanation and the answer cue only (~10-20 tokens against ~55 for
+  explanation-first; the simulate stage chunks this layout by context).
 
 **Two prompts** (``style``): ``"nlrw"`` (the default, above) and ``"paper"``, which follows the
 authors' simulator prompt (delphi's ``nl_simulation/nl/prompting.py``, PROTOCOL.md) in structure
@@ -36,7 +46,8 @@ holds one text (one context per prompt, as the paper) and the answer ``[`` is pr
 the next token is the digit, read as nlrw reads digits. (The authors' exact wording is not
 reproduced: the paper's prompt text is paraphrased from its description.)
 
-The cut sits after a blank line, at a word start, so tokenizing prefix and suffix separately
+The cut sits at a word start (after a blank line, or before the explanation's first word's
+space), so tokenizing prefix and suffix separately
 (:func:`nlrw.backends.base.split_encode`) gives the tokens of the whole prompt for the usual
 BPE tokenizers.
 
@@ -76,6 +87,7 @@ __all__ = [
     "digit_tokens",
     "prompt_hash",
     "render_chat",
+    "template_hash",
     "user_message",
 ]
 
@@ -98,7 +110,8 @@ SYSTEM = (
     'Answer with "Rating: " and one digit.'
 )
 
-EXPLANATION = "Feature explanation: {explanation}."
+EXPLANATION_LABEL = "Feature explanation:"
+EXPLANATION = EXPLANATION_LABEL + " {explanation}."
 TEXT = "Text: {text}"
 QUESTION = "How strongly does the latent fire on the marked last token?"
 ANSWER = "Rating: {rating}"
@@ -218,6 +231,15 @@ def prompt_hash(style: Style = "nlrw") -> str:
     raise ValueError(f"unknown simulation prompt {style!r}: expected one of {list(STYLES)}")
 
 
+def template_hash(style: Style, layout: Layout) -> str:
+    """A short hash of the whole chat a (style, layout) renders for placeholder inputs, split
+    marker included: it changes with any template, few-shot or arrangement change (the
+    simulate stage's identity holds it, so a finished run is not reused after one)."""
+    chat = render_chat("{explanation}", "{text}", layout, split=True, style=style)
+    text = "\x00".join(f"{m['role']}\x01{m['content']}" for m in chat)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 PAPER_PROMPT_HASH = hashlib.sha256(
     "\x00".join(
         [
@@ -271,12 +293,12 @@ def _explanation(explanation: str) -> str:
 def _arrange(explanation: str, body: str, question: str, layout: Layout, split: bool) -> str:
     """Explanation and text(s) in the layout's order, the question last; with ``split``,
     :data:`SPLIT` marks where the part shared across prompts ends (module docstring)."""
-    expl = EXPLANATION.format(explanation=_explanation(explanation))
     cut = SPLIT if split else ""
     if layout == "explanation-first":
+        expl = EXPLANATION.format(explanation=_explanation(explanation))
         return f"{expl}\n\n{cut}{body}\n\n{question}"
     if layout == "context-first":
-        return f"{body}\n\n{cut}{expl}\n\n{question}"
+        return f"{body}\n\n{question}\n\n{EXPLANATION_LABEL}{cut} {_explanation(explanation)}."
     raise ValueError(f"unknown layout {layout!r}: expected one of {list(LAYOUTS)}")
 
 
