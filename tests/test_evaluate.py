@@ -696,6 +696,21 @@ def test_outputs_schema_grid_and_record(tc_run) -> None:
     acts = true_activations(run_dir, np.arange(64), np.arange(N_EVAL))
     active = np.flatnonzero((acts > 0).any(1))
     assert record["n_never_simulated_active_latents"] == int((active % 2 == 1).sum()) > 0
+    # coverage: the simulated (even) latents' share of the true top-k mass on the eval contexts
+    even = acts[np.arange(64) % 2 == 0].sum()
+    assert record["coverage"] == pytest.approx(float(even / acts.sum()), rel=1e-5)
+    assert 0 < record["coverage"] < 1
+
+
+def test_coverage_is_the_simulated_share_of_the_top_k_mass() -> None:
+    from nlrw.evaluate.inputs import coverage
+
+    values = np.array([[3.0, 1.0, 0.0], [2.0, 2.0, 0.0]])
+    indices = np.array([[5, 7, 9], [7, 8, 5]])
+    assert coverage(values, indices, np.array([7])) == pytest.approx(3 / 8)
+    assert coverage(values, indices, np.array([9])) == 0.0  # inactive slots carry no mass
+    assert coverage(values, indices, np.array([5, 7, 8])) == 1.0
+    assert coverage(np.zeros((2, 3)), indices, np.array([5])) == 0.0
 
 
 def test_summary_statistics(tc_run) -> None:
