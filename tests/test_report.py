@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -429,8 +430,18 @@ def test_report_renders_every_section_self_contained(run_dir: Path) -> None:
     assert page.count('class="tok act"') > 6
     assert len(list(out.glob("latent_*.png"))) == 6
     assert "rated highest" in page and "marked" in page
+    # It opens with the cards (coverage first: this run has no eval.json) and the paper's
+    # table in miniature, before the run's header.
+    assert page.index('<div class="cards">') < page.index("<h2>The paper's table in miniature")
+    assert page.index("<h2>The paper's table in miniature") < page.index("<h2>Run</h2>")
+    assert '<div class="k">coverage</div><div class="v">not recorded</div>' in page
+    assert "What this run reproduces." in page and "5.535 (+2.148)" in page
     # Markdown twin, and the provenance record written last.
     md = (out / "report.md").read_text()
+    assert md.index("| coverage |") < md.index("## The paper's table in miniature")
+    assert md.index("## The paper's table in miniature") < md.index("## Run")
+    assert md.index("## Run") < md.index("## Every condition")
+    assert "**What this run reproduces.** Of the paper's 4 findings" in md
     assert "![mean CE vs fraction of latents simulated](headline.png)" in md
     assert "| condition |" in md and "<<" in md
     record = (run_dir / "report.json").read_text()
@@ -454,6 +465,36 @@ def test_report_is_kept_when_up_to_date_and_redone_when_an_input_changes(run_dir
     assert "random active latents" not in page
     again = report.run(ReportConfig(n_browser_latents=1, dpi=40), run_dir, overwrite=True)
     assert again.stat().st_mtime_ns > first
+
+
+def test_report_opens_with_the_papers_table_worded_from_the_numbers(run_dir: Path) -> None:
+    evaluation = {"coverage": 0.031, "n_simulated_latents": 11, "num_latents": 256}
+    (run_dir / "eval.json").write_text(json.dumps(evaluation))
+    page = report.run(ReportConfig(n_browser_latents=1, dpi=40), run_dir).read_text()
+    md = (run_dir / "report" / "report.md").read_text()
+    summary = pl.read_parquet(run_dir / "eval" / "summary.parquet")
+    assert '<div class="k">coverage</div><div class="v">3.1%</div>' in page
+    assert "3.1% of the true top-k mass" in md
+    opening = md.split("## The paper's table in miniature")[1].split("## Run")[0]
+    rows = [ln for ln in opening.splitlines() if ln.startswith("| ")][1:]
+    # clean, transcoder, zero ablation, random-k, then 20% and all per calibration, each with
+    # its matched-zero control (the fixture has no shuffled control)
+    assert len(rows) == 4 + 4 * 2 * 2
+    uncalibrated = summary.filter(
+        (pl.col("condition") == "simulated")
+        & (pl.col("calibration") == "uncalibrated")
+        & (pl.col("choice") == "top")
+        & (pl.col("fraction") == 1.0)
+    ).row(0, named=True)
+    assert f"{uncalibrated['mean_ce']:.3f}" in rows[6] and "7.259 (+3.872)" in rows[6]
+    # the fixture's uncalibrated rewrite is far worse than zero ablation: the paragraph says
+    # so from its CI, and that the 8 simulated latents are a partial rewrite
+    assert (
+        "Uncalibrated simulation of all latents is worse than zero ablation: yes, "
+        f"Δ {uncalibrated['diff_vs_zero']:+.3f}" in opening
+    )
+    assert "hold 3.1% of the coder's true top-k activation mass" in opening
+    assert "Fractions are of the 11 simulated latents out of the coder's 256" in opening
 
 
 def test_missing_summary_names_the_file_and_the_stage(run_dir: Path) -> None:

@@ -7,6 +7,12 @@ PNGs beside it) and the PNGs themselves (matplotlib's Agg renderer, no pyplot st
 
 **Contents.**
 
+* *The paper's table in miniature* (:func:`~nlrw.report.paper.paper_table`, first on the
+  page after the cards, whose first is the simulated latents' ``coverage`` from ``eval.json``):
+  clean, the coder, zero ablation, random active latents, and per calibration the top 20% and
+  all of the simulated latents with their controls, mean CE and Δ to zero ablation with CIs and
+  p-values beside the paper's numbers, and a paragraph worded from those numbers saying which
+  of the paper's findings the run reproduces.
 * *Header*: models, hookpoint, coder sizes, versions, git revision (``config.json``), the
   transcoder's loss recovered on held-out text (``transcoder/recovery.json``:
   ``1 - (CE_transcoder - CE_clean) / (CE_zero - CE_clean)``) and each stage's time
@@ -67,6 +73,7 @@ from nlrw.report.format import CALIBRATIONS
 from nlrw.report.html import png_data_uri, render_html, token_spans_html
 from nlrw.report.load import INPUTS, Run, fingerprint, lookup, read_summary, stage_times
 from nlrw.report.markdown import render_md
+from nlrw.report.paper import paper_table
 
 __all__ = [
     "INPUTS",
@@ -143,7 +150,9 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
     headline, diagnosis = page_figures(cfg, r, summary, contexts, scores, metrics)
     browser = browser_latents(cfg, r, scores, explanations, contexts, metrics, model)
     items = config_items(config, contexts)
-    cards = headline_cards(summary, recovery, r.json("eval.json"))
+    evaluation = r.json("eval.json")
+    cards = headline_cards(summary, recovery, evaluation)
+    paper = paper_table(summary, evaluation)
     times = stage_times(r)
     notes = list(dict.fromkeys(r.notes))
 
@@ -157,7 +166,17 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
     atomic_write_text(
         out / "report.md",
         render_md(
-            run_dir, items, cards, recovery, headline, summary, diagnosis, browser, times, notes
+            run_dir,
+            items,
+            cards,
+            paper,
+            recovery,
+            headline,
+            summary,
+            diagnosis,
+            browser,
+            times,
+            notes,
         ),
     )
     atomic_write_text(
@@ -167,6 +186,7 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
             config,
             items,
             cards,
+            paper,
             recovery,
             headline,
             summary,

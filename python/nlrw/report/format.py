@@ -21,6 +21,7 @@ BASELINE_LABELS = {
 CALIBRATIONS = ("uncalibrated", "quantile", "isotonic", "gate")
 CONTROL_LABELS = {
     "simulated": "simulated",
+    "shuffled": "shuffled explanations (another latent's explanation)",
     "matched_zero": "matched zero (chosen latents = 0)",
     "oracle_support": "oracle support (true support, simulated values)",
     "oracle_magnitude": "oracle magnitude (simulated support, true values)",
@@ -40,6 +41,11 @@ def finite(x: Any) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
+def as_float(x: Any) -> float | None:
+    """``x`` as a float where it is a finite number (not a bool), else None."""
+    return float(x) if finite(x) and not isinstance(x, bool) else None
+
+
 def fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if finite(x) else "—"
 
@@ -55,6 +61,19 @@ def fmt_fraction(f: Any) -> str:
         return ""
     pct = 100 * f
     return f"{pct:.3g}%"
+
+
+def fmt_share(x: Any) -> str:
+    """A share in [0, 1] as a percentage with one decimal; never "0.0%" or "100.0%" for a
+    share strictly between 0 and 1."""
+    if not finite(x):
+        return "—"
+    pct = 100 * x
+    if 0 < pct < 0.05:
+        return "< 0.1%"
+    if 99.95 <= pct < 100:
+        return "> 99.9%"
+    return f"{pct:.1f}%"
 
 
 def fmt_ci(low: Any, high: Any, digits: int = 3) -> str:

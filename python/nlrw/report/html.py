@@ -30,6 +30,7 @@ from nlrw.report.content import (
 from nlrw.report.figures import ReportFigure
 from nlrw.report.format import CONTROL_CHAR, finite, fmt, fmt_recovered, printable
 from nlrw.report.load import lookup
+from nlrw.report.paper import PaperTable
 
 
 def _css() -> str:
@@ -130,6 +131,31 @@ def _table_html(summary: pl.DataFrame) -> str:
         "within the stated margin passes (a large p-value is not similarity); "
         "<i>better</i> from a one-sided test. CIs are bootstrap 95% intervals (contexts, and "
         "trials where latents are drawn at random).</p>"
+    )
+
+
+def _paper_html(paper: PaperTable) -> str:
+    """The report's opening: the paper's table in miniature, its notes and the findings."""
+    head = "".join(
+        f'<th class="{"l" if i < 2 else ""}">{_esc(h)}</th>' for i, h in enumerate(paper.head)
+    )
+    body = []
+    for row in paper.rows:
+        tds = []
+        for i, cell in enumerate(row.cells):
+            classes = ["l"] if i < 2 else []
+            if row.kind == "control":
+                classes.append("ctl")
+            if row.significant and i in (4, 6):
+                classes.append("sig")
+            text = f"<b>{_esc(cell)}</b>" if row.kind == "simulated" and i == 0 else _esc(cell)
+            tds.append(f'<td class="{" ".join(classes)}">{text}</td>')
+        body.append(f'<tr class="{"base" if row.kind == "baseline" else ""}">{"".join(tds)}</tr>')
+    return (
+        "<h2>The paper's table in miniature</h2>"
+        f'<table class="wide"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        + "".join(f'<p class="sub">{_esc(n)}</p>' for n in paper.notes)
+        + f'<p class="findings"><b>What this run reproduces.</b> {_esc(paper.paragraph)}</p>'
     )
 
 
@@ -245,6 +271,7 @@ def render_html(
     config: dict[str, Any] | None,
     items: list[tuple[str, Any]],
     cards: list[tuple[str, str, str]],
+    paper: PaperTable,
     recovery: dict[str, Any] | None,
     headline: ReportFigure,
     summary: pl.DataFrame,
@@ -253,7 +280,8 @@ def render_html(
     times: list[tuple[str, str, Any]],
     notes: list[str],
 ) -> str:
-    """``index.html``: the stylesheet inline, every figure a data URI, no script."""
+    """``index.html``: the stylesheet inline, every figure a data URI, no script; it opens
+    with the cards and the paper's table in miniature."""
     kv = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items)
     notes_html = "".join(f'<div class="note">{_esc(n)}</div>' for n in notes)
     times_html = ""
@@ -305,11 +333,12 @@ rises when transcoder latents are replaced by an LLM's simulation of them from t
 explanations. Run directory <code>{_esc(run_dir)}</code>.</p>
 {_cards_html(cards)}
 {notes_banner}
+{_paper_html(paper)}
 <h2>Run</h2>
 <dl class="kv">{kv}</dl>
 {_recovery_html(recovery)}
 {config_dump}
-<h2>Headline</h2>
+<h2>Mean CE by fraction simulated</h2>
 {_figure_html(headline)}
 <h2>Every condition</h2>
 {_table_html(summary.filter(pl.col("condition") != "synthetic"))}

@@ -23,6 +23,7 @@ from nlrw.report.content import (
 )
 from nlrw.report.figures import ReportFigure
 from nlrw.report.format import finite, fmt, fmt_recovered, printable
+from nlrw.report.paper import PaperTable
 
 
 def _md_cell(text: str) -> str:
@@ -69,6 +70,25 @@ def _synthetic_md(summary: pl.DataFrame) -> list[str]:
     return [*lines, "", *sentences, ""]
 
 
+def _paper_md(paper: PaperTable) -> list[str]:
+    """The report's opening: the paper's table in miniature, its notes and the findings."""
+    lines = [
+        "## The paper's table in miniature",
+        "",
+        "| " + " | ".join(paper.head) + " |",
+        "|" + "|".join(":--" if i < 2 else "--:" for i in range(len(paper.head))) + "|",
+    ]
+    for row in paper.rows:
+        cells = [_md_cell(c) for c in row.cells]
+        if row.kind == "simulated":
+            cells[0] = f"**{cells[0]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for note in paper.notes:
+        lines += [note, ""]
+    return [*lines, f"**What this run reproduces.** {paper.paragraph}", ""]
+
+
 def _latent_md(lat: Latent) -> str:
     lines = [f"### Latent {lat.latent} ({lat.label})", "", metrics_line(lat.metrics), ""]
     lines.append(f"> {_md_cell(lat.explanation)}" if lat.explanation else "> (no explanation)")
@@ -98,6 +118,7 @@ def render_md(
     run_dir: Path,
     items: list[tuple[str, Any]],
     cards: list[tuple[str, str, str]],
+    paper: PaperTable,
     recovery: dict[str, Any] | None,
     headline: ReportFigure,
     summary: pl.DataFrame,
@@ -106,14 +127,17 @@ def render_md(
     times: list[tuple[str, str, Any]],
     notes: list[str],
 ) -> str:
-    """``report.md``: the page's content, its figures linked as the PNGs beside it."""
+    """``report.md``: the page's content, its figures linked as the PNGs beside it; it opens
+    with the cards and the paper's table in miniature."""
     lines = [f"# nlrw report: {run_dir.name}", ""]
-    lines += [f"- **{k}**: {_md_cell(str(v))}" for k, v in items]
-    lines.append("")
     if cards:
         lines += ["| " + " | ".join(k for k, _, _ in cards) + " |"]
         lines += ["|" + "|".join("--:" for _ in cards) + "|"]
         lines += ["| " + " | ".join(f"{v} {c}".strip() for _, v, c in cards) + " |", ""]
+    lines += _paper_md(paper)
+    lines += ["## Run", ""]
+    lines += [f"- **{k}**: {_md_cell(str(v))}" for k, v in items]
+    lines.append("")
     result = (recovery or {}).get("result")
     if isinstance(result, dict):
         lines += [
@@ -123,7 +147,14 @@ def render_md(
             f"{result.get('n_tokens', '?')} held-out tokens).",
             "",
         ]
-    lines += ["## Headline", "", f"![{headline.alt}]({headline.name})", "", headline.caption, ""]
+    lines += [
+        "## Mean CE by fraction simulated",
+        "",
+        f"![{headline.alt}]({headline.name})",
+        "",
+        headline.caption,
+        "",
+    ]
     lines += [
         "## Every condition",
         "",
