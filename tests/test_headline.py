@@ -1,7 +1,8 @@
 """The report's opening, the paper's table in miniature (:func:`nlrw.report.paper.paper_table`):
 its rows from a hand-made summary, the findings worded from the numbers alone (a run that
 reproduces the paper, one that contradicts it, one that lacks rows), the coverage card, the real
-demo run's files where this machine has them."""
+demo run's files where this machine has them, and the ``demo-sae`` preset (the paper's SAE
+variant of the demo)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import polars as pl
 import pytest
 
 from nlrw.config.evaluate import SUMMARY_COLUMNS_SINCE_CONTROLS
+from nlrw.pipeline import load_preset, preset_names
 from nlrw.report.content import coverage_card, headline_cards
 from nlrw.report.format import BASELINES
 from nlrw.report.load import read_summary
@@ -296,3 +298,24 @@ def test_the_demo_runs_own_files() -> None:
     assert f"Δ {coder['diff_vs_zero']:+.3f}" in table.paragraph
     card = coverage_card(evaluation)
     assert (card[1] == "not recorded") == ("coverage" not in evaluation)
+
+
+# --------------------------------------------------------------------------------------------
+# The demo-sae preset: the demo's protocol with an SAE on the residual stream
+# --------------------------------------------------------------------------------------------
+
+
+def test_demo_sae_is_the_demo_with_an_sae_after_the_same_layer() -> None:
+    assert "demo-sae" in preset_names()
+    demo, sae = load_preset("demo"), load_preset("demo-sae")
+    assert sae.collect.kind == sae.train.kind == "sae"
+    # the residual stream after the demo's layer: the decoder layer whose MLP the demo rewrites
+    assert demo.collect.hookpoint.endswith(".mlp")
+    assert sae.collect.hookpoint == demo.collect.hookpoint.removesuffix(".mlp")
+    # everything else the same (a change to demo.toml must be made in demo-sae.toml too)
+    for stage in ("cache", "contexts", "explain", "score", "simulate", "calibrate", "evaluate"):
+        assert getattr(sae, stage) == getattr(demo, stage), stage
+    for cfg, same in ((sae.collect, demo.collect), (sae.train, demo.train)):
+        differ = {k for k, v in vars(cfg).items() if v != getattr(same, k) and k not in ("kind",)}
+        assert differ <= {"hookpoint"}, differ
+    assert sae.report == demo.report and sae.recovery == demo.recovery
