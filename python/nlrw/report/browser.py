@@ -164,7 +164,8 @@ def browser_latents(
     if scores is not None:
         keep = [
             c
-            for c in ("balanced_accuracy", "shuffled_balanced_accuracy", "auroc")
+            for s in ("balanced_accuracy", "shuffled_balanced_accuracy", "auroc")
+            for c in (s, f"{s}_ci_low", f"{s}_ci_high")
             if c in scores.columns
         ]
         for r in scores.filter(pl.col("latent").is_in(latents)).iter_rows(named=True):
