@@ -1,10 +1,12 @@
 """What the report says, whatever the markup: the cells of its tables and its sentences.
 
-The run's header rows, the headline cards, the conditions table and the synthetic simulators'
-table (cells as strings), each comparison with zero ablation in words (:func:`claim`), the
-decomposition of the rewrite's excess loss by the oracle controls (:func:`decomposition`) and
-a browsed latent's metrics line. :mod:`nlrw.report.html` and :mod:`nlrw.report.markdown`
-render the same content, so the page and its Markdown twin cannot disagree.
+The run's header rows, the headline cards (the first: the simulated latents' coverage), the
+conditions table and the synthetic simulators' table (cells as strings), each comparison with
+zero ablation in words (:func:`claim`), the decomposition of the rewrite's excess loss by the
+oracle controls (:func:`decomposition`) and a browsed latent's metrics line; the paper's table
+in miniature is :mod:`nlrw.report.paper`. :mod:`nlrw.report.html` and
+:mod:`nlrw.report.markdown` render the same content, so the page and its Markdown twin cannot
+disagree.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from nlrw.report.format import (
     BASELINE_LABELS,
     BASELINES,
     CONTROL_LABELS,
+    as_float,
     choice_label,
     finite,
     fmt,
     fmt_ci,
     fmt_fraction,
     fmt_p,
+    fmt_share,
     loss_recovered,
 )
 from nlrw.report.load import lookup
@@ -240,10 +244,11 @@ def config_items(config: dict[str, Any] | None, contexts: pl.DataFrame | None) -
 def headline_cards(
     summary: pl.DataFrame, recovery: dict[str, Any] | None, evaluation: dict[str, Any] | None
 ) -> list[tuple[str, str, str]]:
-    """(title, value, detail) of the cards atop the page: the baselines' CE, the rewrite at the
-    largest fraction (uncalibrated and best calibration), how many latents were simulated when
-    not all of them, and the transcoder's loss recovered."""
-    cards: list[tuple[str, str, str]] = []
+    """(title, value, detail) of the cards atop the page: the simulated latents' coverage
+    (:func:`coverage_card`), the baselines' CE, the rewrite at the largest fraction
+    (uncalibrated and best calibration), how many latents were simulated when not all of them,
+    and the transcoder's loss recovered."""
+    cards: list[tuple[str, str, str]] = [coverage_card(evaluation)]
     n_simulated = (evaluation or {}).get("n_simulated_latents")
     num_latents = (evaluation or {}).get("num_latents")
     partial = (
@@ -338,3 +343,14 @@ def metrics_line(m: dict[str, Any]) -> str:
     if "max" in m:
         parts.append(f"max activation {fmt(m['max'])}")
     return " · ".join(p for p in parts if p)
+
+
+def coverage_card(evaluation: dict[str, Any] | None) -> tuple[str, str, str]:
+    """The first card: the share of the coder's true top-k activation mass on the eval
+    contexts held by the simulated latents (``eval.json``'s ``coverage``)."""
+    raw = (evaluation or {}).get("coverage")
+    value = as_float(raw)
+    if value is None or not 0.0 <= value <= 1.0:
+        detail = "(no coverage in eval.json)" if raw is None else f"(unreadable: {raw!r})"
+        return ("coverage", "not recorded", detail)
+    return ("coverage", fmt_share(value), "of the true top-k mass (eval contexts)")
