@@ -601,6 +601,26 @@ def test_context_first_chunks_by_context_and_resumes_after_a_kill(
     )
 
 
+def test_context_centered_reading_removes_the_context_prior(run_dir: Path) -> None:
+    raw = simulate.run(_cfg(), run_dir, backend=FakeSimulator())
+    centered = simulate.run(
+        _cfg(reading="context-centered"), run_dir, backend=FakeSimulator(), overwrite=True
+    )
+    assert centered["expected_value_raw"].equals(raw["expected_value"].alias("expected_value_raw"))
+    e = raw["expected_value"].to_numpy().astype(np.float64)
+    ctx = raw["context_id"].to_numpy()
+    means = {c: e[ctx == c].mean() for c in np.unique(ctx)}
+    want = np.clip(e - np.array([means[c] for c in ctx]) + e.mean(), 0, 9)
+    np.testing.assert_allclose(centered["expected_value"].to_numpy(), want, atol=1e-5)
+    # a context's latents now average the overall mean (no clipping in this table)
+    by_ctx = centered.group_by("context_id").agg(pl.col("expected_value").mean())
+    np.testing.assert_allclose(by_ctx["expected_value"].to_numpy(), e.mean(), atol=1e-5)
+    record = json.loads((run_dir / "simulate.json").read_text())
+    assert record["reading"] == "context-centered"
+    with pytest.raises(ValueError, match=r"simulate\.reading"):
+        SimulateConfig(reading="median")  # type: ignore[arg-type]
+
+
 def test_three_shards_merged_equal_one_run_byte_for_byte(
     run_dir: Path, tiny_backend: Any, tmp_path: Path
 ) -> None:

@@ -36,6 +36,17 @@ backend's ``"shared-prefix"`` engine computes each distinct prefix once per call
 context-first, the instructions common to every context's prefix once per backend); the openai
 backend sends prompts in prefix order so a server's prefix cache hits.
 
+**Reading.** ``reading = "context-centered"`` removes the simulator's prior on the text: a
+small simulator rates the same few contexts high whatever the explanation (the shuffled
+control shows it). Every simulated latent is rated on every context, so the context's mean
+rating is free::
+
+    E'(l, c) = clip(E(l, c) − mean_l' E(l', c) + mean_{l', c'} E(l', c'), 0, 9)
+
+(means over the latents of the same table: the real simulation and the shuffled control are
+centered separately); ``expected_value_raw`` keeps ``E``. ``"expected"`` (the default) writes
+``E`` itself.
+
 **Which latents.** Every latent of ``explanations.parquet`` with ``status == "ok"``; with
 ``max_latents``, the best ``max_latents`` of them by detection score (``balanced_accuracy`` of
 ``scores.parquet``, highest first, NaN last, ties by latent id) when ``scores.parquet`` exists,
@@ -95,6 +106,7 @@ __all__ = [
     "Plan",
     "SimulateConfig",
     "build_prompts",
+    "center_by_context",
     "expected_values",
     "finished_outputs",
     "load_simulator",
@@ -148,6 +160,24 @@ def expected_values(probs: np.ndarray, ev: EV = "renormalized") -> np.ndarray:
         raise ValueError(f"unknown ev {ev!r}: expected 'renormalized' or 'paper'")
     mass = probs.sum(1)
     return np.divide(weighted, mass, out=np.zeros_like(weighted), where=mass > 0)
+
+
+def center_by_context(table: pl.DataFrame) -> pl.DataFrame:
+    """The context-centered reading (module docstring): ``expected_value`` becomes
+    ``clip(E − mean over latents on the context + mean over the table, 0, 9)``, and
+    ``expected_value_raw`` keeps ``E``."""
+    if table.height == 0:
+        return table.with_columns(pl.col("expected_value").alias("expected_value_raw"))
+    overall = float(table["expected_value"].cast(pl.Float64).mean())  # pyright: ignore[reportArgumentType]
+    centered = (
+        pl.col("expected_value").cast(pl.Float64)
+        - pl.col("expected_value").cast(pl.Float64).mean().over("context_id")
+        + overall
+    ).clip(0.0, 9.0)
+    return table.with_columns(
+        centered.cast(pl.Float32).alias("expected_value"),
+        pl.col("expected_value").alias("expected_value_raw"),
+    )
 
 
 def shard_chunks(n_chunks: int, shard: str | None) -> list[int]:
@@ -694,7 +724,8 @@ def _finish(
             true_column = true.reshape(-1)
         else:
             true_column = np.zeros(0, np.float32)
-        return table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
+        table = table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
+        return center_by_context(table) if cfg.reading == "context-centered" else table
 
     table = merged(range(plan.n_real_chunks), np.asarray(plan.latents, dtype=np.int64))
     n_control = 0
@@ -734,6 +765,7 @@ def _finish(
             prompt_hash=prompt.prompt_hash(cfg.prompt),
             layout=cfg.layout,
             ev=cfg.ev,
+            reading=cfg.reading,
             digit_tokens=info.get("digit_tokens"),
             dtype=info.get("dtype"),
             dtype_measurement=info.get("dtype_measurement"),

@@ -9,10 +9,12 @@ from typing import Literal
 from nlrw.prompts import simulation as prompt
 from nlrw.prompts.simulation import Layout, Style
 
-__all__ = ["EV", "SimulateConfig", "parse_shard"]
+__all__ = ["EV", "READINGS", "Reading", "SimulateConfig", "parse_shard"]
 
 
 EV = Literal["renormalized", "paper"]
+Reading = Literal["expected", "context-centered"]
+READINGS: tuple[Reading, ...] = ("expected", "context-centered")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,12 @@ class SimulateConfig:
     ev: EV = "renormalized"
     """Expected value of the rating: renormalized (sum d p_d / sum p_d over the ten digits) or
     paper (sum d p_d, not renormalized, as the paper's code)."""
+
+    reading: Reading = "expected"
+    """How a pair's score is read from the ratings: expected (the expected digit E of the
+    pair) or context-centered (E minus the mean E of every simulated latent on the same
+    context, plus the mean over all pairs, clipped to [0, 9]: what the explanation adds to
+    the simulator's prior on the text; expected_value_raw keeps E)."""
 
     shuffled_control: bool = False
     """Also simulate the shuffled-explanation control: each latent of a seeded subset rated
@@ -118,6 +126,10 @@ class SimulateConfig:
         if self.prompt not in prompt.STYLES:
             raise ValueError(
                 f"unknown simulate.prompt {self.prompt!r}: expected one of {prompt.STYLES}"
+            )
+        if self.reading not in READINGS:
+            raise ValueError(
+                f"unknown simulate.reading {self.reading!r}: expected one of {list(READINGS)}"
             )
         if self.ev not in ("renormalized", "paper"):
             raise ValueError(f"unknown ev {self.ev!r}: expected 'renormalized' or 'paper'")
