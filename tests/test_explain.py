@@ -19,10 +19,14 @@ from nlrw.explain import (
     activation_digits,
     bin_ranks,
     clean_explanation,
+    consistency,
+    copied_answer,
     copied_word,
     draw_from_bins,
+    quoted_words,
     render_examples,
     select_latents,
+    top_tokens,
 )
 from nlrw.prompts import explain as prompt
 from nlrw.prompts.markup import escape, highlight
@@ -36,17 +40,20 @@ from support import FakeExplainer, synthetic_source
 def test_golden_explainer_prompt() -> None:
     strings = [["the", " cat", " sat", "\n", " on"], ["a", " big", " big", " dog", "."]]
     acts = np.array([[0.0, 2.0, 0.3, 0.0, 0.5], [0.0, 1.0, 4.0, 0.8, 0.81]])
-    chat = prompt.render_chat(render_examples(strings, acts))
+    chat = prompt.render_chat(render_examples(strings, acts), top_tokens=top_tokens(strings, acts))
     assert chat[0] == {"role": "system", "content": prompt.SYSTEM}
     assert chat[0]["content"] == (
         "You explain what a feature of a language model detects. You see text examples in which "
         "the tokens where the feature fires are marked <<like this>>; after each example, the "
-        "marked tokens are listed with how strongly the feature fires on them, from 0 to 9.\n"
+        "marked tokens are listed with how strongly the feature fires on them, from 0 to 9, and "
+        "the last line counts the most strongly marked token of each example.\n"
         "\n"
         "Reply with one short phrase that names the words, or the kind of words, that are "
-        'marked, and their context when it matters. Quote marked words that repeat, like "had". '
-        "Do not mention the markers, the examples or the numbers."
+        "marked, and their context when it matters. Quote a word only when most examples mark "
+        "it; when the marked words differ, say what they have in common. Do not mention the "
+        "markers, the examples or the numbers."
     )
+    assert '"had"' not in chat[0]["content"]  # the demo's explainer copied it
     # Three demonstrations as earlier turns, rendered like the latent's own examples.
     assert [m["role"] for m in chat] == ["system"] + ["user", "assistant"] * 3 + ["user"]
     assert chat[1]["content"] == (
@@ -59,9 +66,27 @@ def test_golden_explainer_prompt() -> None:
         "Example 3: for k in<< range>>(len(items)):\n"
         'Activations: (" range", 9)\n'
         "\n"
+        'Top tokens: " range" 3 times\n'
+        "\n"
         "What does the feature detect? Answer with one short phrase."
     )
-    assert chat[2] == {"role": "assistant", "content": 'The word "range"'}
+    assert chat[2] == {"role": "assistant", "content": 'The word "range" in Python loops'}
+    assert chat[5]["content"] == (
+        "Example 1: add 5<< grams>> of salt\n"
+        'Activations: (" grams", 9)\n'
+        "\n"
+        "Example 2: heat it to 200<< degrees>> first<< and>> wait\n"
+        'Activations: (" degrees", 8), (" and", 2)\n'
+        "\n"
+        "Example 3: a 3<< km>> walk to the lake\n"
+        'Activations: (" km", 7)\n'
+        "\n"
+        'Top tokens: " grams" once, " degrees" once, " km" once\n'
+        "\n"
+        "What does the feature detect? Answer with one short phrase."
+    )
+    # The demonstration next to the examples names a kind of word, not one quoted word.
+    assert chat[6] == {"role": "assistant", "content": "Units of measurement after a number"}
     assert chat[-1] == {
         "role": "user",
         "content": (
@@ -71,10 +96,34 @@ def test_golden_explainer_prompt() -> None:
             "Example 2: a<< big big>> dog<<.>>\n"
             'Activations: (" big", 2), (" big", 9), (".", 2)\n'
             "\n"
+            'Top tokens: " cat" once, " big" once\n'
+            "\n"
             "What does the feature detect? Answer with one short phrase."
         ),
     }
     assert len(prompt.PROMPT_HASH) == 16
+    # Without top tokens there is no tally line.
+    plain = prompt.render_chat(render_examples(strings, acts))
+    assert "Top tokens" not in plain[-1]["content"]
+
+
+def test_top_token_tally() -> None:
+    assert prompt.render_top_tokens([]) == ""
+    assert prompt.render_top_tokens([" had", " gave", " had", "\n", " had"]) == (
+        '" had" 3 times, " gave" once, "\\n" once'
+    )
+    many = [f" w{i}" for i in range(12)] + [" w11"]
+    assert prompt.render_top_tokens(many) == (
+        '" w11" 2 times, " w0" once, " w1" once, " w2" once, " w3" once, " w4" once, '
+        '" w5" once, " w6" once, " w7" once, " w8" once, and 2 more examples'
+    )
+
+
+def test_top_tokens_are_each_examples_argmax() -> None:
+    strings = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
+    acts = np.array([[0.0, 2.0, 2.0], [0.0, 0.0, 0.0], [3.0, 0.0, 1.0]])
+    assert explain.top_positions(acts).tolist() == [1, -1, 0]  # first on ties; -1: silent
+    assert top_tokens(strings, acts) == ["b", "g"]
 
 
 def test_golden_prompt_for_a_synthetic_latent() -> None:
@@ -211,6 +260,29 @@ def test_clean_explanation(raw: str, clean: str | None) -> None:
     assert clean_explanation(raw) == clean
 
 
+def test_the_latent_browser_shows_the_check_next_to_the_explanation(tmp_path: Path) -> None:
+    from nlrw.report.browser import explanation_with_check
+
+    def reply(chat: Sequence[Message], seed: int) -> str:
+        return "Nouns" if "<<.>>" in chat[-1]["content"] else 'The word "cat"'
+
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10)
+    table = explain.run(
+        cfg, tmp_path, backend=FakeExplainer(reply), source=synthetic_source(), progress=False
+    )
+    shown = {r["latent"]: explanation_with_check(r) for r in table.iter_rows(named=True)}
+    assert (
+        shown[0] == 'The word "cat" [check: "cat" is the top token of 4 of 4 examples shown (100%)]'
+    )
+    assert (
+        shown[1] == 'The word "cat" [check: "cat" is the top token of 0 of 4 examples shown (0%)]'
+    )
+    assert shown[2] == "Nouns [check: quotes no word]"
+    row = {"explanation": "Nouns", "method": "contrastive", "near_miss_windows": [3, 4]}
+    assert explanation_with_check(row) == "Nouns [contrastive, 2 near misses]"
+    assert explanation_with_check({"explanation": "Old table"}) == "Old table"
+
+
 # --------------------------------------------------------------------------------------------
 # The stage: output, skipped latents, retries, resume
 # --------------------------------------------------------------------------------------------
@@ -270,11 +342,11 @@ def test_retry_then_recorded_failure(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("explanation", "copied"),
     [
-        ('The word "barked" and other forms of "bark"', "barked"),
+        ('The word "grams" and other units like "km"', "grams"),
         ("The word “range” in loops", "range"),
         ('The word "Cat"', None),  # in the examples (case-insensitive)
         ('The word "ca"', None),  # a substring of a shown word counts
-        ('Forms of "bark" after "cat"', None),  # one quoted word in the examples is enough
+        ('Forms of "gram" after "cat"', None),  # one quoted word in the examples is enough
         ('The word "fancy"', None),  # in neither: a poor explanation, not a copy
         ("Nouns for pets", None),  # nothing quoted: nothing to check
         ('Quotes ""', None),
@@ -297,15 +369,23 @@ def test_rotation_puts_another_demonstration_last() -> None:
         assert sorted(m["content"] for m in chat) == sorted(m["content"] for m in chats[0])
 
 
+def test_copied_answer_is_a_demonstrations_whole_answer() -> None:
+    chat = prompt.render_chat(["Example 1: x"])
+    assert copied_answer("Four-digit years", chat) == "Four-digit years"
+    assert copied_answer("four-digit years.", chat) == "Four-digit years"
+    assert copied_answer("Four-digit years in letters", chat) is None
+    assert copied_answer("Example 1: x", chat) is None  # user turns are not answers
+
+
 def test_a_copied_demonstration_is_retried_with_another_one_last(tmp_path: Path) -> None:
     """An explainer that copies the demonstration next to the examples (what the 0.5B default
-    does): its reply quotes words absent from the examples until the rotation puts a
-    demonstration without quotes ("Four-digit years") last."""
+    does) until its third attempt: the first copy repeats a whole answer (units), the
+    rotation then puts "range" last, whose quoted word the examples lack."""
 
     def copy_last_demonstration(chat: Sequence[Message], seed: int) -> str:
         if "<< dog>>" in chat[-1]["content"]:
             return 'The word "dog"'  # grounded: kept at once
-        return chat[-2]["content"]
+        return chat[-2]["content"] if seed < 2 else "Mentions of cats"
 
     source = synthetic_source()
     cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, retries=3, part_size=8)
@@ -314,22 +394,85 @@ def test_a_copied_demonstration_is_retried_with_another_one_last(tmp_path: Path)
     )
     rows = {r["latent"]: r for r in table.iter_rows(named=True)}
     assert rows[1]["explanation"] == 'The word "dog"' and rows[1]["attempts"] == 1
-    for latent in (0, 2):  # "barked" last, then "range", then the years
+    for latent in (0, 2):
         assert rows[latent]["status"] == "ok"
-        assert rows[latent]["explanation"] == "Four-digit years"
+        assert rows[latent]["explanation"] == "Mentions of cats"
         assert rows[latent]["attempts"] == 3
 
-    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, retries=0, part_size=8)
-    table = explain.run(
-        cfg,
-        tmp_path / "no-retry",
-        backend=FakeExplainer(copy_last_demonstration),
-        source=source,
-        progress=False,
-    )
-    row = table.filter(pl.col("latent") == 0).row(0, named=True)
-    assert row["status"] == "failed" and row["explanation"] is None
-    assert "copies 'barked' from the demonstrations, not in its examples" in row["reason"]
+    for retries, why in [
+        (0, "repeats a demonstration's answer: 'Units of measurement after a number'"),
+        (1, "copies 'range' from the demonstrations, not in its examples"),
+    ]:
+        cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, retries=retries)
+        table = explain.run(
+            cfg,
+            tmp_path / f"retries-{retries}",
+            backend=FakeExplainer(copy_last_demonstration),
+            source=source,
+            progress=False,
+        )
+        row = table.filter(pl.col("latent") == 0).row(0, named=True)
+        assert row["status"] == "failed" and row["explanation"] is None
+        assert why in row["reason"]
+
+
+# --------------------------------------------------------------------------------------------
+# Consistency: the quoted words against each shown example's top token
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("explanation", "words"),
+    [
+        ('The word "had"', ["had"]),
+        ("The word “Had” and ‘been’", ["had", "been"]),
+        ("The word 'cat' in stories", ["cat"]),
+        ("Don't say 'no'", ["no"]),  # the apostrophe inside a word opens nothing
+        ('"had" or "HAD" or " had "', ["had"]),
+        ('The phrase "of the"', ["of", "the"]),
+        ("Nouns for pets", []),
+        ("Austen's heroines' names", []),  # apostrophes are not quotes
+        ('Quotes ""', []),
+        (None, []),
+    ],
+)
+def test_quoted_words(explanation: str | None, words: list[str]) -> None:
+    assert quoted_words(explanation) == words
+
+
+def test_consistency_is_the_share_of_top_tokens_on_quoted_words() -> None:
+    tokens = [" separation", " gave", " than", " Had", " to", "had", " a", " had "]
+    share, words = consistency('The word "had"', tokens)
+    assert words == ["had"] and share == pytest.approx(3 / 8)
+    assert consistency('The words "gave" and "than"', tokens)[0] == pytest.approx(2 / 8)
+    assert consistency('"barked"', [" bark", "ed"])[0] == 0.0  # exact words, not pieces
+    share, words = consistency("Past tense verbs", tokens)
+    assert np.isnan(share) and words == []  # nothing quoted: nothing to check
+    assert np.isnan(consistency('The word "had"', [])[0])
+    assert np.isnan(consistency(None, tokens)[0])
+
+
+def test_consistency_from_arrays() -> None:
+    """The latent's top activations as arrays: the check reads each example's argmax."""
+    strings = [[" he", " had", " gone"], [" she", " gave", " it"], [" they", " had", " had"]]
+    acts = np.array([[0.0, 3.0, 1.0], [0.2, 1.0, 0.0], [0.0, 0.5, 2.0]])
+    assert consistency('The word "had"', top_tokens(strings, acts))[0] == pytest.approx(2 / 3)
+
+
+def test_run_records_consistency(tmp_path: Path) -> None:
+    def reply(chat: Sequence[Message], seed: int) -> str:
+        return "Nouns" if "<<.>>" in chat[-1]["content"] else 'The word "cat"'
+
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10)
+    table = explain.run(cfg, tmp_path, backend=FakeExplainer(reply), source=source, progress=False)
+    rows = {r["latent"]: r for r in table.iter_rows(named=True)}
+    assert rows[0]["consistency"] == 1.0 and rows[0]["quoted_words"] == ["cat"]  # fires on cat
+    assert rows[1]["consistency"] == 0.0 and rows[1]["quoted_words"] == ["cat"]  # on dog
+    assert np.isnan(rows[2]["consistency"]) and rows[2]["quoted_words"] == []
+    assert np.isnan(rows[3]["consistency"])  # skipped
+    assert [rows[k]["method"] for k in range(4)] == ["default"] * 3 + [None]
+    assert all(rows[k]["near_miss_windows"] == [] for k in range(4))
 
 
 def test_resume_after_a_kill(tmp_path: Path) -> None:

@@ -16,6 +16,38 @@ merged into one span. An ``Activations:`` line lists every highlighted token wit
 default; the paper's code does not clip, so the top token of each example gets 10). Newlines and
 other control characters in the text are escaped (``\\n``) so each example stays on its lines.
 
+**Top tokens.** Each shown example's *top token* is its token of largest activation (the first
+on ties). The prompt tallies them (``Top tokens: " had" 5 times, …``,
+:func:`nlrw.prompts.explain.render_top_tokens`), and the consistency check compares the answer
+with them.
+
+**Consistency.** For an explanation that quotes words (``"…"``, ``“…”``, ``‘…’``, or ``'…'``
+not inside a word; :func:`quoted_words` splits each quote at whitespace and normalizes every word
+by removing whitespace and case-folding), with ``Q`` those words and ``t_1 … t_n`` the top
+tokens of the ``n`` windows shown to the explainer, normalized the same way::
+
+    consistency = (1/n) * #{ i : t_i in Q }
+
+the share of the latent's shown top activations that sit on a word the explanation names
+(exact match after normalization: ``" Had"`` matches ``"had"``, ``"barked"`` does not match
+the token ``" bark"``). It is NaN when the explanation quotes nothing (nothing to check), and
+for skipped and failed latents. ``explanations.parquet`` records it as ``consistency`` with
+the normalized words checked as ``quoted_words``; :func:`consistency` computes it from arrays.
+
+**Contrastive** (``method = "contrastive"``). Beside its activating examples the explainer
+sees up to ``min(n_shown, max_near_misses)`` *near-miss* windows on which the latent is 0 on
+every token (:func:`near_miss_windows`): half (rounded up) contain one of the shown examples'
+top tokens (round-robin over those tokens, most frequent first, a seeded draw among each
+token's windows), the other half are the strongest top windows of the ``n_similar_latents``
+latents whose decoder rows have the largest cosine with this latent's (round-robin over those
+latents, most similar first); when one kind runs short the other fills in. Every candidate
+window where the latent fires anywhere is removed, and the chosen ones are checked against the
+latent's activations once more. The windows are recorded (``near_miss_windows``, with their
+``near_miss_kinds``: ``"token"`` or ``"similar"``) and the chat is
+:func:`nlrw.prompts.explain.render_contrastive_chat`; replies, retries and copies are handled
+as for the default. A latent with no near-miss window falls back to the default prompt: its
+row says ``method = "default"`` and why in ``reason``.
+
 **Skipped latents.** A latent with fewer than ``min_count`` active positions (paper: 200) gets a
 row with ``status = "skipped"`` and the reason, and no LLM call.
 
@@ -26,17 +58,22 @@ reply is asked again with seed ``seed + attempt`` up to ``retries`` times; then 
 recorded with ``status = "failed"`` and the last reply in ``reason``, and the stage goes on.
 
 **Copies.** A small explainer often answers with a demonstration's answer (``The word
-"barked" and other forms of "bark"`` for latents that never see a dog). A reply that quotes a
-word of the demonstrations or system prompt and no word of the latent's own examples counts
-as unusable (:func:`copied_word`), and the retry rotates the demonstrations (another one
-last, next to the examples) as well as moving the seed, so a greedy explainer does not just
-repeat itself; after the last attempt the latent is recorded as failed with the copy in
-``reason``.
+"barked" and other forms of "bark"``, from an earlier set of demonstrations, for latents that
+never see a dog). A reply that quotes a word of the demonstrations or system prompt and no word
+of the latent's own examples counts as unusable (:func:`copied_word`), and so does a reply that
+repeats a demonstration's whole answer (``Four-digit years``, :func:`copied_answer`); the retry
+rotates the demonstrations (another one last, next to the examples) as well as moving the
+seed, so a greedy explainer does not just repeat itself. After the last attempt the latent is
+recorded as failed with the copy in ``reason``.
 
 **Resume.** Latents are explained in parts of ``part_size`` (one batched ``generate`` call per
 attempt); each part is written atomically to ``explanations.parts/part-NNNNNN.parquet`` and a
 rerun skips the parts on disk, so a kill loses at most one part. The parts are merged into
 ``explanations.parquet`` (one row per latent) and ``explain.json`` (provenance) at the end.
+
+Why this module is long: the two methods share one path (examples, chat, retries, checks,
+rows) and differ only in the near-miss windows beside the examples; the near-miss selection,
+the consistency check and the cache reader they need sit next to the stage that records them.
 
 The core functions take arrays (tokens ``[n, w]``, activations ``[n, w]``); the run directory is
 read through a :class:`LatentSource` (:class:`CacheSource` for a run's cache; tests use arrays).
@@ -45,11 +82,12 @@ read through a :class:`LatentSource` (:class:`CacheSource` for a run's cache; te
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import polars as pl
@@ -66,17 +104,25 @@ from nlrw.prompts.markup import highlight, highlighted_mask
 
 __all__ = [
     "CacheSource",
+    "Examples",
     "ExplainConfig",
     "LatentSource",
+    "NearMissSource",
+    "NearMisses",
     "activation_digits",
     "bin_ranks",
     "clean_explanation",
+    "consistency",
+    "copied_answer",
     "copied_word",
     "draw_from_bins",
     "explainer_examples",
+    "near_miss_windows",
+    "quoted_words",
     "render_examples",
     "run",
     "select_latents",
+    "top_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,15 +161,35 @@ class LatentSource(Protocol):
         ...
 
 
+class NearMissSource(LatentSource, Protocol):
+    """What the contrastive explainer reads beside a :class:`LatentSource`."""
+
+    def active_windows(self, latent: int) -> np.ndarray:
+        """Sorted ids of the windows where the latent is > 0 on at least one token."""
+        ...
+
+    def token_windows(self, token: int) -> np.ndarray:
+        """Sorted ids of the windows that contain token id ``token``."""
+        ...
+
+    def similar_latents(self, latent: int, n: int) -> np.ndarray:
+        """Up to ``n`` other live latents, largest decoder-row cosine with ``latent`` first."""
+        ...
+
+
 class CacheSource:
-    """A :class:`LatentSource` over a run directory's cache (:mod:`nlrw.cache`), with the
-    subject's tokenizer (the model named in ``activations/collect.json``)."""
+    """A :class:`LatentSource` (and :class:`NearMissSource`) over a run directory's cache
+    (:mod:`nlrw.cache`), with the subject's tokenizer (the model named in
+    ``activations/collect.json``) and the coder the cache was made with."""
 
     def __init__(self, run_dir: str | Path, tokenizer: Any | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.paths = RunDir(run_dir)
         self._tokenizer = tokenizer
         self._top: pl.DataFrame | None = None
+        self._window_tokens: np.ndarray | None = None
+        self._directions: np.ndarray | None = None
+        self._live: np.ndarray | None = None
 
     @property
     def tokenizer(self) -> Any:
@@ -165,6 +231,51 @@ class CacheSource:
 
     def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    def active_windows(self, latent: int) -> np.ndarray:
+        from nlrw.cache import active_windows
+
+        return np.asarray(active_windows(self.run_dir, latent), dtype=np.int64)
+
+    def token_windows(self, token: int) -> np.ndarray:
+        if self._window_tokens is None:
+            from nlrw.cache import window_tokens
+
+            record = self.paths.read_json(self.paths.cache_record, stage="cache")
+            n = int(record["result"]["n_windows"])
+            self._window_tokens = np.asarray(window_tokens(self.run_dir, np.arange(n)))
+        return np.flatnonzero((self._window_tokens == token).any(axis=1)).astype(np.int64)
+
+    def similar_latents(self, latent: int, n: int) -> np.ndarray:
+        if self._directions is None:
+            from nlrw.model.sparse import load
+
+            record = self.paths.read_json(self.paths.cache_record, stage="cache")
+            coder = load(self.paths.coder(str(record["hookpoint"])))
+            rows = coder.W_dec.detach().float().cpu().numpy()
+            norms = np.linalg.norm(rows, axis=1, keepdims=True)
+            self._directions = rows / np.where(norms > 0, norms, 1.0)
+            latents, counts = self.counts()
+            self._live = np.zeros(len(rows), dtype=bool)
+            self._live[latents[counts > 0]] = True
+        assert self._live is not None
+        return most_similar(self._directions, latent, n, self._live)
+
+
+def most_similar(
+    directions: np.ndarray, latent: int, n: int, live: np.ndarray | None = None
+) -> np.ndarray:
+    """Up to ``n`` latents other than ``latent`` (and, with ``live``, only those where it is
+    true) by descending cosine of their rows of ``directions`` ``[L, d]`` with ``latent``'s
+    (ties by the lower id)."""
+    d = np.asarray(directions, dtype=np.float64)
+    norms = np.linalg.norm(d, axis=1)
+    cos = (d @ d[latent]) / np.where(norms * norms[latent] > 0, norms * norms[latent], 1.0)
+    keep = np.ones(len(d), dtype=bool) if live is None else np.asarray(live, dtype=bool).copy()
+    keep[latent] = False
+    ids = np.flatnonzero(keep)
+    order = np.lexsort((ids, -cos[ids]))
+    return ids[order[:n]].astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,18 +349,155 @@ def explainer_examples(source: LatentSource, latent: int, cfg: ExplainConfig) ->
     return top[ranks]
 
 
+def top_positions(acts: np.ndarray) -> np.ndarray:
+    """Each example's top position (its largest activation, the first on ties), ``-1`` for
+    an example where the latent is nowhere > 0."""
+    acts = np.asarray(acts, dtype=np.float64).reshape(len(acts), -1)
+    if acts.shape[1] == 0:
+        return np.full(len(acts), -1, dtype=np.int64)
+    return np.where(acts.max(axis=1) > 0, acts.argmax(axis=1), -1).astype(np.int64)
+
+
+def top_tokens(token_strings: Sequence[Sequence[str]], acts: np.ndarray) -> list[str]:
+    """The top token of each example (see :func:`top_positions`) that has one."""
+    return [token_strings[i][int(p)] for i, p in enumerate(top_positions(acts).tolist()) if p >= 0]
+
+
+class Examples(NamedTuple):
+    """The activating examples shown to the explainer for one latent."""
+
+    windows: np.ndarray
+    rendered: list[str]
+    """The examples as the prompt writes them (:func:`render_examples`)."""
+    top_tokens: list[str]
+    """Each example's top token (:func:`top_tokens`)."""
+    top_ids: list[int]
+    """Their token ids, in the same order."""
+
+
+def examples_for(
+    source: LatentSource, latent: int, windows: np.ndarray, cfg: ExplainConfig
+) -> Examples:
+    """``windows`` of ``latent`` read, rendered and reduced to their top tokens."""
+    ids = np.asarray(source.tokens(windows)).reshape(len(windows), -1)
+    acts = np.asarray(source.activations(latent, windows), dtype=np.float64)
+    acts = acts.reshape(len(windows), -1)
+    strings = [source.token_strings(row) for row in ids]
+    top = top_positions(acts)
+    return Examples(
+        np.asarray(windows, dtype=np.int64),
+        render_examples(strings, acts, threshold=cfg.highlight_threshold, clip=cfg.clip_digits),
+        [strings[i][int(p)] for i, p in enumerate(top.tolist()) if p >= 0],
+        [int(ids[i][int(p)]) for i, p in enumerate(top.tolist()) if p >= 0],
+    )
+
+
 def build_chat(
     source: LatentSource, latent: int, windows: np.ndarray, cfg: ExplainConfig, rotation: int = 0
 ):
-    """The explainer chat for ``latent`` shown ``windows``, the demonstrations rotated by
-    ``rotation`` (see :func:`nlrw.prompts.explain.render_chat`)."""
-    ids = source.tokens(windows)
-    acts = source.activations(latent, windows)
-    strings = [source.token_strings(row) for row in ids]
-    return prompt.render_chat(
-        render_examples(strings, acts, threshold=cfg.highlight_threshold, clip=cfg.clip_digits),
-        rotation,
-    )
+    """The default explainer chat for ``latent`` shown ``windows``, the demonstrations rotated
+    by ``rotation`` (see :func:`nlrw.prompts.explain.render_chat`)."""
+    return chat_for(examples_for(source, latent, windows, cfg), None, rotation)
+
+
+def chat_for(examples: Examples, near: NearMisses | None, rotation: int = 0):
+    """The explainer chat: contrastive when ``near`` holds windows, the default otherwise."""
+    if near is not None and len(near.windows):
+        return prompt.render_contrastive_chat(
+            examples.rendered, near.rendered, rotation, top_tokens=examples.top_tokens
+        )
+    return prompt.render_chat(examples.rendered, rotation, top_tokens=examples.top_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive: near-miss windows
+# --------------------------------------------------------------------------------------------
+
+
+class NearMisses(NamedTuple):
+    """The near-miss windows of one latent (none fires it), as the prompt shows them."""
+
+    windows: np.ndarray
+    kinds: list[str]
+    """``"token"`` (holds a top token of the shown examples) or ``"similar"`` (a top window of
+    a latent with a similar decoder direction), per window."""
+    rendered: list[str]
+
+
+def _round_robin(pools: Sequence[Sequence[int]], n: int, taken: set[int]) -> list[int]:
+    """Up to ``n`` windows, one from each pool in turn (in pool order), skipping ``taken``
+    ones (and adding the picks to it)."""
+    out: list[int] = []
+    cursors = [0] * len(pools)
+    while len(out) < n:
+        moved = False
+        for k, pool in enumerate(pools):
+            while cursors[k] < len(pool) and int(pool[cursors[k]]) in taken:
+                cursors[k] += 1
+            if cursors[k] < len(pool) and len(out) < n:
+                w = int(pool[cursors[k]])
+                out.append(w)
+                taken.add(w)
+                cursors[k] += 1
+                moved = True
+        if not moved:
+            break
+    return out
+
+
+def near_miss_windows(
+    source: NearMissSource, latent: int, examples: Examples, cfg: ExplainConfig
+) -> tuple[np.ndarray, list[str]]:
+    """``(windows, kinds)``: the latent's near-miss windows (see the module's docstring), never
+    one where the latent is > 0 on any token; empty when there are none (or nothing shown)."""
+    n = min(len(examples.windows), cfg.max_near_misses)
+    if n == 0:
+        return np.zeros(0, np.int64), []
+    active = np.asarray(source.active_windows(latent), dtype=np.int64)
+    rng = np.random.default_rng([cfg.seed, latent, 0xC0DE])
+    tokens: list[int] = []
+    counts: dict[int, int] = {}
+    for t in examples.top_ids:
+        counts[t] = counts.get(t, 0) + 1
+        if counts[t] == 1:
+            tokens.append(t)
+    tokens.sort(key=lambda t: -counts[t])  # most frequent first, ties by first appearance
+    same = []
+    for t in tokens:
+        pool = np.setdiff1d(source.token_windows(t), active)
+        same.append(rng.permutation(pool).tolist())
+    taken = set(int(w) for w in examples.windows)
+    by_token = _round_robin(same, n, taken)
+    similar = []
+    for other in source.similar_latents(latent, cfg.n_similar_latents):
+        top = np.asarray(source.top_windows(int(other)), dtype=np.int64)
+        similar.append(top[~np.isin(top, active)].tolist())
+    by_latent = _round_robin(similar, n, taken)
+    n_token = min(len(by_token), max(math.ceil(n / 2), n - len(by_latent)))
+    n_latent = min(len(by_latent), n - n_token)
+    windows = np.asarray(by_token[:n_token] + by_latent[:n_latent], dtype=np.int64)
+    kinds = ["token"] * n_token + ["similar"] * n_latent
+    if len(windows):  # the invariant, checked on the activations themselves
+        acts = np.asarray(source.activations(latent, windows)).reshape(len(windows), -1)
+        silent = [not bool(row.any()) for row in acts > 0]
+        if not all(silent):
+            log.warning(
+                "explain: latent %d fires on %d near misses, dropped", latent, silent.count(False)
+            )
+        windows = windows[np.asarray(silent, dtype=bool)]
+        kinds = [k for k, ok in zip(kinds, silent, strict=True) if ok]
+    return windows, kinds
+
+
+def near_misses_for(
+    source: NearMissSource, latent: int, examples: Examples, cfg: ExplainConfig
+) -> NearMisses:
+    """The near-miss windows of ``latent`` (:func:`near_miss_windows`) with their texts."""
+    windows, kinds = near_miss_windows(source, latent, examples, cfg)
+    ids = np.asarray(source.tokens(windows)).reshape(len(windows), -1) if len(windows) else []
+    texts = ["".join(source.token_strings(row)) for row in ids]
+    rendered = [prompt.render_counter_example(i + 1, t) for i, t in enumerate(texts)]
+    return NearMisses(windows, kinds, rendered)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,6 +576,50 @@ def copied_word(explanation: str, chat: Sequence[Message]) -> str | None:
     return next((q for q in quoted if q.casefold() in shown), None)
 
 
+_QUOTED_ANY = re.compile(r'"([^"]+)"|“([^”]+)”|‘([^’]+)’|(?<![\w\'])\'([^\']+)\'(?![\w\'])')
+
+
+def _normal(text: str) -> str:
+    return "".join(text.split()).casefold()
+
+
+def quoted_words(explanation: str | None) -> list[str]:
+    """The words ``explanation`` quotes (``"…"``, ``“…”``, ``‘…’``, or ``'…'`` not inside a
+    word), each quote split at whitespace, normalized (whitespace removed, case-folded),
+    unique, in order of appearance."""
+    words: list[str] = []
+    for groups in _QUOTED_ANY.findall(explanation or ""):
+        quote = next((g for g in groups if g), "")
+        for word in quote.split():
+            w = _normal(word)
+            if w and w not in words:
+                words.append(w)
+    return words
+
+
+def consistency(explanation: str | None, tokens: Sequence[str]) -> tuple[float, list[str]]:
+    """``(share, words)``: the share of ``tokens`` (each shown example's top token) that, with
+    whitespace removed and case-folded, equal one of the words ``explanation`` quotes
+    (:func:`quoted_words`), and those words; NaN when it quotes nothing or ``tokens`` is
+    empty. See the module's docstring."""
+    words = quoted_words(explanation)
+    if not words or not tokens:
+        return math.nan, words
+    quoted = set(words)
+    return sum(_normal(t) in quoted for t in tokens) / len(tokens), words
+
+
+def copied_answer(explanation: str, chat: Sequence[Message]) -> str | None:
+    """The demonstration answer (an assistant turn of ``chat``) that ``explanation`` repeats
+    word for word (case-insensitive, final period ignored), or None."""
+    own = explanation.strip().rstrip(".").casefold()
+    for message in chat[:-1]:
+        answer = message["content"]
+        if message["role"] == "assistant" and answer.strip().rstrip(".").casefold() == own:
+            return answer
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Latent selection
 # --------------------------------------------------------------------------------------------
@@ -379,7 +671,21 @@ SCHEMA: dict[str, Any] = {
     "completion_tokens": pl.Int64,
     "attempts": pl.Int64,
     "windows": pl.List(pl.Int64),
+    "method": pl.String,
+    "near_miss_windows": pl.List(pl.Int64),
+    "near_miss_kinds": pl.List(pl.String),
+    "consistency": pl.Float64,
+    "quoted_words": pl.List(pl.String),
 }
+"""One row per latent. ``windows``: the activating examples shown; ``method``: the prompt the
+latent got ("default" or "contrastive"; null when skipped); ``near_miss_windows`` and
+``near_miss_kinds``: the contrastive near misses shown; ``consistency`` and
+``quoted_words``: the check of the module's docstring."""
+
+NO_NEAR_MISSES = (
+    "contrastive fell back to default: no near-miss window (none holds a shown top token "
+    "with the latent silent, and no similar latent's top window is silent)"
+)
 
 
 def generate_with_retries(
@@ -387,8 +693,9 @@ def generate_with_retries(
 ) -> list[tuple[str | None, Generation, int, int, int, str | None]]:
     """For each of ``n`` chats (``chat_for(i, attempt)``) ``(explanation or None, last reply,
     attempts, prompt tokens, completion tokens, why the last reply was unusable)``: replies
-    that are empty, malformed, clean to nothing or copy a quoted word from the demonstrations
-    (:func:`copied_word`) are asked again (seed + r, chat ``chat_for(i, r)``), up to
+    that are empty, malformed, clean to nothing, copy a quoted word from the demonstrations
+    (:func:`copied_word`) or repeat a demonstration's answer (:func:`copied_answer`) are asked
+    again (seed + r, chat ``chat_for(i, r)``), up to
     ``cfg.retries`` more times, all still-pending chats of the batch together."""
     result: list[Any] = [None] * n
     used = [[0, 0] for _ in range(n)]
@@ -409,9 +716,13 @@ def generate_with_retries(
             used[i][1] += reply.completion_tokens
             text = clean_explanation(reply.text) if reply.ok else None
             copied = None if text is None else copied_word(text, chat)
+            answer = None if text is None else copied_answer(text, chat)
             why = None
             if copied is not None:
                 why = f"copies {copied!r} from the demonstrations, not in its examples: {text!r}"
+                text = None
+            elif answer is not None:
+                why = f"repeats a demonstration's answer: {answer!r}"
                 text = None
             result[i] = (text, reply, attempt + 1, why)
             if text is None:
@@ -442,6 +753,8 @@ def run(
     if overwrite:
         remove_tree(parts_dir)
     source = source if source is not None else CacheSource(run_dir)
+    if cfg.method == "contrastive":
+        _near_miss_source(source)  # fails before any LLM is loaded
     latents, counts = source.counts()
     selected, skipped = select_latents(
         latents,
@@ -481,6 +794,11 @@ def run(
                     "completion_tokens": 0,
                     "attempts": 0,
                     "windows": [],
+                    "method": None,
+                    "near_miss_windows": [],
+                    "near_miss_kinds": [],
+                    "consistency": math.nan,
+                    "quoted_words": [],
                 }
                 for lat in skipped
             ]
@@ -491,38 +809,52 @@ def run(
         for index in todo:
             assert backend is not None
             chunk = chunks[index]
-            windows = [explainer_examples(source, lat, cfg) for lat in chunk]
+            shown = [
+                examples_for(source, lat, explainer_examples(source, lat, cfg), cfg)
+                for lat in chunk
+            ]
+            near: list[NearMisses | None] = [None] * len(chunk)
+            if cfg.method == "contrastive":
+                near = [
+                    near_misses_for(_near_miss_source(source), lat, ex, cfg)
+                    for lat, ex in zip(chunk, shown, strict=True)
+                ]
             answers = generate_with_retries(
                 backend,
-                lambda i, attempt, lats=chunk, wins=windows: build_chat(
-                    source, lats[i], wins[i], cfg, attempt
-                ),
+                lambda i, attempt, ex=shown, nm=near: chat_for(ex[i], nm[i], attempt),
                 len(chunk),
                 cfg,
             )
             rows = []
-            for lat, win, (text, reply, attempts, p_tok, c_tok, why) in zip(
-                chunk, windows, answers, strict=True
+            for lat, ex, nm, (text, reply, attempts, p_tok, c_tok, why) in zip(
+                chunk, shown, near, answers, strict=True
             ):
+                contrastive = nm is not None and len(nm.windows) > 0
+                fallback = NO_NEAR_MISSES if nm is not None and not contrastive else None
+                failure = None
+                if text is None:
+                    failure = f"no usable reply after {attempts} attempts " + (
+                        f"(last: {why})"
+                        if why
+                        else f"(finish_reason {reply.finish_reason!r}, last: {reply.text[:200]!r})"
+                    )
+                check, words = consistency(text, ex.top_tokens)
                 rows.append(
                     {
                         **base,
                         "latent": int(lat),
                         "explanation": text,
                         "status": "ok" if text is not None else "failed",
-                        "reason": None
-                        if text is not None
-                        else f"no usable reply after {attempts} attempts "
-                        + (
-                            f"(last: {why})"
-                            if why
-                            else f"(finish_reason {reply.finish_reason!r}, "
-                            f"last: {reply.text[:200]!r})"
-                        ),
+                        "reason": "; ".join(r for r in (failure, fallback) if r) or None,
                         "prompt_tokens": p_tok,
                         "completion_tokens": c_tok,
                         "attempts": attempts,
-                        "windows": [int(w) for w in win],
+                        "windows": [int(w) for w in ex.windows],
+                        "method": "contrastive" if contrastive else "default",
+                        "near_miss_windows": [int(w) for w in nm.windows] if nm else [],
+                        "near_miss_kinds": list(nm.kinds) if nm else [],
+                        "consistency": check,
+                        "quoted_words": words,
                     }
                 )
             store.write(index + 1, rows, SCHEMA)
@@ -545,10 +877,38 @@ def run(
             prompt_hash=prompt.PROMPT_HASH,
             n_latents=table.height,
             status={str(s): int(c) for s, c in status.iter_rows()},
+            methods={
+                str(m): int(c)
+                for m, c in table.filter(pl.col("method").is_not_null())["method"]
+                .value_counts()
+                .iter_rows()
+            },
+            mean_consistency=_finite_mean(table["consistency"]),
             seconds=time.perf_counter() - started,
         ),
     )
     return table
+
+
+def _finite_mean(values: pl.Series) -> float | None:
+    """The mean of the finite values (None when there are none: JSON has no NaN)."""
+    v = values.drop_nulls().to_numpy().astype(np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
+
+
+def _near_miss_source(source: LatentSource) -> NearMissSource:
+    missing = [
+        m
+        for m in ("active_windows", "token_windows", "similar_latents")
+        if not callable(getattr(source, m, None))
+    ]
+    if missing:
+        raise TypeError(
+            f"method 'contrastive' needs a source with {', '.join(missing)} "
+            f"({type(source).__name__} has none)"
+        )
+    return source  # pyright: ignore[reportReturnType]
 
 
 def explanations_for(run_dir: str | Path) -> pl.DataFrame:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ExplainConfig", "Selection"]
+__all__ = ["ExplainConfig", "Method", "Selection"]
 
 
 Selection = Literal["frequent", "random"]
+
+Method = Literal["default", "contrastive"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,20 @@ class ExplainConfig:
     """Which latents come first: "frequent" (most active positions first, ties by id) or
     "random" (a permutation drawn from seed)."""
 
+    method: Method = "default"
+    """"default": the explainer sees the latent's activating examples; "contrastive": also
+    near-miss windows where the latent fires nowhere (windows with the same top tokens, and
+    windows the latents with the most similar decoder directions fire on), and is asked what
+    sets the two apart. A latent without near misses falls back to "default" (recorded)."""
+
+    max_near_misses: int = 16
+    """Contrastive: at most this many near-miss windows per latent (no more than its
+    activating examples), half with the same top tokens, half from similar latents."""
+
+    n_similar_latents: int = 8
+    """Contrastive: the latents with the most similar decoder directions (cosine) whose top
+    windows may be shown as near misses."""
+
     highlight_threshold: float = 0.2
     """A token is highlighted when its activation exceeds this fraction of its example's max."""
 
@@ -64,7 +80,14 @@ class ExplainConfig:
     """Extra keyword options for the backend's constructor, as (name, value) pairs."""
 
     def __post_init__(self) -> None:
-        for name in ("n_bins", "examples_per_bin", "part_size", "max_new_tokens"):
+        for name in (
+            "n_bins",
+            "examples_per_bin",
+            "part_size",
+            "max_new_tokens",
+            "max_near_misses",
+            "n_similar_latents",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.min_count < 0 or self.retries < 0:

@@ -1,9 +1,10 @@
 """The latent browser's data: which latents it shows and what is known about each.
 
-For the best, median and worst latents by detection balanced accuracy: the explanation, the
-scores and cache statistics, the top activating windows of the cache, the per-calibration
-metrics, a scatter of simulated against true activation on the eval contexts, and the eval
-contexts the simulator rated highest and those where the latent truly fires most. Token ids
+For the best, median and worst latents by detection balanced accuracy: the explanation (with
+its consistency check and method, :func:`explanation_with_check`), the scores and cache
+statistics, the top activating windows of the cache, the per-calibration metrics, a scatter
+of simulated against true activation on the eval contexts, and the eval contexts the
+simulator rated highest and those where the latent truly fires most. Token ids
 are decoded with the subject model's tokenizer when it loads (ids otherwise). The markup is
 :mod:`nlrw.report.html`'s and :mod:`nlrw.report.markdown`'s.
 """
@@ -150,7 +151,7 @@ def browser_latents(
     explanation_of: dict[int, str] = {}
     if explanations is not None:
         explanation_of = {
-            int(r["latent"]): r["explanation"]
+            int(r["latent"]): explanation_with_check(r)
             for r in explanations.iter_rows(named=True)
             if r["explanation"]
         }
@@ -239,6 +240,30 @@ def browser_latents(
             )
         )
     return out
+
+
+def explanation_with_check(row: dict[str, Any]) -> str:
+    """An ``explanations.parquet`` row's explanation as the browser shows it: followed by the
+    explain stage's consistency check (how many of the examples shown to the explainer have
+    their top token among the words the explanation quotes, :func:`nlrw.explain.consistency`)
+    and, for a contrastive explanation, how many near misses it saw. Tables written before
+    the check, or imported, show the explanation alone."""
+    text = str(row["explanation"])
+    notes = []
+    if row.get("method") == "contrastive":
+        notes.append(f"contrastive, {len(row.get('near_miss_windows') or [])} near misses")
+    words = row.get("quoted_words")
+    share = row.get("consistency")
+    n = len(row.get("windows") or [])
+    if words and share is not None and math.isfinite(share) and n:
+        quoted = ", ".join(f'"{w}"' for w in words)
+        notes.append(
+            f"check: {quoted} is the top token of {round(share * n)} of {n} examples shown "
+            f"({share:.0%})"
+        )
+    elif words is not None and not words and "consistency" in row:
+        notes.append("check: quotes no word")
+    return f"{text} [{'; '.join(notes)}]" if notes else text
 
 
 def _top_windows(run_dir: Path, latent: int, n: int, decode: _Decoder) -> list[Window]:
