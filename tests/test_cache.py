@@ -189,6 +189,23 @@ def test_window_activations_and_tokens(smoke: Path, dense: np.ndarray, cfg: Cach
         cache.window_tokens(smoke, [128])
 
 
+def test_a_moved_run_directory_reads_its_own_activations(
+    smoke: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache record's activations path is relative to the cwd of the run that wrote it:
+    a copied run directory, read from another cwd, still finds its own tokens."""
+    moved = tmp_path / "moved"
+    shutil.copytree(smoke, moved)
+    record = json.loads((moved / "latents" / "cache.json").read_text())
+    record["activations"] = "runs/elsewhere/activations/eval"  # as a relative-path run writes
+    (moved / "latents" / "cache.json").write_text(json.dumps(record))
+    monkeypatch.chdir(tmp_path)
+    windows = np.array([0, 3, 7])
+    np.testing.assert_array_equal(
+        cache.window_tokens(moved, windows), cache.window_tokens(smoke, windows)
+    )
+
+
 def test_random_inactive_windows_never_fire(
     smoke: Path, dense: np.ndarray, cfg: CacheConfig
 ) -> None:

@@ -704,7 +704,11 @@ def _open_cache(run_dir: str | Path) -> _Cache:
         ) from e
     lay = _layout(record["result"]["n_rows"], record["ctx_len"], record["window_len"])
     files = [out / p["file"] for p in sorted(parts["parts"], key=lambda p: p["chunk"])]
-    return _Cache(out, lay, Path(record["activations"]), files)
+    # The activations folder is found from the run directory, not from the path recorded
+    # (relative to the cwd of the run that wrote it): a run directory may be moved or copied.
+    source = (record.get("config") or {}).get("source")
+    source_dir = _source_dir(Path(run_dir), source) if source else Path(record["activations"])
+    return _Cache(out, lay, source_dir, files)
 
 
 def read_stats(run_dir: str | Path) -> pl.DataFrame:
