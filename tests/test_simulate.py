@@ -544,13 +544,18 @@ def test_rerun_skips_and_overwrite_reruns(run_dir: Path) -> None:
     assert (paper["expected_value"] < first["expected_value"]).all()  # mass 0.9 < 1
 
 
+def _unsimulated_copy(run_dir: Path, dst: Path) -> Path:
+    """A copy of ``run_dir`` without the simulate stage's outputs."""
+    shutil.copytree(run_dir, dst)
+    shutil.rmtree(dst / "simulations.parts")
+    (dst / "simulations.parquet").unlink()
+    (dst / "simulate.json").unlink()
+    return dst
+
+
 def test_killed_run_resumes_from_the_last_part(run_dir: Path, tmp_path: Path) -> None:
     reference = simulate.run(_cfg(), run_dir, backend=FakeSimulator())
-    other = tmp_path / "other"
-    shutil.copytree(run_dir, other)
-    shutil.rmtree(other / "simulations.parts")
-    (other / "simulations.parquet").unlink()
-    (other / "simulate.json").unlink()
+    other = _unsimulated_copy(run_dir, tmp_path / "other")
 
     with pytest.raises(KeyboardInterrupt):
         simulate.run(_cfg(), other, backend=FakeSimulator(fail_after=2))
@@ -579,11 +584,7 @@ def test_context_first_chunks_by_context_and_resumes_after_a_kill(
     assert sorted(set(first["latent"])) == sorted(EXPLANATIONS)  # every latent
     assert first["context_id"].n_unique() == 4
 
-    other = tmp_path / "other"
-    shutil.copytree(run_dir, other)
-    shutil.rmtree(other / "simulations.parts")
-    (other / "simulations.parquet").unlink()
-    (other / "simulate.json").unlink()
+    other = _unsimulated_copy(run_dir, tmp_path / "other")
     with pytest.raises(KeyboardInterrupt):
         simulate.run(cfg, other, backend=FakeSimulator(fail_after=1))
     done = sorted((other / "simulations.parts").glob("part-*.parquet"))
