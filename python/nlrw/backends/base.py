@@ -15,6 +15,10 @@ A backend does two things for the explain, score and simulate stages:
   ``"shared-prefix"`` engine), or order requests so a server's prefix cache hits (openai).
   :func:`split_encode` builds a :class:`SplitPrompt` from a chat with a split marker in it.
 
+Reading several positions of one prompt (the all-at-once simulation layout: a rating slot per
+token of a window) is a transformers-backend method (``slot_distribution_ids``);
+:func:`locate_slots` finds the positions from character offsets of the text.
+
 :func:`render` turns a chat into the prompt text (the tokenizer's chat template, or a plain
 ``System:/User:/Assistant:`` fallback), :func:`answer_token_ids` maps answers to single token ids.
 """
@@ -37,6 +41,7 @@ __all__ = [
     "answer_token_ids",
     "check_split_prompts",
     "encode_prompt",
+    "locate_slots",
     "render",
     "split_encode",
     "uses_chat_template",
@@ -265,6 +270,50 @@ def check_split_prompts(
             raise ValueError(
                 f"prompts longer than max_length={max_length} tokens (index, length): {long[:10]}"
             )
+
+
+def locate_slots(
+    tokenizer: Any, text: str, slots: Sequence[int], *, model: str | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` (no special tokens) and, for each slot (a character offset in
+    ``text``), the index of the token just before it: the position whose next-token
+    distribution is what the model predicts for the slot.
+
+    Found from the fast tokenizer's ``return_offsets_mapping``, never from token ids: slot
+    ``s`` needs a token that starts exactly at ``s`` (the token before it then ends the text
+    that precedes the slot).
+
+    Raises:
+        ValueError: a slow tokenizer (no offsets), or a slot whose start is not a token
+            boundary (the tokenizer merged the slot's text with the text before it); one line
+            naming ``model`` (default: the tokenizer's ``name_or_path``) and the slot's text.
+    """
+    name = model or str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"the tokenizer of {name} is not a fast tokenizer: rating slots are located by "
+            "character offsets, which only fast tokenizers give"
+        )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [int(i) for i in enc["input_ids"]]
+    starts: dict[int, int] = {}
+    for j, (start, end) in enumerate(enc["offset_mapping"]):
+        if end > start:
+            starts.setdefault(int(start), j)
+    where: list[int] = []
+    for s in slots:
+        j = starts.get(int(s))
+        if j is None or j == 0:
+            end = text.find("\n", s)
+            slot_text = text[s : end if end >= 0 else len(text)]
+            line_start = text.rfind("\n", 0, s) + 1
+            raise ValueError(
+                f"the tokenizer of {name} merges the rating slot {slot_text!r} with the text "
+                f"before it ({text[line_start:s]!r} at offset {s} is not a token boundary): "
+                "the slots of this layout cannot be located for this model"
+            )
+        where.append(j - 1)
+    return ids, where
 
 
 def _pieces(tokenizer: Any, text: str) -> list[int]:

@@ -46,6 +46,15 @@ a per-prompt ``suffix`` (:class:`~nlrw.backends.base.SplitPrompt`), with one of 
   for later calls). Models whose cache has sliding-window layers (Mistral, Gemma 2/3, Qwen2
   with ``use_sliding_window``) are run with ``"padded"`` instead (logged once): their cache
   keeps only the last window, which this engine does not model.
+
+``slot_distribution_ids`` reads **several positions of each prompt** in its one forward (the
+all-at-once simulation layout: a rating slot after every token of a window): the same three
+engines, the same prefix-KV sharing and batching, but the head runs on the hidden states of
+each suffix's read positions ``k`` (``p[r, k] = softmax(float32(W_out · h[r, k]))[answer
+ids]``, in blocks of 256 positions, so a batch's vocabulary logits never all exist at once).
+Right padding after a suffix's last token changes nothing before it, so every read position
+sees exactly the prefix and its own suffix's earlier tokens (tested against one unshared
+forward of the same ids to 1e-5 in float32).
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ __all__ = ["Engine", "TransformersBackend", "resolve_backend_dtype"]
 Engine = Literal["shared-prefix", "padded", "single"]
 """How :meth:`TransformersBackend.answer_distribution_ids` runs prompts (module docstring)."""
 _ENGINES: tuple[str, ...] = get_args(Engine)
+_HEAD_ROWS = 256
+"""Read positions per block when the head runs at several positions of each suffix."""
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +403,85 @@ class TransformersBackend:
             probs = self._shared_prefix_probs(prompts, index, size)
         return AnswerDistribution(probs, probs.sum(1))
 
+    @torch.inference_mode()
+    def slot_distribution_ids(
+        self,
+        prompts: Sequence[SplitPrompt],
+        slots: Sequence[Sequence[int]],
+        answer_ids: Sequence[int],
+        *,
+        engine: Engine | None = None,
+        batch_size: int | None = None,
+    ) -> list[AnswerDistribution]:
+        """The answers' probabilities at several positions of each prompt, one forward per
+        prompt: ``out[i].probs[k, j] = softmax(float32 logits after suffix token
+        slots[i][k] of prompt i)[answer_ids[j]]`` (the all-at-once simulation layout reads
+        the digits at every rating slot of a window this way; ``slots`` come from
+        :func:`nlrw.backends.base.locate_slots`). Not renormalized.
+
+        Engines as :meth:`answer_distribution_ids`: ``"shared-prefix"`` runs each distinct
+        prefix once and batches of suffixes on its KV cache, the head applied at the read
+        positions only; ``"padded"`` batches of whole prompts (right-padded, no sharing);
+        ``"single"`` one forward per whole prompt (the reference). A suffix's last token
+        need not be read, but nothing after its last read position matters.
+
+        Raises:
+            ValueError: as :meth:`answer_distribution_ids`, a ``slots`` list not of the
+                prompts' length, or a prompt with no slot or a slot outside its suffix.
+        """
+        engine = _check_engine(engine or self.engine)
+        size = self.engine_batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {size}")
+        check_split_prompts(prompts, answer_ids, max_length=self.max_length)
+        if len(slots) != len(prompts):
+            raise ValueError(f"{len(slots)} slot lists for {len(prompts)} prompts")
+        bad = [
+            i
+            for i, (p, at) in enumerate(zip(prompts, slots, strict=True))
+            if not len(at) or any(not 0 <= int(k) < len(p.suffix) for k in at)
+        ]
+        if bad:
+            raise ValueError(
+                f"prompts {bad[:10]} have no slot or a slot outside their suffix: slots are "
+                "suffix token indices"
+            )
+        index = self._answer_index(answer_ids)
+        reads = [[int(k) for k in at] for at in slots]
+        if engine == "shared-prefix":
+            flat = self._shared_prefix_probs(prompts, index, size, reads)
+            first = np.cumsum([0, *(len(r) for r in reads)])
+            out = [flat[first[i] : first[i + 1]] for i in range(len(prompts))]
+        else:
+            whole = [SplitPrompt((), (*p.prefix, *p.suffix)) for p in prompts]
+            shifted = [
+                [len(p.prefix) + k for k in at] for p, at in zip(prompts, reads, strict=True)
+            ]
+            out = self._padded_slot_probs(whole, shifted, index, 1 if engine == "single" else size)
+        return [AnswerDistribution(p, p.sum(1)) for p in out]
+
+    def _padded_slot_probs(
+        self,
+        prompts: Sequence[SplitPrompt],
+        reads: Sequence[Sequence[int]],
+        index: torch.Tensor,
+        batch_size: int,
+    ) -> list[np.ndarray]:
+        """Whole prompts (empty prefixes) in batches of similar length, right-padded, no cache:
+        the answers' probabilities at each prompt's read positions."""
+        out: list[np.ndarray] = [np.zeros((0, len(index)))] * len(prompts)
+        encoded = [list(p.suffix) for p in prompts]
+        for batch in self._batches(encoded, batch_size):
+            p = self._suffix_probs(
+                [], 0, [prompts[i].suffix for i in batch], [reads[i] for i in batch], index
+            )
+            got = p.double().cpu().numpy()
+            start = 0
+            for i in batch:
+                out[i] = got[start : start + len(reads[i])]
+                start += len(reads[i])
+        return out
+
     def _single_probs(self, prompts: Sequence[SplitPrompt], index: torch.Tensor) -> np.ndarray:
         probs = np.zeros((len(prompts), len(index)), dtype=np.float64)
         for i, p in enumerate(prompts):
@@ -401,19 +491,34 @@ class TransformersBackend:
         return probs
 
     def _shared_prefix_probs(
-        self, prompts: Sequence[SplitPrompt], index: torch.Tensor, batch_size: int
+        self,
+        prompts: Sequence[SplitPrompt],
+        index: torch.Tensor,
+        batch_size: int,
+        reads: Sequence[Sequence[int]] | None = None,
     ) -> np.ndarray:
+        """Rows of answer probabilities: one per prompt, after its last token; with ``reads``,
+        one per read position of each prompt (suffix indices), prompt by prompt."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(tuple(p.prefix), []).append(i)
         if len(groups) > 1:
             self._remember_base(_common_prefix(list(groups)))
-        probs = np.zeros((len(prompts), len(index)), dtype=np.float64)
+        first = np.cumsum([0, *(len(r) for r in reads)]) if reads is not None else None
+        n_rows = len(prompts) if first is None else int(first[-1])
+        probs = np.zeros((n_rows, len(index)), dtype=np.float64)
         for prefix, rows in groups.items():
             kv = self._prefix_kv(prefix)
             if kv is None:  # sliding-window cache: no sharing (logged once)
-                encoded = [[*prefix, *prompts[i].suffix] for i in rows]
-                probs[rows] = self._padded_probs(encoded, index, batch_size)
+                if reads is None or first is None:
+                    encoded = [[*prefix, *prompts[i].suffix] for i in rows]
+                    probs[rows] = self._padded_probs(encoded, index, batch_size)
+                else:
+                    whole = [SplitPrompt((), (*prefix, *prompts[i].suffix)) for i in rows]
+                    shifted = [[len(prefix) + k for k in reads[i]] for i in rows]
+                    out = self._padded_slot_probs(whole, shifted, index, batch_size)
+                    for i, got in zip(rows, out, strict=True):
+                        probs[first[i] : first[i + 1]] = got
                 continue
             rows = sorted(rows, key=lambda i: -len(prompts[i].suffix))  # less padding
             start = 0
@@ -422,7 +527,12 @@ class TransformersBackend:
                 size = min(batch_size, self._rows_cap(len(prefix), width))
                 batch = rows[start : start + size]
                 try:
-                    p = self._suffix_probs(kv, len(prefix), [prompts[i].suffix for i in batch])
+                    suffixes = [prompts[i].suffix for i in batch]
+                    if reads is None:
+                        p = self._suffix_probs(kv, len(prefix), suffixes)[:, index]
+                    else:
+                        at = [reads[i] for i in batch]
+                        p = self._suffix_probs(kv, len(prefix), suffixes, at, index)
                 except torch.cuda.OutOfMemoryError:
                     if len(batch) == 1:
                         raise
@@ -434,7 +544,11 @@ class TransformersBackend:
                     )
                     torch.cuda.empty_cache()
                     continue
-                probs[batch] = p[:, index].double().cpu().numpy()
+                if first is None:
+                    probs[batch] = p.double().cpu().numpy()
+                else:
+                    out_rows = np.concatenate([np.arange(first[i], first[i + 1]) for i in batch])
+                    probs[out_rows] = p.double().cpu().numpy()
                 start += len(batch)
         return probs
 
@@ -539,9 +653,14 @@ class TransformersBackend:
         kv: list[tuple[torch.Tensor, torch.Tensor]],
         prefix_len: int,
         suffixes: list[tuple[int, ...]],
+        reads: Sequence[Sequence[int]] | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """float32 next-token probabilities ``[B, vocab]`` after each suffix, the prefix's
-        ``kv`` shared by the batch (module docstring)."""
+        ``kv`` shared by the batch (module docstring). With ``reads`` (suffix indices per row)
+        and ``index`` (answer ids): ``[Σ len(reads[r]), len(index)]``, the answers' probabilities
+        after each read position, row by row (the head runs on those positions only, in
+        blocks of :data:`_HEAD_ROWS`, so a batch's vocabulary logits never all exist at once)."""
         n = len(suffixes)
         lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
         width = int(lengths.max())
@@ -560,6 +679,15 @@ class TransformersBackend:
             cache = self._new_cache()
             for layer, (k, v) in enumerate(kv):
                 cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), layer)
+        if reads is None:
+            rows, cols = torch.arange(n, device=self.device), lengths - 1
+        else:
+            rows = torch.tensor(
+                [r for r, at in enumerate(reads) for _ in at], dtype=torch.long, device=self.device
+            )
+            cols = torch.tensor(
+                [k for at in reads for k in at], dtype=torch.long, device=self.device
+            )
         if not self._head_applies():
             out = self.lm(
                 input_ids=ids,
@@ -568,12 +696,21 @@ class TransformersBackend:
                 use_cache=cache is not None,
                 **{_cache_kwarg(self.lm.base_model): cache},
             )
-            logits = out.logits[torch.arange(n, device=self.device), lengths - 1]
-        else:
-            hidden = self._body(ids, cache=cache, attention_mask=mask, position_ids=positions)
-            last = hidden[torch.arange(n, device=self.device), lengths - 1]
-            logits = self.lm.get_output_embeddings()(last)
-        return torch.softmax(logits.float(), -1)
+            logits = out.logits[rows, cols]
+            if reads is None or index is None:
+                return torch.softmax(logits.float(), -1)
+            return torch.softmax(logits.float(), -1)[:, index]
+        hidden = self._body(ids, cache=cache, attention_mask=mask, position_ids=positions)
+        picked = hidden[rows, cols]
+        head = self.lm.get_output_embeddings()
+        if reads is None or index is None:
+            return torch.softmax(head(picked).float(), -1)
+        return torch.cat(
+            [
+                torch.softmax(head(picked[b : b + _HEAD_ROWS]).float(), -1)[:, index]
+                for b in range(0, len(picked), _HEAD_ROWS)
+            ]
+        )
 
     def _head_applies(self) -> bool:
         """Whether ``output_embeddings(body(x))`` gives the model's logits (checked once on a
