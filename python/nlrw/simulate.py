@@ -36,6 +36,21 @@ backend's ``"shared-prefix"`` engine computes each distinct prefix once per call
 context-first, the instructions common to every context's prefix once per backend); the openai
 backend sends prompts in prefix order so a server's prefix cache hits.
 
+``"all-at-once"`` (transformers backend only): one prompt per (latent, window) rates **every**
+token of the window (:mod:`nlrw.prompts.simulation`: the window listed one token per line, each
+followed by a tab and a rating slot; the prefix, shared by every window of a latent, ends with
+the explanation; chunked by latent like explanation-first). The slots are located by character
+offsets (:func:`nlrw.backends.base.locate_slots`, for every context before anything is
+written: a tokenizer that merges a slot stops the run with an error naming the model and the
+slot) and the digits read at every slot in one forward
+(``TransformersBackend.slot_distribution_ids``); the suffix ends at the last slot's tab. The
+pair's ``digit_probs``, ``expected_value`` and ``digit_mass`` are the **last** slot's (the same
+token the other layouts rate), so ``simulations.parquet`` has the same columns; the expected
+value and digit mass of every position of the window go to ``simulations_positions.parquet``
+(``latent, context_id, position, expected_value, digit_mass``; position ``0 … ctx_len − 1``,
+the last equal to the pair's raw rating; the context-centered reading is not applied there),
+and the shuffled control's to ``simulations_shuffled_positions.parquet``.
+
 **Reading.** ``reading = "context-centered"`` removes the simulator's prior on the text: a
 small simulator rates the same few contexts high whatever the explanation (the shuffled
 control shows it). Every simulated latent is rated on every context, so the context's mean
@@ -89,7 +104,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import polars as pl
 
-from nlrw.backends.base import Backend, SplitPrompt, split_encode
+from nlrw.backends.base import (
+    Backend,
+    SplitPrompt,
+    encode_prompt,
+    locate_slots,
+    render,
+    split_encode,
+)
 from nlrw.config.simulate import EV, SimulateConfig, parse_shard
 from nlrw.lib.io import atomic_path, atomic_write_json
 from nlrw.lib.parts import PartStore, chunked, remove_tree
@@ -101,11 +123,16 @@ from nlrw.prompts.simulation import DigitTokens, Layout, Style
 
 __all__ = [
     "PART_SCHEMA",
+    "POSITIONS_FILE",
+    "POSITIONS_SCHEMA",
     "SCHEMA",
+    "SHUFFLED_POSITIONS_FILE",
     "Chunk",
     "Plan",
     "SimulateConfig",
+    "SlotSuffix",
     "build_prompts",
+    "build_slot_prompts",
     "center_by_context",
     "expected_values",
     "finished_outputs",
@@ -117,6 +144,8 @@ __all__ = [
     "run",
     "select_latents",
     "shard_chunks",
+    "slot_prefix",
+    "slot_suffixes",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,6 +169,27 @@ SCHEMA: dict[str, Any] = {**PART_SCHEMA, "true_activation": pl.Float32}
 SHUFFLED_FILE = "simulations_shuffled.parquet"
 """The shuffled-explanation control's simulations: the columns of ``simulations.parquet``
 plus ``explanation_of`` (the latent whose explanation was shown)."""
+
+POSITIONS_FILE = "simulations_positions.parquet"
+"""The all-at-once layout's rating of every position of every window (module docstring)."""
+SHUFFLED_POSITIONS_FILE = "simulations_shuffled_positions.parquet"
+"""The same for the shuffled control."""
+
+POSITIONS_SCHEMA: dict[str, Any] = {
+    "latent": pl.Int32,
+    "context_id": pl.Int32,
+    "position": pl.Int32,
+    "expected_value": pl.Float32,
+    "digit_mass": pl.Float32,
+}
+"""Columns of ``simulations_positions.parquet``."""
+
+_SLOT_COLUMNS: dict[str, Any] = {
+    "position_expected_value": pl.List(pl.Float32),
+    "position_digit_mass": pl.List(pl.Float32),
+}
+"""What an all-at-once part holds besides :data:`PART_SCHEMA`: each pair's per-position values
+(in the same atomic file, so a resumed run never has one without the other)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +284,9 @@ def plan_chunks(
     chunk_contexts: int,
 ) -> list[Chunk]:
     """The parts of one simulation: chunks of ``chunk_latents`` latents x every context for
-    explanation-first (a latent's prefix is shared by its contexts), every latent x chunks of
-    ``chunk_contexts`` contexts for context-first (a context's prefix by its latents)."""
+    explanation-first and all-at-once (a latent's prefix is shared by its contexts), every
+    latent x chunks of ``chunk_contexts`` contexts for context-first (a context's prefix by its
+    latents)."""
     if not latents:
         return []
     if layout == "context-first":
@@ -435,7 +486,7 @@ def _slices(keys: list[tuple[int, int]], layout: Layout, at_least: int) -> list[
     """Consecutive ranges of whole prefix groups holding at least ``at_least`` prompts each
     (the last may hold fewer): one backend call each, so progress moves and prefixes stay
     whole."""
-    group = (lambda k: k[0]) if layout == "explanation-first" else (lambda k: k[1])
+    group = (lambda k: k[1]) if layout == "context-first" else (lambda k: k[0])
     out: list[range] = []
     start = 0
     for i in range(1, len(keys) + 1):
@@ -444,6 +495,61 @@ def _slices(keys: list[tuple[int, int]], layout: Layout, at_least: int) -> list[
             out.append(range(start, i))
             start = i
     return [r for r in out if len(r)]
+
+
+class SlotSuffix(NamedTuple):
+    """A window's all-at-once suffix: the token ids of its listing up to the last slot's tab,
+    and the suffix index read for each position's slot."""
+
+    ids: tuple[int, ...]
+    reads: tuple[int, ...]
+
+
+def slot_suffixes(
+    tokenizer: Any, tokens: dict[int, list[str]], model: str | None = None
+) -> dict[int, SlotSuffix]:
+    """Each context's :class:`SlotSuffix` from its tokens' texts
+    (:func:`nlrw.prompts.simulation.token_texts`): the :func:`~nlrw.prompts.simulation.listing`
+    with ``?`` slots, tokenized alone (it follows the shared prefix's cut), its slots located by
+    character offsets and the ids cut after the last read position.
+
+    Raises:
+        ValueError: a slot the tokenizer merges with the text before it (naming ``model`` and
+            the slot text).
+    """
+    out: dict[int, SlotSuffix] = {}
+    for c, texts in tokens.items():
+        answer = prompt.listing(texts)
+        ids, reads = locate_slots(tokenizer, answer.text, answer.slots, model=model)
+        out[c] = SlotSuffix(tuple(ids[: reads[-1] + 1]), tuple(reads))
+    return out
+
+
+def slot_prefix(tokenizer: Any, explanation: str) -> tuple[int, ...]:
+    """The all-at-once prefix of a latent: the chat (system, few-shot, the explanation)
+    rendered up to where the prefilled listing starts, tokenized as
+    :func:`nlrw.backends.base.split_encode` tokenizes a prefix."""
+    text = render(tokenizer, prompt.all_at_once_chat(explanation), answer_prefix=prompt.SPLIT)
+    if text.count(prompt.SPLIT) != 1 or not text.endswith(prompt.SPLIT):
+        raise ValueError(
+            f"the split marker {prompt.SPLIT!r} must end the rendered all-at-once prompt once"
+        )
+    return tuple(encode_prompt(tokenizer, text[: -len(prompt.SPLIT)]))
+
+
+def build_slot_prompts(
+    tokenizer: Any,
+    explanations: dict[int, str],
+    suffixes: dict[int, SlotSuffix],
+    latents: Sequence[int],
+    context_ids: Sequence[int],
+) -> tuple[list[tuple[int, int]], list[SplitPrompt], list[tuple[int, ...]]]:
+    """``(keys, prompts, reads)`` of the all-at-once layout for every (latent, context) pair,
+    latent by latent (a latent's prefix serves all its windows)."""
+    keys = [(lat, c) for lat in latents for c in context_ids]
+    prefixes = {lat: slot_prefix(tokenizer, explanations[lat]) for lat in latents}
+    prompts = [SplitPrompt(prefixes[lat], suffixes[c].ids) for lat, c in keys]
+    return keys, prompts, [suffixes[c].reads for _, c in keys]
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,6 +567,12 @@ def finished_outputs(run_dir: Path, key: str) -> pl.DataFrame | None:
         return None
     if record.get("n_shuffled_latents") and not (run_dir / SHUFFLED_FILE).is_file():
         return None
+    if record.get("layout") == "all-at-once":
+        wanted = [POSITIONS_FILE] + (
+            [SHUFFLED_POSITIONS_FILE] if record.get("n_shuffled_latents") else []
+        )
+        if not all((run_dir / name).is_file() for name in wanted):
+            return None
     return pl.read_parquet(path)
 
 
@@ -497,7 +609,13 @@ def run(
                 f"{parts_dir} once, then run the shards without overwrite"
             )
         remove_tree(parts_dir)
-        for name in ("simulations.parquet", "simulate.json", SHUFFLED_FILE):
+        for name in (
+            "simulations.parquet",
+            "simulate.json",
+            SHUFFLED_FILE,
+            POSITIONS_FILE,
+            SHUFFLED_POSITIONS_FILE,
+        ):
             (run_dir / name).unlink(missing_ok=True)
     elif (done := finished_outputs(run_dir, plan.key)) is not None:
         log.info("simulate: %s is up to date", RunDir(run_dir).simulations)
@@ -513,22 +631,40 @@ def run(
         if todo:
             if backend is None:
                 backend = load_simulator(cfg)
-            digits = prompt.digit_tokens(_tokenizer_of(backend), cfg.prompt)
+            all_at_once = cfg.layout == "all-at-once"
+            if all_at_once and not hasattr(backend, "slot_distribution_ids"):
+                raise ValueError(
+                    f"simulate.layout = 'all-at-once' needs the transformers backend: backend "
+                    f"{backend.name!r} cannot read the digits at several slots of one prompt"
+                )
+            digits = prompt.digit_tokens(_tokenizer_of(backend), cfg.prompt, cfg.layout)
+            tokenizer = (
+                subject_tokenizer if subject_tokenizer is not None else _subject_tokenizer(run_dir)
+            )
+            ids = plan.contexts["input_ids"].to_list()
+            context_ids = [int(c) for c in plan.contexts["context_id"]]
+            suffixes: dict[int, SlotSuffix] = {}
+            texts: dict[int, str] = {}
+            if all_at_once:  # every slot located before anything is written
+                suffixes = slot_suffixes(
+                    _tokenizer_of(backend),
+                    {
+                        c: prompt.token_texts(tokenizer, row)
+                        for c, row in zip(context_ids, ids, strict=True)
+                    },
+                    cfg.model,
+                )
+            else:
+                texts = {
+                    c: prompt.context_text(tokenizer, row)
+                    for c, row in zip(context_ids, ids, strict=True)
+                }
             _write_simulator(
                 parts_dir,
                 digits,
                 _dtype_of(backend, cfg),
                 getattr(backend, "dtype_measurement", None),
             )
-            tokenizer = (
-                subject_tokenizer if subject_tokenizer is not None else _subject_tokenizer(run_dir)
-            )
-            ids = plan.contexts["input_ids"].to_list()
-            context_ids = [int(c) for c in plan.contexts["context_id"]]
-            texts = {
-                c: prompt.context_text(tokenizer, row)
-                for c, row in zip(context_ids, ids, strict=True)
-            }
             bar = progress_bar(
                 sum(plan.chunks[i].size for i in mine),
                 "simulate",
@@ -539,15 +675,26 @@ def run(
                 bar.update(sum(plan.chunks[i].size for i in mine if i not in todo))
             for index in todo:
                 t0 = time.perf_counter()
-                frame = _simulate_chunk(
-                    cfg,
-                    backend,
-                    digits,
-                    plan.for_chunk(index),
-                    plan.chunks[index],
-                    texts,
-                    bar,
-                )
+                if all_at_once:
+                    frame = _simulate_chunk_slots(
+                        cfg,
+                        backend,
+                        digits,
+                        plan.for_chunk(index),
+                        plan.chunks[index],
+                        suffixes,
+                        bar,
+                    )
+                else:
+                    frame = _simulate_chunk(
+                        cfg,
+                        backend,
+                        digits,
+                        plan.for_chunk(index),
+                        plan.chunks[index],
+                        texts,
+                        bar,
+                    )
                 busy += time.perf_counter() - t0
                 n_prompts += frame.height
                 with atomic_path(store.path(index)) as tmp:
@@ -675,9 +822,17 @@ def _simulate_chunk(
         },
         schema=PART_SCHEMA,
     )
-    n = len(chunk.contexts)
     # context-first parts hold a slice of contexts: _finish warns once on the whole table
-    for r, lat in enumerate(sorted(chunk.latents) if cfg.layout == "explanation-first" else []):
+    if cfg.layout == "explanation-first":
+        _warn_low_mass(cfg, chunk, mass)
+    return frame
+
+
+def _warn_low_mass(cfg: SimulateConfig, chunk: Chunk, mass: np.ndarray) -> None:
+    """Warn about each latent of a by-latent chunk whose median digit mass (rows sorted by
+    latent, then context) is below ``min_digit_mass``."""
+    n = len(chunk.contexts)
+    for r, lat in enumerate(sorted(chunk.latents)):
         median = float(np.median(mass[r * n : (r + 1) * n])) if n else float("nan")
         if median < cfg.min_digit_mass:
             log.warning(
@@ -690,7 +845,85 @@ def _simulate_chunk(
                 prompt.prompt_hash(cfg.prompt),
                 cfg.model,
             )
+
+
+def _simulate_chunk_slots(
+    cfg: SimulateConfig,
+    backend: Backend,
+    digits: DigitTokens,
+    plan: Plan,
+    chunk: Chunk,
+    suffixes: dict[int, SlotSuffix],
+    bar: Any,
+) -> pl.DataFrame:
+    """One all-at-once part: every (latent, window) prompt of ``chunk``, each rating every
+    position of its window; the pair's columns are the last slot's, the per-position values
+    ride along as list columns (:data:`_SLOT_COLUMNS`). Rows sorted by (latent, context_id)."""
+    tokenizer = _tokenizer_of(backend)
+    read_slots = getattr(backend, "slot_distribution_ids")  # noqa: B009 (checked by run)
+    keys = [(lat, c) for lat in sorted(chunk.latents) for c in chunk.contexts]
+    slot_probs: list[np.ndarray] = [np.zeros((0, 10))] * len(keys)
+    for span in _slices(keys, cfg.layout, 8 * cfg.batch_size):
+        part = [keys[i] for i in span]
+        lats = list(dict.fromkeys(k[0] for k in part))
+        ctxs = list(dict.fromkeys(k[1] for k in part))
+        got, prompts, reads = build_slot_prompts(tokenizer, plan.explanations, suffixes, lats, ctxs)
+        assert got == part  # the same order as the keys
+        answers = read_slots(prompts, reads, list(digits.ids))
+        for i, answer in zip(span, answers, strict=True):
+            slot_probs[i] = np.asarray(answer.probs, dtype=np.float64)
+        if bar is not None:
+            bar.update(len(span))
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    probs = np.stack([slot_probs[i][-1] for i in order]) if keys else np.zeros((0, 10))
+    mass = probs.sum(1)
+    frame = pl.DataFrame(
+        {
+            "latent": [keys[i][0] for i in order],
+            "context_id": [keys[i][1] for i in order],
+            "expected_value": expected_values(probs, cfg.ev),
+            "digit_probs": probs.astype(np.float32),
+            "digit_mass": mass,
+            "position_expected_value": [
+                expected_values(slot_probs[i], cfg.ev).astype(np.float32) for i in order
+            ],
+            "position_digit_mass": [slot_probs[i].sum(1).astype(np.float32) for i in order],
+        },
+        schema={**PART_SCHEMA, **_SLOT_COLUMNS},
+    )
+    _warn_low_mass(cfg, chunk, mass)
     return frame
+
+
+def _positions(table: pl.DataFrame) -> pl.DataFrame:
+    """The per-position table of merged all-at-once parts (sorted by latent, context_id)."""
+    return (
+        table.select(
+            "latent",
+            "context_id",
+            pl.int_ranges(0, pl.col("position_expected_value").list.len())
+            .cast(pl.List(pl.Int32))
+            .alias("position"),
+            pl.col("position_expected_value").alias("expected_value"),
+            pl.col("position_digit_mass").alias("digit_mass"),
+        )
+        .explode("position", "expected_value", "digit_mass")
+        .cast(POSITIONS_SCHEMA)  # pyright: ignore[reportArgumentType]
+    )
+
+
+def _slot_record(
+    cfg: SimulateConfig, plan: Plan, throughput: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What simulate.json adds for the all-at-once layout (nothing for the others)."""
+    if cfg.layout != "all-at-once":
+        return {}
+    ctx_len = int(plan.contexts["input_ids"].list.len().max() or 0)  # pyright: ignore
+    files = [POSITIONS_FILE] + ([SHUFFLED_POSITIONS_FILE] if plan.shuffled else [])
+    out: dict[str, Any] = {"positions_files": files, "positions_per_prompt": ctx_len}
+    if throughput is not None and throughput.get("seconds"):
+        out["position_ratings_per_second"] = throughput["prompts"] * ctx_len / throughput["seconds"]
+    return out
 
 
 def _finish(
@@ -706,9 +939,12 @@ def _finish(
     run_dir = plan.run_dir
     context_ids = plan.contexts["context_id"].to_numpy()
 
-    def merged(indices: range, latents: np.ndarray) -> pl.DataFrame:
+    slots = cfg.layout == "all-at-once"
+    part_schema = {**PART_SCHEMA, **_SLOT_COLUMNS} if slots else PART_SCHEMA
+
+    def merged(indices: range, latents: np.ndarray, positions_file: str) -> pl.DataFrame:
         frames = [pl.read_parquet(store.path(i)) for i in indices]
-        table = (pl.concat(frames) if frames else pl.DataFrame(schema=PART_SCHEMA)).sort(
+        table = (pl.concat(frames) if frames else pl.DataFrame(schema=part_schema)).sort(
             "latent", "context_id"
         )
         expected = len(latents) * len(context_ids)
@@ -724,15 +960,22 @@ def _finish(
             true_column = true.reshape(-1)
         else:
             true_column = np.zeros(0, np.float32)
+        if slots:
+            with atomic_path(run_dir / positions_file) as tmp:
+                _positions(table).write_parquet(tmp)
+            table = table.drop(list(_SLOT_COLUMNS))
         table = table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
         return center_by_context(table) if cfg.reading == "context-centered" else table
 
-    table = merged(range(plan.n_real_chunks), np.asarray(plan.latents, dtype=np.int64))
+    table = merged(
+        range(plan.n_real_chunks), np.asarray(plan.latents, dtype=np.int64), POSITIONS_FILE
+    )
     n_control = 0
     if plan.shuffled:
         control = merged(
             range(plan.n_real_chunks, len(plan.chunks)),
             np.asarray(sorted(plan.shuffled), dtype=np.int64),
+            SHUFFLED_POSITIONS_FILE,
         )
         source = pl.Series([plan.shuffled[int(lat)] for lat in control["latent"]], dtype=pl.Int32)
         with atomic_path(run_dir / SHUFFLED_FILE) as tmp:
@@ -776,6 +1019,7 @@ def _finish(
             n_shuffled_latents=len(plan.shuffled),
             shuffled_explanations={str(k): v for k, v in sorted(plan.shuffled.items())},
             throughput=throughput,
+            **_slot_record(cfg, plan, throughput),
             mean_digit_mass=float(mass.mean()) if len(mass) else None,  # pyright: ignore
             low_mass_latents=low,
             missing_explanations={

@@ -48,7 +48,10 @@ class SimulateConfig:
     layout: Layout = "explanation-first"
     """Prompt layout: explanation-first (the prefix ends with the explanation, shared by all
     contexts of a latent) or context-first (the prefix ends with the context and the question,
-    shared by every latent; the suffix is the explanation and the answer cue only)."""
+    shared by every latent; the suffix is the explanation and the answer cue only) or
+    all-at-once (transformers backend only: the window listed one token per line with a rating
+    slot each, every token rated in one forward; the pair's rating is the last slot's, every
+    position's goes to simulations_positions.parquet)."""
 
     prompt: Style = "nlrw"
     """Simulator prompt: nlrw (one text, "Rating: N") or paper (the authors' structure: a
@@ -81,8 +84,8 @@ class SimulateConfig:
     scores.parquet exists, else the lowest ids (None: every explained latent)."""
 
     chunk_latents: int = 4
-    """Latents per parquet part with the explanation-first layout (a kill loses at most one
-    part)."""
+    """Latents per parquet part with the explanation-first and all-at-once layouts (a kill
+    loses at most one part)."""
 
     chunk_contexts: int = 16
     """Contexts per parquet part with the context-first layout (each part rates every latent
@@ -140,6 +143,16 @@ class SimulateConfig:
             )
         if not 0.0 <= self.min_digit_mass <= 1.0:
             raise ValueError(f"min_digit_mass must be in [0, 1], got {self.min_digit_mass}")
+        if self.layout == "all-at-once" and self.backend != "transformers":
+            raise ValueError(
+                f"simulate.layout = 'all-at-once' needs the transformers backend (it reads the "
+                f"digits at every rating slot of one forward), not {self.backend!r}"
+            )
+        if self.layout == "all-at-once" and self.prompt != "nlrw":
+            raise ValueError(
+                "simulate.layout = 'all-at-once' has its own prompt: use simulate.prompt = "
+                f"'nlrw' with it, not {self.prompt!r}"
+            )
         if self.backend == "openai" and not self.base_url:
             raise ValueError("the openai backend needs base_url (the server's API root)")
         if self.shard is not None:

@@ -13,7 +13,8 @@ format 2; old run directories resume)::
     contexts.parquet  contexts/activations.safetensors  contexts.json  (contexts)
     explanations.parquet  explanations.parts/  explain.json            (explain)
     scores.parquet  scores.parts/  score.json                          (score)
-    simulations[_shuffled].parquet  simulations.parts/  simulate.json  (simulate)
+    simulations[_shuffled][_positions].parquet  simulations.parts/
+    simulate.json                                                      (simulate)
     calibration*.parquet  calibration.safetensors  calibrate.json      (calibrate)
     eval/  eval.json                                                   (evaluate)
     report/  report.json                                               (report)
@@ -39,6 +40,8 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "simulate": (
         "simulations.parquet",
         "simulations_shuffled.parquet",
+        "simulations_positions.parquet",
+        "simulations_shuffled_positions.parquet",
         "simulate.json",
         "simulations.parts",
     ),
@@ -84,6 +87,8 @@ class RunDir:
         # simulate
         self.simulations = r / "simulations.parquet"
         self.simulations_shuffled = r / "simulations_shuffled.parquet"
+        self.simulations_positions = r / "simulations_positions.parquet"
+        self.simulations_shuffled_positions = r / "simulations_shuffled_positions.parquet"
         self.simulations_parts = r / "simulations.parts"
         self.simulate_record = r / "simulate.json"
         # calibrate

@@ -35,6 +35,8 @@ are ``"Rating: N"``, so the model has seen the format three times.
   prefix (system, few-shot, text, question, label) is shared by every latent of a context, and
   a latent's suffix is its explanation and the answer cue only (~10-20 tokens against ~55 for
   explanation-first; the simulate stage chunks this layout by context).
+* ``"all-at-once"``, every token of the text rated in one forward (OpenAI's
+  automated-interpretability "all at once" simulator, in chat form; below).
 
 **Two prompts** (``style``): ``"nlrw"`` (the default, above) and ``"paper"``, which follows the
 authors' simulator prompt (delphi's ``nl_simulation/nl/prompting.py``, PROTOCOL.md) in structure
@@ -51,6 +53,40 @@ space), so tokenizing prefix and suffix separately
 (:func:`nlrw.backends.base.split_encode`) gives the tokens of the whole prompt for the usual
 BPE tokenizers.
 
+**The all-at-once layout** has its own system message (:data:`ALL_AT_ONCE_SYSTEM`) and
+few-shot (:data:`ALL_AT_ONCE_FEW_SHOT`): each exchange is a user message with the explanation
+and an assistant message that lists a text **one token per line**, each token followed by a tab
+and its rating::
+
+    user:       Feature explanation: {explanation}.
+
+                List the text's tokens with their ratings.
+    assistant:  {token 0}<TAB>{rating}
+                {token 1}<TAB>{rating}
+                ...
+
+The query's user message is the same with its own explanation, and its assistant answer is
+*prefilled* with the window's tokens, each followed by a tab and the slot :data:`SLOT` (``?``)
+where the few-shot answers have a digit (``"When\\t0\\n she\\t0\\n ..."``). The digit
+distribution of token ``i`` is the next-token distribution at the tab just before slot ``i``
+(the model predicts what follows ``token\\t``): one forward rates every token, the ``i``-th
+reading seeing tokens ``0..i`` and the earlier slots. The cut (:data:`SPLIT`) is at the start
+of the prefilled answer: the prefix (system, few-shot, explanation) is shared by every window
+of a latent, the suffix is the window's listing. The slots are located by character offsets
+of the listing mapped to tokens (:func:`nlrw.backends.base.locate_slots`), never by token ids;
+a tokenizer that merges the slot with the tab before it cannot be used (one-line error naming
+the model and the slot text). ``?`` starts a pre-token of its own after the tab in the usual
+byte-level BPEs (the Qwen2.5, Llama 3 and GPT-2 regexes split ``"\\t?"`` into ``"\\t"`` and
+``"?"``, where the Qwen2.5 and Llama 3 regexes put a letter slot such as OpenAI's ``unknown``
+in one pre-token with the tab, leaving it to the merges), it is not a digit, and in a check
+on two explanations x one 15-token sentence with the embedded simulator it gave the last slot
+the most digit mass of ``?``, ``unknown`` and ``_`` (1.00 against 0.8 and 0.98). Inside the
+window the model often copies the slot instead of writing a digit (digit mass there ranged
+0.00-1.00 in that check): the renormalized expected value of such a position rests on little
+mass, which ``digit_mass`` of the positions table records. A token's text is its piece of
+the decoded window (:func:`token_texts`), control characters escaped (``\\n``, ``\\t``), so
+each stays on its line.
+
 **The text** is the context decoded with the subject's tokenizer, the last token marked:
 ``decode(ids[:-1]) + mark(last)``, with a leading space of the last token kept outside the marks
 (``" <<cat>>"``) and control characters escaped (``\\n``) as in the explainer's examples.
@@ -66,6 +102,9 @@ from nlrw.backends.base import Message, answer_token_ids
 from nlrw.prompts.markup import escape, mark_last
 
 __all__ = [
+    "ALL_AT_ONCE_FEW_SHOT",
+    "ALL_AT_ONCE_REQUEST",
+    "ALL_AT_ONCE_SYSTEM",
     "ANSWER",
     "ANSWER_PREFIXES",
     "DIGITS",
@@ -76,23 +115,30 @@ __all__ = [
     "PAPER_SYSTEM",
     "PROMPT_HASH",
     "QUESTION",
+    "SEPARATOR",
+    "SLOT",
     "SPLIT",
     "STYLES",
     "SYSTEM",
     "DigitTokens",
     "Layout",
+    "Listing",
     "Shot",
     "Style",
+    "TokenShot",
+    "all_at_once_chat",
     "context_text",
     "digit_tokens",
+    "listing",
     "prompt_hash",
     "render_chat",
     "template_hash",
+    "token_texts",
     "user_message",
 ]
 
-Layout = Literal["explanation-first", "context-first"]
-LAYOUTS: tuple[Layout, ...] = ("explanation-first", "context-first")
+Layout = Literal["explanation-first", "context-first", "all-at-once"]
+LAYOUTS: tuple[Layout, ...] = ("explanation-first", "context-first", "all-at-once")
 Style = Literal["nlrw", "paper"]
 STYLES: tuple[Style, ...] = ("nlrw", "paper")
 
@@ -235,10 +281,21 @@ def template_hash(style: Style, layout: Layout) -> str:
     """A short hash of the whole chat a (style, layout) renders for placeholder inputs, split
     marker included: it changes with any template, few-shot or arrangement change (the
     simulate stage's identity holds it, so a finished run is not reused after one)."""
-    chat = render_chat("{explanation}", "{text}", layout, split=True, style=style)
+    if layout == "all-at-once":
+        if style != "nlrw":
+            raise ValueError(_NO_PAPER_ALL_AT_ONCE)
+        chat = all_at_once_chat("{explanation}")
+        answer = listing(["{token}", "{token}"])
+        chat.append({"role": "assistant", "content": SPLIT + answer.text})
+    else:
+        chat = render_chat("{explanation}", "{text}", layout, split=True, style=style)
     text = "\x00".join(f"{m['role']}\x01{m['content']}" for m in chat)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+
+_NO_PAPER_ALL_AT_ONCE = (
+    "the all-at-once layout has its own prompt: use simulate.prompt = 'nlrw' with it"
+)
 
 PAPER_PROMPT_HASH = hashlib.sha256(
     "\x00".join(
@@ -255,6 +312,107 @@ PAPER_PROMPT_HASH = hashlib.sha256(
         ]
     ).encode()
 ).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# The all-at-once layout's template (module docstring)
+# --------------------------------------------------------------------------------------------
+
+ALL_AT_ONCE_SYSTEM = (
+    "We're studying latents (neurons) of a language model. Each latent looks for one particular "
+    "thing in a short text. You will read an explanation of what a latent looks for; then a "
+    "text is listed one token per line, each token followed by a tab and how strongly the "
+    "latent fires on that token.\n"
+    "\n"
+    "Rate each token on a scale from 0 to 9: 0 means the latent does not fire at all, 9 means "
+    "it fires as strongly as it ever does. Judge each token on its own, using the text before "
+    "it as context. Most latents fire on very few tokens, so 0 is by far the most common "
+    "rating."
+)
+ALL_AT_ONCE_REQUEST = "List the text's tokens with their ratings."
+SEPARATOR = "\t"
+"""What follows a token on its line, before the rating (the digit is read after it)."""
+SLOT = "?"
+"""The query's rating slots (a digit in the few-shot answers); see the module docstring."""
+
+
+class TokenShot(NamedTuple):
+    """One all-at-once few-shot exchange: an explanation and a text's tokens with a rating
+    each."""
+
+    explanation: str
+    tokens: tuple[str, ...]
+    ratings: tuple[int, ...]
+
+
+def _shot(explanation: str, tokens: str, ratings: dict[str, int]) -> TokenShot:
+    """A few-shot exchange from its tokens joined by ``|`` and the ratings of the tokens that
+    are not 0 (by token text)."""
+    pieces = tuple(tokens.split("|"))
+    return TokenShot(explanation, pieces, tuple(ratings.get(t, 0) for t in pieces))
+
+
+ALL_AT_ONCE_FEW_SHOT: tuple[TokenShot, ...] = (
+    _shot(
+        "Mentions of animals, especially pets",
+        "When| she| came| back|,| the| children| were| playing| with| their| dog| and| two| cats",
+        {" dog": 8, " cats": 7},
+    ),
+    _shot(
+        "Words about money, wealth and income",
+        "He| had| a| good| fortune| and| a| fine| house| in| town|,| and| was| very| generous",
+        {" fortune": 9, " house": 2, " generous": 3},
+    ),
+    _shot(
+        "Closing quotation marks at the end of spoken dialogue",
+        '"|I| shall| write| to| her| tomorrow|,"| said| Mr|.| Elliot|,| taking| up| his| pen',
+        {',"': 9},
+    ),
+)
+"""The all-at-once few-shot (the sentences of :data:`FEW_SHOT`, tokenized by hand in GPT style,
+every token rated): a clear hit, weak ones, and a text where the explanation's feature is
+present on one token only (the closing ``,"`` rated 9, the opening quote and the period 0)."""
+
+
+class Listing(NamedTuple):
+    """An all-at-once answer: the text of the token lines and where each rating slot starts."""
+
+    text: str
+    slots: tuple[int, ...]
+    """Character offset in ``text`` of each token's slot, in token order."""
+
+
+def listing(tokens: Sequence[str], ratings: Sequence[int] | None = None) -> Listing:
+    """The lines ``{token}<TAB>{rating}`` joined by newlines (no final newline); with no
+    ``ratings``, every slot is :data:`SLOT` (the query). Tokens are escaped."""
+    if ratings is not None and len(ratings) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(ratings)} ratings")
+    if not tokens:
+        raise ValueError("a listing needs at least one token")
+    text, slots = "", []
+    for i, token in enumerate(tokens):
+        if i:
+            text += "\n"
+        text += escape(token) + SEPARATOR
+        slots.append(len(text))
+        text += SLOT if ratings is None else str(int(ratings[i]))
+    return Listing(text, tuple(slots))
+
+
+def all_at_once_chat(explanation: str) -> list[Message]:
+    """The all-at-once chat up to the query's answer: system message, the few-shot exchanges
+    and the query's user message. The query's answer, prefilled by the caller, is the
+    window's :func:`listing` (the shared prefix ends where it starts)."""
+    chat: list[Message] = [{"role": "system", "content": ALL_AT_ONCE_SYSTEM}]
+    for shot in ALL_AT_ONCE_FEW_SHOT:
+        chat.append({"role": "user", "content": _all_at_once_user(shot.explanation)})
+        chat.append({"role": "assistant", "content": listing(shot.tokens, shot.ratings).text})
+    chat.append({"role": "user", "content": _all_at_once_user(explanation)})
+    return chat
+
+
+def _all_at_once_user(explanation: str) -> str:
+    return f"{EXPLANATION.format(explanation=_explanation(explanation))}\n\n{ALL_AT_ONCE_REQUEST}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,6 +435,23 @@ def context_text(tokenizer: Any, ids: Sequence[int]) -> str:
     whole = str(tokenizer.decode(ids))
     last = whole[len(head) :] if whole.startswith(head) else str(tokenizer.decode(ids[-1:]))
     return mark_last(head, last)
+
+
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text of each token of a context as it reads in the decoded context (the
+    all-at-once listing's tokens), by the rule of :func:`context_text` applied at every
+    position: token ``i`` is ``decode(ids[:i+1])`` minus ``decode(ids[:i])`` when the first
+    starts with the second, else ``decode(ids[i:i+1])``. Not escaped."""
+    ids = [int(i) for i in ids]
+    out: list[str] = []
+    head = ""
+    for i in range(len(ids)):
+        whole = str(tokenizer.decode(ids[: i + 1]))
+        out.append(
+            whole[len(head) :] if whole.startswith(head) else str(tokenizer.decode(ids[i : i + 1]))
+        )
+        head = whole
+    return out
 
 
 def _explanation(explanation: str) -> str:
@@ -328,7 +503,13 @@ def render_chat(
 ) -> list[Message]:
     """The simulator chat: system message, the three few-shot exchanges (in the same layout),
     and the query; the backend prefills the answer (``"Rating: "``, or ``"["`` for the
-    paper's style)."""
+    paper's style). The all-at-once layout is rendered by :func:`all_at_once_chat` and
+    :func:`listing` instead."""
+    if layout == "all-at-once":
+        raise ValueError(
+            "the all-at-once layout is rendered by all_at_once_chat and listing (one token per "
+            "line), not by render_chat"
+        )
     if style == "paper":
         chat: list[Message] = [{"role": "system", "content": PAPER_SYSTEM}]
         for expl, shots in PAPER_FEW_SHOT:
@@ -378,8 +559,13 @@ class DigitTokens(NamedTuple):
         }
 
 
-def digit_tokens(tokenizer: Any, style: Style = "nlrw") -> DigitTokens:
+def digit_tokens(
+    tokenizer: Any, style: Style = "nlrw", layout: Layout = "explanation-first"
+) -> DigitTokens:
     """The answer prefix and the digits' token ids for ``tokenizer``.
+
+    For the all-at-once layout the "prefix" is :data:`SEPARATOR` (the digit follows the tab
+    after a token, as the few-shot answers write it): bare digit tokens after a tab.
 
     Tries each of :data:`ANSWER_PREFIXES` in turn with
     :func:`nlrw.backends.base.answer_token_ids` and keeps the first whose ten digit tokens
@@ -392,6 +578,8 @@ def digit_tokens(tokenizer: Any, style: Style = "nlrw") -> DigitTokens:
     """
     reasons: list[str] = []
     prefixes = ANSWER_PREFIXES if style == "nlrw" else (PAPER_ANSWER_PREFIX,)
+    if layout == "all-at-once":
+        prefixes = (SEPARATOR,)
     for prefix in prefixes:
         try:
             ids = answer_token_ids(tokenizer, DIGITS, prefix=prefix)
@@ -399,7 +587,7 @@ def digit_tokens(tokenizer: Any, style: Style = "nlrw") -> DigitTokens:
             reasons.append(f"after {prefix!r}: {e}")
             continue
         # "" or " " after "Rating: " / "Rating:"; nothing after the paper's "["
-        want = ANSWER.format(rating="")[len(prefix) :] if style == "nlrw" else ""
+        want = ANSWER.format(rating="")[len(prefix) :] if prefix in ANSWER_PREFIXES else ""
         pieces = [str(tokenizer.decode([i])) for i in ids]
         if any(p != want + d for p, d in zip(pieces, DIGITS, strict=True)):
             reasons.append(
