@@ -80,9 +80,9 @@ def _user(explanation: str) -> str:
 
 def test_golden_listing_and_its_slots() -> None:
     got = prompt.listing(["the", " big", "\n", " cat"])
-    assert got.text == "the\t?\n big\t?\n\\n\t?\n cat\t?"
+    assert got.text == "the\t0\n big\t0\n\\n\t0\n cat\t0"
     assert got.slots == (4, 11, 16, 23)
-    assert all(got.text[s] == "?" and got.text[s - 1] == "\t" for s in got.slots)
+    assert all(got.text[s] == "0" and got.text[s - 1] == "\t" for s in got.slots)
     rated = prompt.listing(["the", " big"], [0, 7])
     assert rated.text == "the\t0\n big\t7" and rated.slots == (4, 11)
     with pytest.raises(ValueError, match="2 tokens but 1 ratings"):
@@ -101,7 +101,7 @@ def test_golden_all_at_once_text_with_chat_template() -> None:
         expected += f"<|im_start|>assistant\n{shot}<|im_end|>\n"
     expected += (
         f"<|im_start|>user\n{_user('Words about cats')}<|im_end|>\n"
-        "<|im_start|>assistant\n\x00the\t?\n big\t?\n cat\t?"
+        "<|im_start|>assistant\n\x00the\t0\n big\t0\n cat\t0"
     )
     assert render(tok, chat, answer_prefix=answer) == expected
 
@@ -109,11 +109,11 @@ def test_golden_all_at_once_text_with_chat_template() -> None:
 def test_golden_all_at_once_text_plain_fallback() -> None:
     tok = tiny_tokenizer(chat_template=False)
     chat = prompt.all_at_once_chat("Words about cats")
-    text = render(tok, chat, answer_prefix=prompt.SPLIT + "the\t?")
+    text = render(tok, chat, answer_prefix=prompt.SPLIT + "the\t0")
     expected = f"System: {SYSTEM}\n\n"
     for expl, shot in SHOTS:
         expected += f"User: {_user(expl)}\n\nAssistant: {shot}\n\n"
-    expected += f"User: {_user('Words about cats')}\n\nAssistant: \x00the\t?"
+    expected += f"User: {_user('Words about cats')}\n\nAssistant: \x00the\t0"
     assert text == expected
 
 
@@ -176,7 +176,8 @@ def test_slots_are_located_by_offsets_on_the_tiny_byte_level_tokenizers() -> Non
 
 @pytest.mark.slow
 def test_slots_are_located_by_offsets_on_the_embedded_simulator_tokenizer() -> None:
-    """Qwen2.5's pre-tokenizer splits "\\t?" into a tab and "?\\n": every slot starts a token."""
+    """Qwen2.5's pre-tokenizer splits "\\t0\\n" into a tab, "0" and a newline: every slot
+    starts a token, the digit token the few-shot answers write."""
     from transformers import AutoTokenizer
 
     from nlrw.assets import resolve_model
@@ -186,12 +187,12 @@ def test_slots_are_located_by_offsets_on_the_embedded_simulator_tokenizer() -> N
 
 
 def _merging_tokenizer(name: str = "tab-merges-slot") -> PreTrainedTokenizerFast:
-    """A real byte-level BPE (no pre-tokenizer regex) with one merge, tab + "?": the slot's
+    """A real byte-level BPE (no pre-tokenizer regex) with one merge, tab + "0": the slot's
     text merges with the tab before it."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["ĉ?"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("ĉ", "?")]))
+    vocab["ĉ0"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("ĉ", "0")]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)  # pyright: ignore
     tok.decoder = decoders.ByteLevel()  # pyright: ignore
     t = PreTrainedTokenizerFast(tokenizer_object=tok)
@@ -206,7 +207,7 @@ def test_a_tokenizer_that_merges_the_slot_is_refused_naming_the_model_and_the_sl
         locate_slots(tok, answer.text, answer.slots)
     message = str(err.value)
     assert "\n" not in message
-    assert "tab-merges-slot" in message and "'?'" in message
+    assert "tab-merges-slot" in message and "'0'" in message
     assert "not a token boundary" in message
     with pytest.raises(ValueError, match="my-simulator"):
         locate_slots(tok, answer.text, answer.slots, model="my-simulator")
@@ -536,7 +537,7 @@ def test_a_simulator_whose_tokenizer_merges_the_slot_stops_before_any_output(
 ) -> None:
     fake = FakeSlotSimulator(tokenizer=_merging_tokenizer())
     with pytest.raises(
-        ValueError, match=r"tokenizer of tiny-random-llama merges the rating slot '\?'"
+        ValueError, match=r"tokenizer of tiny-random-llama merges the rating slot '0'"
     ):
         simulate.run(_cfg(), run_dir, backend=fake)
     assert not fake.calls

@@ -510,8 +510,9 @@ def slot_suffixes(
 ) -> dict[int, SlotSuffix]:
     """Each context's :class:`SlotSuffix` from its tokens' texts
     (:func:`nlrw.prompts.simulation.token_texts`): the :func:`~nlrw.prompts.simulation.listing`
-    with ``?`` slots, tokenized alone (it follows the shared prefix's cut), its slots located by
-    character offsets and the ids cut after the last read position.
+    with :data:`~nlrw.prompts.simulation.SLOT` slots, tokenized alone (it follows the shared
+    prefix's cut), its slots located by character offsets and the ids cut after the last read
+    position.
 
     Raises:
         ValueError: a slot the tokenizer merges with the text before it (naming ``model`` and
@@ -637,7 +638,6 @@ def run(
                     f"simulate.layout = 'all-at-once' needs the transformers backend: backend "
                     f"{backend.name!r} cannot read the digits at several slots of one prompt"
                 )
-            digits = prompt.digit_tokens(_tokenizer_of(backend), cfg.prompt, cfg.layout)
             tokenizer = (
                 subject_tokenizer if subject_tokenizer is not None else _subject_tokenizer(run_dir)
             )
@@ -659,6 +659,7 @@ def run(
                     c: prompt.context_text(tokenizer, row)
                     for c, row in zip(context_ids, ids, strict=True)
                 }
+            digits = prompt.digit_tokens(_tokenizer_of(backend), cfg.prompt, cfg.layout)
             _write_simulator(
                 parts_dir,
                 digits,

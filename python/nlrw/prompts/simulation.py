@@ -66,26 +66,30 @@ and its rating::
                 ...
 
 The query's user message is the same with its own explanation, and its assistant answer is
-*prefilled* with the window's tokens, each followed by a tab and the slot :data:`SLOT` (``?``)
-where the few-shot answers have a digit (``"When\\t0\\n she\\t0\\n ..."``). The digit
-distribution of token ``i`` is the next-token distribution at the tab just before slot ``i``
-(the model predicts what follows ``token\\t``): one forward rates every token, the ``i``-th
-reading seeing tokens ``0..i`` and the earlier slots. The cut (:data:`SPLIT`) is at the start
-of the prefilled answer: the prefix (system, few-shot, explanation) is shared by every window
-of a latent, the suffix is the window's listing. The slots are located by character offsets
-of the listing mapped to tokens (:func:`nlrw.backends.base.locate_slots`), never by token ids;
-a tokenizer that merges the slot with the tab before it cannot be used (one-line error naming
-the model and the slot text). ``?`` starts a pre-token of its own after the tab in the usual
-byte-level BPEs (the Qwen2.5, Llama 3 and GPT-2 regexes split ``"\\t?"`` into ``"\\t"`` and
-``"?"``, where the Qwen2.5 and Llama 3 regexes put a letter slot such as OpenAI's ``unknown``
-in one pre-token with the tab, leaving it to the merges), it is not a digit, and in a check
-on two explanations x one 15-token sentence with the embedded simulator it gave the last slot
-the most digit mass of ``?``, ``unknown`` and ``_`` (1.00 against 0.8 and 0.98). Inside the
-window the model often copies the slot instead of writing a digit (digit mass there ranged
-0.00-1.00 in that check): the renormalized expected value of such a position rests on little
-mass, which ``digit_mass`` of the positions table records. A token's text is its piece of
-the decoded window (:func:`token_texts`), control characters escaped (``\\n``, ``\\t``), so
-each stays on its line.
+*prefilled* with the window's tokens, each followed by a tab and the slot :data:`SLOT`
+(``0``) where the few-shot answers have the token's rating (``"When\\t0\\n she\\t0\\n ..."``).
+The digit distribution of token ``i`` is the next-token distribution at the tab just before
+slot ``i`` (the model predicts what follows ``token\\t``): one forward rates every token, the
+``i``-th reading seeing tokens ``0..i`` and the earlier slots. The cut (:data:`SPLIT`) is at
+the start of the prefilled answer: the prefix (system, few-shot, explanation) is shared by
+every window of a latent, the suffix is the window's listing. The slots are located by
+character offsets of the listing mapped to tokens (:func:`nlrw.backends.base.locate_slots`),
+never by token ids; a tokenizer that merges the slot with the tab before it cannot be used
+(one-line error naming the model and the slot text).
+
+**Why the slot is ``0``.** OpenAI's all-at-once simulator fills the slots with ``unknown``.
+With the embedded simulator (Qwen2.5-Coder-0.5B, float32) on three 32-token Austen windows
+(SmolLM2 tokens) and one explanation, a non-digit slot teaches the model to copy it: the digit
+mass at the slots was 0.11 on average (``?``), 0.09 (``unknown``), 0.07 (``_``), and at the
+last slot, the pair's rating, 0.00-0.06, so the renormalized expected value there rests on
+nothing. With ``0`` the mass is 1.00 at every slot and the ratings still single out tokens
+(``fortune`` in "a single man in possession of a good fortune" rated 7.5, most others under
+0.5): each reading is conditioned on the earlier tokens' being rated 0, the commonest rating,
+rather than on a placeholder. Digits are their own pre-token after a tab in the Qwen2.5,
+Llama 3 and GPT-2 regexes (``"\\t0"`` is ``"\\t"``, ``"0"``), so the slots of the listing
+tokenize as the few-shot answers' digits. A token's text is its piece of the decoded window
+(:func:`token_texts`), control characters escaped (``\\n``, ``\\t``), so each stays on its
+line.
 
 **The text** is the context decoded with the subject's tokenizer, the last token marked:
 ``decode(ids[:-1]) + mark(last)``, with a leading space of the last token kept outside the marks
@@ -332,8 +336,9 @@ ALL_AT_ONCE_SYSTEM = (
 ALL_AT_ONCE_REQUEST = "List the text's tokens with their ratings."
 SEPARATOR = "\t"
 """What follows a token on its line, before the rating (the digit is read after it)."""
-SLOT = "?"
-"""The query's rating slots (a digit in the few-shot answers); see the module docstring."""
+SLOT = "0"
+"""The text of the query's rating slots, ``0``, the commonest rating (the few-shot answers hold
+each token's own digit); see the module docstring for why not ``?`` or ``unknown``."""
 
 
 class TokenShot(NamedTuple):
