@@ -55,6 +55,10 @@ ids]``, in blocks of 256 positions, so a batch's vocabulary logits never all exi
 Right padding after a suffix's last token changes nothing before it, so every read position
 sees exactly the prefix and its own suffix's earlier tokens (tested against one unshared
 forward of the same ids to 1e-5 in float32).
+
+Why this module is long: one engine, whose three ways of running prompts (and the one-answer
+and several-slot readings) share the prefix-KV cache, the batching by memory and the head
+check; split apart, each piece would need the others' private state.
 """
 
 from __future__ import annotations
