@@ -62,8 +62,35 @@ def test_selection_reads_no_evaluation_context(smoke: Path, tmp_path: Path) -> N
     _corrupt_eval_split(corrupted)
     after = run_pairs(corrupted, "calibration", None, 6)
     assert after.texts == before.texts
+    assert after.tokens == before.tokens and before.tokens
     assert after.explanations == before.explanations
     assert before.true is not None and after.true is not None
     np.testing.assert_array_equal(after.true, before.true)
     # the corruption is real: the evaluation split's pairs do change
     assert run_pairs(corrupted, "eval", None, 6).texts != run_pairs(smoke, "eval", None, 6).texts
+
+
+def test_the_layout_rule_takes_the_fastest_within_the_auroc_margin() -> None:
+    sys.path.insert(0, str(BENCHES))
+    try:
+        from bench_simulate_layout import chosen_layout
+    finally:
+        sys.path.remove(str(BENCHES))
+
+    def stats(**layouts: tuple[float, float | None]) -> dict[str, dict[str, float | None]]:
+        return {
+            name.replace("_", "-"): {"ratings_per_s": rate, "mean_auroc": area}
+            for name, (rate, area) in layouts.items()
+        }
+
+    both = stats(explanation_first=(1.0, 0.70), context_first=(2.0, 0.69), all_at_once=(3.0, 0.60))
+    assert chosen_layout(both) == "context-first"  # all-at-once is faster but 0.10 worse
+    close = stats(
+        explanation_first=(1.0, 0.70), context_first=(2.0, 0.69), all_at_once=(3.0, 0.685)
+    )
+    assert chosen_layout(close) == "all-at-once"
+    worse = stats(explanation_first=(1.0, 0.70), context_first=(2.0, 0.60))
+    assert chosen_layout(worse) == "explanation-first"
+    assert chosen_layout(stats(explanation_first=(1.0, None), context_first=(5.0, None))) == (
+        "explanation-first"
+    )
