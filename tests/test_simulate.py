@@ -697,6 +697,19 @@ def test_max_latents_takes_the_best_scored(run_dir: Path) -> None:
     assert out["latent"].unique().sort().to_list() == [85, 91]
 
 
+def test_named_latents_are_simulated_whatever_their_score(run_dir: Path) -> None:
+    out = simulate.run(_cfg(max_latents=1, latents=(91, 41)), run_dir, backend=FakeSimulator())
+    assert out["latent"].unique().sort().to_list() == [41, 91]
+
+
+def test_a_named_latent_without_explanation_is_refused_by_id(run_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"simulate\.latents: latents \[7\].*explanations"):
+        simulate.run(_cfg(latents=(41, 7)), run_dir, backend=FakeSimulator())
+    assert not (run_dir / "simulations.parquet").exists()
+    with pytest.raises(ValueError, match="distinct non-negative"):
+        SimulateConfig(latents=(3, 3))
+
+
 def test_no_contexts_names_the_file_and_the_stage(run_dir: Path) -> None:
     (run_dir / "contexts.parquet").unlink()
     with pytest.raises(FileNotFoundError, match=r"contexts\.parquet.*contexts stage"):

@@ -65,9 +65,10 @@ centered separately); ``expected_value_raw`` keeps ``E``. ``"expected"`` (the de
 **Which latents.** Every latent of ``explanations.parquet`` with ``status == "ok"``; with
 ``max_latents``, the best ``max_latents`` of them by detection score (``balanced_accuracy`` of
 ``scores.parquet``, highest first, NaN last, ties by latent id) when ``scores.parquet`` exists,
-else the lowest latent ids. Latents whose explanation is missing (``failed`` or ``skipped`` by
-the explain stage) are excluded and reported in ``simulate.json``, or stop the run
-(``missing_explanations = "error"``). Latents the explain stage never looked at are not
+else the lowest latent ids; ``latents`` names them instead (each with a usable explanation,
+else an error naming those without). Latents whose explanation is missing (``failed`` or
+``skipped`` by the explain stage) are excluded and reported in ``simulate.json``, or stop the
+run (``missing_explanations = "error"``). Latents the explain stage never looked at are not
 reported; the evaluation keeps their true values.
 
 **Output.** Parts of ``chunk_latents`` latents each (in latent id order; for context-first,
@@ -370,7 +371,16 @@ def read_plan(cfg: SimulateConfig, run_dir: Path) -> Plan:
     explanations = {int(k): str(v) for k, v in ok.select("latent", "explanation").iter_rows()}
     scores_path = RunDir(run_dir).scores
     scores = pl.read_parquet(scores_path) if scores_path.is_file() else None
-    latents = select_latents(list(explanations), scores, cfg.max_latents)
+    if cfg.latents:
+        unusable = sorted(set(cfg.latents) - set(explanations))
+        if unusable:
+            raise ValueError(
+                f"simulate.latents: latents {_few(unusable)} have no usable explanation in "
+                f"{expl_path}"
+            )
+        latents = sorted(cfg.latents)
+    else:
+        latents = select_latents(list(explanations), scores, cfg.max_latents)
     shuffled: dict[int, int] = {}
     if cfg.shuffled_control:
         n = len(latents) if cfg.shuffled_latents is None else cfg.shuffled_latents

@@ -83,6 +83,10 @@ class SimulateConfig:
     """Simulate at most this many explained latents: the best by detection score when
     scores.parquet exists, else the lowest ids (None: every explained latent)."""
 
+    latents: tuple[int, ...] = ()
+    """Simulate exactly these latents (each must have a usable explanation), e.g. to compare
+    two explanation methods on the same latents; empty: max_latents decides."""
+
     chunk_latents: int = 4
     """Latents per parquet part with the explanation-first and all-at-once layouts (a kill
     loses at most one part)."""
@@ -121,6 +125,10 @@ class SimulateConfig:
             raise ValueError(
                 f"simulate.shuffled_latents must be at least 2 (a derangement needs two "
                 f"latents), got {self.shuffled_latents}"
+            )
+        if len(set(self.latents)) != len(self.latents) or any(lat < 0 for lat in self.latents):
+            raise ValueError(
+                f"simulate.latents must be distinct non-negative latent ids, got {self.latents}"
             )
         if self.max_latents is not None and self.max_latents < 0:
             raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
