@@ -1,0 +1,62 @@
+"""``tools/compare_runs.py``: the paired Δ of two runs on the same evaluation contexts (issue
+18's default-vs-contrastive comparison), on real smoke runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from nlrw.pipeline import load_preset, run
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "compare_runs.py"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("compare_runs") / "a"
+    run(load_preset("smoke"), run_dir, log=lambda _: None)
+    return run_dir
+
+
+def _compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(TOOL), str(a), str(b)], capture_output=True, text=True, check=False
+    )
+
+
+def test_a_shifted_rewrite_shows_as_its_shift(smoke: Path, tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(smoke, b)
+    results = pl.read_parquet(b / "eval" / "results.parquet")
+    shifted = results.with_columns(
+        pl.when((pl.col("condition") == "simulated") & (pl.col("calibration") == "quantile"))
+        .then(pl.col("ce") + 0.25)
+        .otherwise(pl.col("ce"))
+        .alias("ce")
+    )
+    shifted.write_parquet(b / "eval" / "results.parquet")
+    done = _compare(smoke, b)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["same_latents"]
+    quantile = report["paired_b_minus_a"]["simulated/quantile"]
+    assert quantile["diff"] == pytest.approx(0.25)
+    assert quantile["ci_low"] == pytest.approx(0.25) and quantile["p"] < 0.01
+    assert report["paired_b_minus_a"]["simulated/uncalibrated"]["diff"] == 0.0
+    real = report["simulation_auroc"][str(smoke)]["real"]
+    assert set(real) == {"calibration", "eval"}
+
+
+def test_runs_on_other_contexts_are_refused(smoke: Path, tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(smoke, b)
+    contexts = pl.read_parquet(b / "contexts.parquet")
+    contexts.with_columns(pl.col("input_ids").list.reverse()).write_parquet(b / "contexts.parquet")
+    done = _compare(smoke, b)
+    assert done.returncode != 0 and "evaluate different contexts" in done.stderr
