@@ -380,3 +380,36 @@ def interleaved_prompts(
         SplitPrompt(prefixes[i % 3], tuple(int(t) for t in rng.integers(0, 259, 1 + (5 * i) % 7)))
         for i in range(n)
     ]
+
+
+READABLE_EXPLANATIONS = {
+    41: "The letter e after a consonant",
+    85: "Commas in lists",
+    91: "Capital letters",
+}
+"""Readable explanations for three latents of the smoke run (the simulate tests' run)."""
+
+
+def smoke_run_with_readable_explanations(path: Path) -> Path:
+    """A smoke run up to score at ``path`` (contexts included), its explanations replaced by
+    :data:`READABLE_EXPLANATIONS` (every other latent 'skipped', as explain's min_count
+    leaves them)."""
+    import polars as pl
+
+    from nlrw.pipeline import load_preset
+    from nlrw.pipeline import run as run_pipeline
+
+    run_pipeline(load_preset("smoke"), path, until="score", log=lambda _: None)
+    table = pl.read_parquet(path / "explanations.parquet")
+    assert set(READABLE_EXPLANATIONS) <= set(table["latent"].to_list())
+    table = table.with_columns(
+        pl.col("latent")
+        .replace_strict(READABLE_EXPLANATIONS, default=None, return_dtype=pl.String)
+        .alias("explanation"),
+        pl.when(pl.col("latent").is_in(list(READABLE_EXPLANATIONS)))
+        .then(pl.lit("ok"))
+        .otherwise(pl.lit("skipped"))
+        .alias("status"),
+    )
+    table.write_parquet(path / "explanations.parquet")
+    return path

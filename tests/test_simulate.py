@@ -24,8 +24,6 @@ from transformers import PreTrainedTokenizerFast
 from nlrw import simulate
 from nlrw.backends.base import AnswerDistribution, SplitPrompt, encode_prompt, render
 from nlrw.contexts import read_contexts, true_activations
-from nlrw.pipeline import load_preset
-from nlrw.pipeline import run as run_pipeline
 from nlrw.prompts import simulation as prompt
 from nlrw.prompts.markup import mark_last
 from nlrw.simulate import (
@@ -36,7 +34,7 @@ from nlrw.simulate import (
     select_latents,
     shard_chunks,
 )
-from support import tiny_tokenizer
+from support import READABLE_EXPLANATIONS, smoke_run_with_readable_explanations, tiny_tokenizer
 
 torch.set_num_threads(1)
 
@@ -351,28 +349,14 @@ def test_shards_partition_the_chunks() -> None:
 # --------------------------------------------------------------------------------------------
 
 TINY = "tiny-random-llama"
-EXPLANATIONS = {41: "The letter e after a consonant", 85: "Commas in lists", 91: "Capital letters"}
+EXPLANATIONS = READABLE_EXPLANATIONS
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke run up to score (contexts included), its explanations replaced by readable ones
     for three latents (the others are 'skipped' by explain's min_count)."""
-    path = tmp_path_factory.mktemp("simulate") / "run"
-    run_pipeline(load_preset("smoke"), path, until="score", log=lambda _: None)
-    table = pl.read_parquet(path / "explanations.parquet")
-    assert set(EXPLANATIONS) <= set(table["latent"].to_list())
-    table = table.with_columns(
-        pl.col("latent")
-        .replace_strict(EXPLANATIONS, default=None, return_dtype=pl.String)
-        .alias("explanation"),
-        pl.when(pl.col("latent").is_in(list(EXPLANATIONS)))
-        .then(pl.lit("ok"))
-        .otherwise(pl.lit("skipped"))
-        .alias("status"),
-    )
-    table.write_parquet(path / "explanations.parquet")
-    return path
+    return smoke_run_with_readable_explanations(tmp_path_factory.mktemp("simulate") / "run")
 
 
 @pytest.fixture

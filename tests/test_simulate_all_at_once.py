@@ -27,16 +27,19 @@ from nlrw import simulate
 from nlrw.backends import transformers as tf_backend
 from nlrw.backends.base import AnswerDistribution, SplitPrompt, locate_slots, render
 from nlrw.contexts import read_contexts
-from nlrw.pipeline import load_preset
-from nlrw.pipeline import run as run_pipeline
 from nlrw.prompts import simulation as prompt
 from nlrw.simulate import SimulateConfig, expected_values
-from support import tiny_model, tiny_tokenizer
+from support import (
+    READABLE_EXPLANATIONS,
+    smoke_run_with_readable_explanations,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 torch.set_num_threads(1)
 
 TINY = "tiny-random-llama"
-EXPLANATIONS = {41: "The letter e after a consonant", 85: "Commas in lists", 91: "Capital letters"}
+EXPLANATIONS = READABLE_EXPLANATIONS
 
 SYSTEM = (
     "We're studying latents (neurons) of a language model. Each latent looks for one particular "
@@ -349,20 +352,7 @@ def test_slot_reading_checks_its_inputs() -> None:
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke run up to score, its explanations replaced by readable ones for three latents
     (as tests/test_simulate.py)."""
-    path = tmp_path_factory.mktemp("all_at_once") / "run"
-    run_pipeline(load_preset("smoke"), path, until="score", log=lambda _: None)
-    table = pl.read_parquet(path / "explanations.parquet")
-    table = table.with_columns(
-        pl.col("latent")
-        .replace_strict(EXPLANATIONS, default=None, return_dtype=pl.String)
-        .alias("explanation"),
-        pl.when(pl.col("latent").is_in(list(EXPLANATIONS)))
-        .then(pl.lit("ok"))
-        .otherwise(pl.lit("skipped"))
-        .alias("status"),
-    )
-    table.write_parquet(path / "explanations.parquet")
-    return path
+    return smoke_run_with_readable_explanations(tmp_path_factory.mktemp("all_at_once") / "run")
 
 
 @pytest.fixture
