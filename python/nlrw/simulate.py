@@ -823,20 +823,25 @@ def _simulate_chunk(
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     probs = probs[order]
     mass = probs.sum(1)
-    frame = pl.DataFrame(
-        {
-            "latent": [keys[i][0] for i in order],
-            "context_id": [keys[i][1] for i in order],
-            "expected_value": expected_values(probs, cfg.ev),
-            "digit_probs": probs.astype(np.float32),
-            "digit_mass": mass,
-        },
-        schema=PART_SCHEMA,
-    )
+    frame = pl.DataFrame(_pair_columns(keys, order, probs, cfg.ev), schema=PART_SCHEMA)
     # context-first parts hold a slice of contexts: _finish warns once on the whole table
     if cfg.layout == "explanation-first":
         _warn_low_mass(cfg, chunk, mass)
     return frame
+
+
+def _pair_columns(
+    keys: Sequence[tuple[int, int]], order: Sequence[int], probs: np.ndarray, ev: EV
+) -> dict[str, Any]:
+    """A part's :data:`PART_SCHEMA` columns: the pairs ``keys`` in ``order`` and their digit
+    probabilities ``probs`` (already in that order)."""
+    return {
+        "latent": [keys[i][0] for i in order],
+        "context_id": [keys[i][1] for i in order],
+        "expected_value": expected_values(probs, ev),
+        "digit_probs": probs.astype(np.float32),
+        "digit_mass": probs.sum(1),
+    }
 
 
 def _warn_low_mass(cfg: SimulateConfig, chunk: Chunk, mass: np.ndarray) -> None:
@@ -890,11 +895,7 @@ def _simulate_chunk_slots(
     mass = probs.sum(1)
     frame = pl.DataFrame(
         {
-            "latent": [keys[i][0] for i in order],
-            "context_id": [keys[i][1] for i in order],
-            "expected_value": expected_values(probs, cfg.ev),
-            "digit_probs": probs.astype(np.float32),
-            "digit_mass": mass,
+            **_pair_columns(keys, order, probs, cfg.ev),
             "position_expected_value": [
                 expected_values(slot_probs[i], cfg.ev).astype(np.float32) for i in order
             ],
