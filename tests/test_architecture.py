@@ -262,8 +262,11 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_smoke_tables_equal_the_golden_ones(smoke_run: Path, table: str) -> None:
     got = pl.read_parquet(smoke_run / table)
     want = pl.read_parquet(golden_dir(torch.backends.cpu.get_cpu_capability()) / TABLES[table])
-    # Floats within 1e-6 relative (a BLAS may sum in another order); the rest exactly.
-    assert_frame_equal(got, want, check_exact=False, rel_tol=1e-6, abs_tol=1e-9)
+    # Floats within 1e-6 relative (a BLAS may sum in another order) or 1e-5 absolute: the
+    # summary's differences of two mean CEs (~4 nats, each good to ~1e-6 relative) keep only
+    # ~4e-6 nats of absolute precision (CI saw -0.011855 against -0.011854). Every effect the
+    # tables report is >= 1e-3, so this still fails on any real change. The rest exactly.
+    assert_frame_equal(got, want, check_exact=False, rel_tol=1e-6, abs_tol=1e-5)
 
 
 def test_golden_tables_are_chosen_by_the_cpu_capability() -> None:

@@ -21,7 +21,8 @@ from nlrw.report.format import BASELINES
 from nlrw.report.load import read_summary
 from nlrw.report.paper import PAPER_HEAD, paper_table
 
-DEMO_RUN = Path("/work/demo2/runs/demo")
+# The repository's own demo run, where `make run` has made one here (a fresh CI clone has none).
+DEMO_RUN = Path(__file__).resolve().parents[1] / "runs" / "demo"
 NAN = math.nan
 
 
