@@ -72,6 +72,12 @@ ranking, which the mappings do not change), ``n_active``, ``n_contexts``.
 * ``calibrate.json``: :func:`nlrw.lib.provenance.stage_record` plus the inputs' digests, counts,
   fallbacks and mean metrics per calibration.
 
+**Every position** (:func:`calibrate_positions`, for ``evaluate.positions = "all"``): the
+all-at-once layout also rates every position of each window (``simulations_positions.parquet``);
+the same methods map those ratings, with the isotonic and gate fits made on the calibration
+split's last positions (where the truth is stored) and ``F_sim`` from every position's rating.
+The evaluate stage calls it; nothing is written here.
+
 **Resume.** Every method is deterministic given ``seed`` (only ``quantile_ranks = random``
 draws, from ``numpy.random.default_rng(seed)``). A run
 whose outputs are complete and whose config *and inputs* (digests of
@@ -120,9 +126,11 @@ from nlrw.model.quantiles import save_tables
 
 __all__ = [
     "METHODS",
+    "POSITIONS_SCHEMA",
     "CalibrateConfig",
     "LatentFit",
     "Method",
+    "calibrate_positions",
     "fit_latent",
     "gate_apply",
     "gate_fill",
@@ -737,6 +745,165 @@ def run(
         ),
     )
     return metrics
+
+
+POSITIONS_FILE = "simulations_positions.parquet"
+SHUFFLED_POSITIONS_FILE = "simulations_shuffled_positions.parquet"
+POSITIONS_SCHEMA: dict[str, Any] = {
+    "latent": pl.Int32,
+    "context_id": pl.Int32,
+    "position": pl.Int32,
+    "calibration": pl.String,
+    "activation": pl.Float32,
+}
+
+
+def _position_scores(path: Path, data: _Inputs) -> npt.NDArray[np.float32]:
+    """``[pairs, ctx_len]`` the rating of every position of every simulated (latent, context)
+    pair of ``data``, in its row order, from an all-at-once positions file; refuses a file
+    that misses, repeats or adds a position, or holds a rating outside [0, 9]."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: only the all-at-once simulate layout rates every position "
+            "(--simulate.layout all-at-once)"
+        )
+    try:
+        columns = ["latent", "context_id", "position", "expected_value"]
+        table = pl.read_parquet(path, columns=columns)
+    except Exception as e:  # polars raises several error types for a damaged file
+        raise ValueError(f"{path}: not a readable positions table: {e}") from e
+    table = table.sort("latent", "context_id", "position")
+    n = data.latent.size
+    position = table["position"].to_numpy().astype(np.int64)
+    ctx_len = int(position.max()) + 1 if position.size else 0
+    if n == 0 or table.height != n * ctx_len:
+        raise ValueError(
+            f"{path} has {table.height} rows, not one per position ({ctx_len}) of each of the "
+            f"{n} simulated pairs: re-run simulate"
+        )
+    latent = table["latent"].to_numpy().reshape(n, ctx_len)
+    context = table["context_id"].to_numpy().reshape(n, ctx_len)
+    position = position.reshape(n, ctx_len)
+    bad = (
+        (latent != data.latent[:, None])
+        | (context != data.context[:, None])
+        | (position != np.arange(ctx_len))
+    ).any(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{path}: the pair (latent {data.latent[i]}, context {data.context[i]}) does not have "
+            f"exactly the positions 0..{ctx_len - 1}: re-run simulate"
+        )
+    score = table["expected_value"].cast(pl.Float32).fill_null(np.nan).to_numpy()
+    bad = ~np.isfinite(score) | (score < 0) | (score > E_MAX + _E_TOLERANCE)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{path}: expected_value {score[i]} of latent {latent.ravel()[i]}, context "
+            f"{context.ravel()[i]}, position {position.ravel()[i]} is not in [0, 9]"
+        )
+    return score.reshape(n, ctx_len).astype(np.float32)
+
+
+def calibrate_positions(
+    cfg: CalibrateConfig, run_dir: str | Path, *, k: int, shuffled: bool = False
+) -> pl.DataFrame:
+    """Every method of ``cfg`` applied to the all-at-once layout's rating of **every
+    position** of every eval window (``simulations_positions.parquet``, or the shuffled
+    control's with ``shuffled``), for ``evaluate.positions = "all"``; columns
+    :data:`POSITIONS_SCHEMA`, eval contexts only.
+
+    The maps are the stage's, fitted where the truth is known:
+
+    * ``isotonic`` and ``gate``: :func:`fit_latent` on the calibration split's **last**
+      positions (the only ones whose true activation the contexts stage keeps), with the raw
+      last-slot rating of the positions file as ``E`` (the same reading every other position
+      gets; ``simulations.parquet`` may hold a context-centered one), gate specificity as the
+      stage sets it for top-k ``k``;
+    * ``quantile``: ``F_sim`` from the ratings of **every position** of the split
+      ``quantile_fit`` names: ``F_real`` is the cache's distribution over all positions, so the
+      simulated scores it is matched to are those of all positions too;
+    * ``uncalibrated``: ``E / 9 · max`` as everywhere.
+
+    A latent whose calibration split is too small falls back as in the stage (isotonic and
+    gate 0; quantile 0 too with ``quantile_fit = "calibration"``).
+    """
+    run_dir = Path(run_dir)
+    data = _load_inputs(run_dir, SHUFFLED_SIMULATIONS_FILE if shuffled else SIMULATIONS_FILE)
+    score = _position_scores(
+        run_dir / (SHUFFLED_POSITIONS_FILE if shuffled else POSITIONS_FILE), data
+    )
+    n_latents, ctx_len = int(data.latents.size), score.shape[1]
+    pair_latent = np.repeat(np.arange(n_latents), np.diff(data.bounds))
+    fit_pairs = data.is_eval if cfg.quantile_fit == "eval" else ~data.is_eval
+    sim_table = fit_sim_tables(
+        np.repeat(pair_latent[fit_pairs], ctx_len),
+        score[fit_pairs].ravel(),
+        n_latents,
+        cfg.sim_quantiles,
+    )
+    ev = np.flatnonzero(data.is_eval)
+    row_latent = np.repeat(pair_latent[ev], ctx_len)  # eval rows: pair-major, then position
+    row_score = score[ev].ravel()
+    rows_in = Rows(
+        latent=row_latent,
+        score=row_score,
+        max_activation=data.max_activation,
+        sim_table=sim_table,
+        active_table=data.active_table,
+        frequency=data.frequency,
+        offsets=(
+            random_offsets(cfg.seed, row_score.size) if cfg.quantile_ranks == "random" else None
+        ),
+    )
+    specificity = (
+        cfg.gate_specificity
+        if cfg.gate_specificity is not None
+        else gate_specificity(cfg.gate_budget, k, n_latents, cfg.gate_min_specificity)
+    )
+    calibrated: dict[str, np.ndarray] = {}
+    per_latent: dict[str, PerLatent] = {}
+    for m in cfg.methods:
+        every_row, apply = CALIBRATIONS[m]
+        if every_row is not None:
+            calibrated[m] = every_row(rows_in)
+        else:
+            assert apply is not None  # the registry gives each method one of the two
+            calibrated[m] = np.zeros(row_score.size, np.float32)
+            per_latent[m] = apply
+    row_bounds = np.searchsorted(row_latent, np.arange(n_latents + 1))
+    for i in range(n_latents):
+        pairs = slice(int(data.bounds[i]), int(data.bounds[i + 1]))
+        cal = ~data.is_eval[pairs]
+        fit = fit_latent(score[pairs, -1][cal], data.true[pairs][cal], cfg, specificity)
+        rows = slice(int(row_bounds[i]), int(row_bounds[i + 1]))
+        if (
+            "quantile" in calibrated
+            and cfg.quantile_fit == "calibration"
+            and fit.n_calibration < cfg.min_calibration_contexts
+        ):
+            calibrated["quantile"][rows] = 0.0
+        for m, apply in per_latent.items():
+            calibrated[m][rows] = apply(row_score[rows], fit)
+    latent = data.latents[row_latent]
+    context = np.repeat(data.context[ev], ctx_len)
+    position = np.tile(np.arange(ctx_len), ev.size)
+    return pl.concat(
+        [
+            pl.DataFrame(
+                {
+                    "latent": latent,
+                    "context_id": context,
+                    "position": position,
+                    "calibration": pl.repeat(m, latent.size, dtype=pl.String, eager=True),
+                    "activation": np.maximum(calibrated[m], 0.0),
+                },
+                schema=POSITIONS_SCHEMA,
+            )
+            for m in cfg.methods
+        ]
+    )
 
 
 def support_diagnostics(

@@ -675,9 +675,17 @@ def _check_model_path(option: str, model: str) -> None:
 def preflight(cfg: RunConfig, stages: list[str]) -> None:
     """Check what ``stages`` will need before any of them runs or writes anything: devices
     exist, models given as paths exist, LLM backend options are known and parse to their
-    types. Each error names its option."""
+    types, evaluating every position has a layout that rates every position. Each error names
+    its option."""
     from nlrw.backends import backend_options
 
+    positions, layout = cfg.evaluate.positions, cfg.simulate.layout
+    if "evaluate" in stages and positions == "all" and layout != "all-at-once":
+        raise ValueError(
+            "--evaluate.positions all needs a rating of every position, which only the "
+            f"all-at-once layout makes; this run's simulate.layout is {layout!r}: add "
+            "--simulate.layout all-at-once (and --rerun where simulate has run)"
+        )
     for name in stages:
         stage_cfg = getattr(cfg, name)
         device = getattr(stage_cfg, "device", None)

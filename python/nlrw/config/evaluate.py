@@ -18,6 +18,7 @@ __all__ = [
     "SYNTHETIC_CALIBRATIONS",
     "Choice",
     "EvaluateConfig",
+    "Positions",
     "RandomMode",
     "check_margin",
 ]
@@ -37,6 +38,7 @@ SYNTHETIC_CALIBRATIONS = ("uncalibrated", "quantile")
 
 Choice = Literal["top", "random"]
 RandomMode = Literal["fixed", "per-context"]
+Positions = Literal["last", "all"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ class EvaluateConfig:
 
     max_contexts: int | None = None
     """Evaluate only the first this many eval contexts (None: all)."""
+
+    positions: Positions = "last"
+    """Where the hookpoint is rewritten and CE scored: "last" (the paper's: the window's last
+    position, the token the simulator rated) or "all" (every position of the window, top-k
+    re-applied per position, CE the mean over the window's ctx_len next-token predictions;
+    needs the all-at-once simulate layout, which rates every position; the synthetic
+    simulators are left out). See nlrw.evaluate.positions."""
 
     dtype: DTypeOption = "float32"
     """Precision of the subject model (recorded; "auto" is bfloat16 on a GPU)."""
@@ -153,6 +162,8 @@ class EvaluateConfig:
         for name in ("n_trials", "batch_size", "part_size", "n_bootstrap", "n_permutations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.positions not in ("last", "all"):
+            raise ValueError(f"positions must be 'last' or 'all', not {self.positions!r}")
         if self.max_contexts is not None and self.max_contexts < 1:
             raise ValueError(f"max_contexts must be at least 1, got {self.max_contexts}")
         if self.calibrations is not None and not self.calibrations:

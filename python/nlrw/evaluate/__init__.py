@@ -92,6 +92,10 @@ equivalence to zero ablation within a margin (``p_equivalent``; default margin 2
 zero-ablation − transcoder gap), Holm-adjusted p-values over the summary's comparisons beside
 the raw ones, and ``equivalent_to_zero`` (Holm-adjusted TOST p < ``alpha``).
 
+**Every position** (``positions = "all"``, :mod:`nlrw.evaluate.positions`): with the
+all-at-once simulate layout, every condition rewrites the hookpoint at every position of the
+window and CE is the mean next-token loss over the window; ``last`` (above) is the default.
+
 **Resume.** Contexts are evaluated in parts of ``part_size``, each written atomically to
 ``eval/results.parts/part-NNNNNN.parquet``; a rerun skips finished parts (:class:`PartStore`,
 tagged with the config hash). ``eval/results.parquet``, ``eval/summary.parquet`` and
@@ -117,6 +121,7 @@ from nlrw.config.evaluate import (
 from nlrw.evaluate.forward import grid_ce, grid_ce_full
 from nlrw.evaluate.grid import CONDITIONS, Grid, GridRow, Synthetic, n_selected, topk_replace_torch
 from nlrw.evaluate.inputs import Inputs, read_inputs
+from nlrw.evaluate.positions import check_layout, grid_ce_positions, position_ids, position_values
 from nlrw.evaluate.statistics import (
     RESULTS_SCHEMA,
     SUMMARY_COLUMNS_SINCE_CONTROLS,
@@ -150,6 +155,7 @@ __all__ = [
     "equivalence_margin_of",
     "grid_ce",
     "grid_ce_full",
+    "grid_ce_positions",
     "n_selected",
     "paired_sign_flip_p",
     "run",
@@ -199,12 +205,24 @@ def run(
     parts_dir = paths.eval / "results.parts"
     if overwrite:
         remove_tree(parts_dir)
-    inputs, coder = read_inputs(paths, cfg, hookpoint)
+    every_position = cfg.positions == "all"
+    if every_position:
+        check_layout(paths)
+    # positions = all: the synthetic simulators need every latent's truth at every position,
+    # which no stage stores; they are left out (recorded).
+    inputs, coder = read_inputs(
+        paths, replace(cfg, synthetic_qualities=()) if every_position else cfg, hookpoint
+    )
+    grid_ids = inputs.context_ids
+    if every_position:
+        inputs.values, inputs.shuffled = position_values(paths, inputs, coder.k)
+        grid_ids = position_ids(inputs.context_ids, int(inputs.notes["ctx_len"]))
+    ce_of = grid_ce_positions if every_position else grid_ce
     grid = Grid.build(
         cfg,
         inputs.latents,
         inputs.values,
-        inputs.context_ids,
+        grid_ids,
         balanced_accuracy=inputs.balanced_accuracy,
         k=coder.k,
         num_latents=coder.num_latents,
@@ -229,7 +247,7 @@ def run(
         for p in todo:
             sl = slice(starts[p], starts[p] + cfg.part_size)
             assert subject is not None
-            ce = grid_ce(
+            ce = ce_of(
                 subject.model,
                 coder,
                 hookpoint,
@@ -281,8 +299,18 @@ def run(
             dtype=cfg.dtype if subject is None else str(subject.dtype).removeprefix("torch."),
             device=cfg.device if subject is None else str(subject.device),
             predicted_token=(
-                "target_id: the token after the ctx_len window, predicted from the logits at "
-                "the window's last position (where the hookpoint output is replaced)"
+                "every next token of the window (t_1 .. t_n, t_n = target_id), predicted at "
+                "every position, the hookpoint output replaced at every position; CE is the "
+                "mean over the window"
+                if every_position
+                else "target_id: the token after the ctx_len window, predicted from the logits "
+                "at the window's last position (where the hookpoint output is replaced)"
+            ),
+            positions_per_context=int(inputs.notes["ctx_len"]) if every_position else 1,
+            synthetic=(
+                "left out: positions = all (the synthetic simulators know the last position only)"
+                if every_position and cfg.synthetic_qualities
+                else None
             ),
             n_contexts=n,
             n_conditions_per_context=len(grid.rows),
