@@ -259,6 +259,19 @@ def test_an_sae_run_names_its_coder() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def test_ce_cards_say_when_every_position_was_scored() -> None:
+    summary = _paper_like()
+    last = {c[0]: c[2] for c in headline_cards(summary, None, EVAL)}
+    every = {
+        c[0]: c[2] for c in headline_cards(summary, None, EVAL | {"positions_per_context": 32})
+    }
+    ce_cards = [title for title in every if title.startswith("CE ")]
+    assert len(ce_cards) == 3
+    for title in ce_cards:
+        assert every[title] == last[title] + " · mean of 32 positions"
+        assert "positions" not in last[title]
+
+
 def test_coverage_is_the_first_card_or_not_recorded() -> None:
     summary = _paper_like()
     cards = headline_cards(summary, None, EVAL | {"coverage": 0.031})

@@ -254,6 +254,12 @@ def headline_cards(
     partial = (
         isinstance(n_simulated, int) and isinstance(num_latents, int) and n_simulated < num_latents
     )
+    # evaluate.positions = all scores every position of the window: another quantity than
+    # the paper's last-position CE, so every CE card says so.
+    positions = (evaluation or {}).get("positions_per_context")
+    scope = (
+        f" · mean of {positions} positions" if isinstance(positions, int) and positions > 1 else ""
+    )
     for condition in ("clean", "transcoder", "zero_ablation"):
         rows = summary.filter(pl.col("condition") == condition)
         if rows.height:
@@ -262,7 +268,7 @@ def headline_cards(
                 (
                     f"CE {BASELINE_LABELS[condition]}",
                     fmt(r["mean_ce"]),
-                    fmt_ci(r["ci_low"], r["ci_high"]),
+                    fmt_ci(r["ci_low"], r["ci_high"]) + scope,
                 )
             )
     # The paper's headline: every simulated latent replaced (the largest fraction, top choice).
