@@ -379,6 +379,45 @@ def test_openai_backend_on_a_real_server_agrees_with_transformers(
     backend.close()
 
 
+def test_concurrent_dtype_measurements_agree_and_keep_every_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes (here threads, each with its own lock file description) that start together
+    measure a (model, machine) once and agree; entries of other models are not lost."""
+
+    from nlrw.backends import transformers as tb
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls: list[str] = []
+
+    def slow_measure(model: Any) -> dict[str, Any]:
+        # Alternate the choice: two measurements of one model would disagree.
+        chosen = ("float32", "bfloat16")[len(calls) % 2]
+        calls.append(chosen)
+        time.sleep(0.3)
+        return {"chosen": chosen, "float32_s": 1.0, "bfloat16_s": 1.0}
+
+    monkeypatch.setattr(tb, "measure_cpu_dtype", slow_measure)
+    results: dict[str, dict[str, Any]] = {}
+
+    def load(tag: str, name: str) -> None:
+        results[tag] = tb.cpu_dtype(torch.nn.Linear(2, 2), name)
+
+    threads = [
+        threading.Thread(target=load, args=(tag, name))
+        for tag, name in (("a1", "model-a"), ("a2", "model-a"), ("b", "model-b"))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 2  # model-a once, model-b once
+    assert results["a1"]["chosen"] == results["a2"]["chosen"]
+    assert sorted([results["a1"]["cached"], results["a2"]["cached"]]) == [False, True]
+    known = json.loads((tmp_path / "nlrw" / "cpu_dtype.json").read_text())
+    assert sorted(k.split("|")[0] for k in known) == ["model-a", "model-b"]
+
+
 def test_auto_dtype_on_a_cpu_is_measured_once_and_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -63,13 +63,16 @@ check; split apart, each piece would need the others' private state.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import inspect
 import json
 import logging
 import os
 import platform
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -165,24 +168,46 @@ def cpu_dtype(model: Any, name: str) -> dict[str, Any]:
     in the chosen dtype. Returns the measurement, with ``"cached": true`` when reused."""
     key = f"{name}|torch {torch.__version__}|{_cpu_name()}|{torch.get_num_threads()} threads"
     path = _dtype_cache()
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), dict):
-        entry = known[key]
-        if entry.get("chosen") in ("float32", "bfloat16"):
-            model.to(_DTYPES[entry["chosen"]])
-            return {**entry, "cached": True}
-    measured = measure_cpu_dtype(model)
+    # Read, measure and write under one lock: two processes starting together would
+    # otherwise both measure (and may choose differently near a tie), and the second write
+    # would drop the first's entry.
+    with _dtype_cache_lock(path):
+        try:
+            known = json.loads(path.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known, dict) and isinstance(known.get(key), dict):
+            entry = known[key]
+            if entry.get("chosen") in ("float32", "bfloat16"):
+                model.to(_DTYPES[entry["chosen"]])
+                return {**entry, "cached": True}
+        measured = measure_cpu_dtype(model)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            known = known if isinstance(known, dict) else {}
+            tmp.write_text(json.dumps({**known, key: measured}))
+            os.replace(tmp, path)
+        except OSError:  # a read-only home: measured again next time
+            pass
+    return {**measured, "cached": False}
+
+
+@contextlib.contextmanager
+def _dtype_cache_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path``'s lock file (blocking: the holder measures
+    for a few seconds at most); without a writable cache folder, no lock."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: measured}))
-        os.replace(tmp, path)
-    except OSError:  # a read-only home: measured again next time
-        pass
-    return {**measured, "cached": False}
+        fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def measure_cpu_dtype(model: Any, *, tokens: int = 64, rows: int = 4) -> dict[str, Any]:
