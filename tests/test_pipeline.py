@@ -37,6 +37,21 @@ def test_changing_a_stage_changes_its_hash_and_downstream_only() -> None:
     assert a["train"] != b["train"]
 
 
+def test_a_field_added_with_its_neutral_default_keeps_older_runs_hashes() -> None:
+    """A run directory an earlier nlrw made (its evaluate config without ``positions``)
+    keeps its evaluate hash; asking for every position changes evaluate and report only."""
+    from nlrw.lib.provenance import config_hash, to_jsonable
+
+    base = load_preset("demo")
+    hashes = chained_hashes(base)
+    older = {k: v for k, v in to_jsonable(base.evaluate).items() if k != "positions"}
+    previous = hashes[STAGES[[s.name for s in STAGES].index("evaluate") - 1].name]
+    assert hashes["evaluate"] == config_hash({"upstream": previous, "config": older})
+    every = dataclasses.replace(base, evaluate=dataclasses.replace(base.evaluate, positions="all"))
+    changed = [n for n, h in chained_hashes(every).items() if h != hashes[n]]
+    assert changed == ["evaluate", "report"]
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

@@ -286,12 +286,33 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+HASH_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "evaluate": {"positions": "last"},
+}
+"""Config fields added after run directories existed, with the default that reproduces what
+those runs did: while a field holds it, it is left out of its stage's hash, so a run
+directory made by an earlier nlrw stays done (and resumable) under this one instead of being
+refused as changed. A new field whose default changes nothing belongs here."""
+
+
+def _hashed_config(name: str, stage_cfg: Any) -> Any:
+    """What a stage's hash is computed from: its config, less the fields of
+    :data:`HASH_NEUTRAL_DEFAULTS` that hold their neutral default."""
+    data = to_jsonable(stage_cfg)
+    for key, neutral in HASH_NEUTRAL_DEFAULTS.get(name, {}).items():
+        if data.get(key) == neutral:
+            del data[key]
+    return data
+
+
 def chained_hashes(cfg: RunConfig) -> dict[str, str]:
-    """Each stage's hash of its own config and the chained hash of the stage before it."""
+    """Each stage's hash of its own config (:func:`_hashed_config`) and the chained hash of
+    the stage before it."""
     out: dict[str, str] = {}
     previous = ""
     for stage in STAGES:
-        previous = config_hash({"upstream": previous, "config": stage.config(cfg)})
+        config = _hashed_config(stage.name, stage.config(cfg))
+        previous = config_hash({"upstream": previous, "config": config})
         out[stage.name] = previous
     return out
 
@@ -389,8 +410,12 @@ def work_sizes(cfg: RunConfig) -> dict[str, str]:
     ev = cfg.evaluate
     sizes["evaluate"] = (
         f"{cfg.contexts.n_contexts:,} contexts x {len(ev.fractions)} fractions x "
-        f"{len(ev.choices)} choices ({ev.n_trials} random trials), one-token forwards of "
-        f"{c.model} on a shared prefix"
+        f"{len(ev.choices)} choices ({ev.n_trials} random trials), "
+        + (
+            f"every position rewritten: full {cfg.contexts.ctx_len}-token forwards of {c.model}"
+            if ev.positions == "all"
+            else f"one-token forwards of {c.model} on a shared prefix"
+        )
     )
     sizes["report"] = "tables, figures, HTML and Markdown"
     return {stage.name: sizes.get(stage.name, "") for stage in STAGES}
