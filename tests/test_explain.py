@@ -21,6 +21,7 @@ from nlrw.explain import (
     clean_explanation,
     consistency,
     copied_answer,
+    copied_context,
     copied_word,
     draw_from_bins,
     quoted_words,
@@ -414,6 +415,131 @@ def test_a_copied_demonstration_is_retried_with_another_one_last(tmp_path: Path)
         row = table.filter(pl.col("latent") == 0).row(0, named=True)
         assert row["status"] == "failed" and row["explanation"] is None
         assert why in row["reason"]
+
+
+# Jane Austen's prose, as the demo's latents show it: no Python, no years, no units.
+PROSE = [
+    ["It", " is", " a", " truth", " universally", " acknowledged", ",", " that", " a", " single"],
+    [" She", " was", " ill", " and", " could", " not", " come", " down", " to", " dinner"],
+    [" Mrs", ".", " Bennet", " was", " more", " vexed", " than", " ever", " by", " it"],
+]
+PROSE_COUNTER = ["Her sister was in good spirits.", "They walked to Meryton on Tuesday."]
+
+
+def prose_chats(prose: Sequence[Sequence[str]] = PROSE) -> dict[str, list[list[Message]]]:
+    """The default and contrastive explainer chats for ``prose`` (rows of equal length; " ill",
+    " more" and "on" marked), in every rotation of the demonstrations."""
+    acts = np.array([[0.0] * (len(row) - 1) + [1.0] for row in prose])
+    for row, tokens in zip(acts, prose, strict=True):
+        for i, tok in enumerate(tokens):
+            if tok in (" ill", " more", "on"):
+                row[i] = 5.0
+    shown = render_examples(prose, acts)
+    tops = top_tokens(prose, acts)
+    rotations = range(len(prompt.FEW_SHOT))
+    return {
+        "default": [prompt.render_chat(shown, r, top_tokens=tops) for r in rotations],
+        "contrastive": [
+            prompt.render_contrastive_chat(
+                shown,
+                [prompt.render_counter_example(i + 1, t) for i, t in enumerate(PROSE_COUNTER)],
+                r,
+                top_tokens=tops,
+            )
+            for r in rotations
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("explanation", "default", "contrastive"),
+    [
+        # The demo's 0.5B explainer on Austen latents: "range" swapped, the rest kept.
+        ('The word "proc" in Python loops', "python", "python"),
+        ('The word "ru" in Python for-loops', "python", "python"),
+        ('The word "in" in Python loops', "python", "python"),
+        # A hyphenated word and its parts: "for-loops" is the contrastive answer's, "loops"
+        # the default's (and a part of the contrastive "for-loops").
+        ('The word "her" in for-loops', "loops", "for-loops"),
+        ("Words in loops", "loops", "loops"),
+        ("Four-digit years", "four-digit", "four-digit"),
+        ("Four-digit numbers", "four-digit", "four-digit"),
+        ("Units of measurement after a number", "units", "units"),
+        ("Measurement of feelings", "measurement", "measurement"),
+        # What the demo's explainer wrote with no template copied.
+        ("Numbers in sentences", None, None),  # "numbers": the system prompt's word
+        ("Words that appear more than once", None, None),  # "that" too
+        ("Words that are not numbers", None, None),
+        ('The word "and" in English', None, None),
+        ('The word "more" in the context of a person\'s feelings', None, None),
+        ('The word "ill" in Italian', None, None),
+        ('The word "of" in the context of a number', None, None),  # "numbers" in the system
+        ('The word "range"', None, None),  # quoted words are copied_word's to check
+        ("Nouns", None, None),
+        ("Words used for emphasis", None, None),  # "for" (of "for-loops"): under 4 letters
+    ],
+)
+def test_copied_context_is_a_demonstrations_template_with_another_word(
+    explanation: str, default: str | None, contrastive: str | None
+) -> None:
+    chats, n = prose_chats(), len(prompt.FEW_SHOT)  # every rotation alike
+    assert [copied_context(explanation, c) for c in chats["default"]] == [default] * n
+    assert [copied_context(explanation, c) for c in chats["contrastive"]] == [contrastive] * n
+
+
+def test_copied_context_counts_only_the_demonstrations_topic_words() -> None:
+    answers = [a for *_, a in prompt.FEW_SHOT + prompt.CONTRASTIVE_FEW_SHOT]
+    # The demo's own words are in no demonstration's answer: nothing to borrow.
+    for word in ("english", "italian", "context", "sentence", "person", "feelings"):
+        assert not any(word in a.casefold() for a in answers), word
+    # The answers' generic words are the system prompts' too, so they are never borrowed.
+    for system in (prompt.SYSTEM, prompt.CONTRASTIVE_SYSTEM):
+        assert all(w in system for w in ("word", "numbers", "after"))
+    assert "that" in prompt.CONTRASTIVE_SYSTEM
+    # The same word is grounded once the examples hold it (the highlight markers do not
+    # split it: " Pyth<<on>>").
+    python = [*PROSE, [" we", " wrote", " it", " for", " x", " in", " Pyth", "on", " loops", "."]]
+    for chat in prose_chats(python)["default"]:
+        assert " Pyth<<on>> loops" in chat[-1]["content"]
+        assert copied_context('The word "on" in Python loops', chat) is None
+        assert copied_context("Units of measurement in Python", chat) == "units"
+    years = [
+        *PROSE,
+        [" some", " twenty", " years", " ago", ",", " when", " she", " was", " young", "."],
+    ]
+    for chat in prose_chats(years)["contrastive"]:
+        assert copied_context("Spans of years", chat) is None
+    assert copied_context("Spans of years", prose_chats()["contrastive"][0]) == "years"
+
+
+def test_a_template_copy_is_retried_then_failed_with_the_reason(tmp_path: Path) -> None:
+    """The demo's copy (``The word "proc" in Python loops`` for a latent without Python):
+    retried with the demonstrations rotated, kept once grounded, the latent failed with the
+    borrowed word when it never is."""
+
+    def keep_the_template(chat: Sequence[Message], seed: int) -> str:
+        user = chat[-1]["content"]
+        if "<< cat>>" in user:  # latent 0: the template until the third attempt
+            return 'The word "cat" in Python loops' if seed < 2 else 'The word "cat"'
+        if "<< dog>>" in user:  # latent 1: always the template
+            return 'The word "dog" in Python for-loops'
+        return 'The word "." in English'  # latent 2: no demonstration's word, kept at once
+
+    source = synthetic_source()
+    cfg = ExplainConfig(n_bins=2, examples_per_bin=2, min_count=10, retries=2, part_size=8)
+    backend = FakeExplainer(keep_the_template)
+    table = explain.run(cfg, tmp_path, backend=backend, source=source, progress=False)
+    rows = {r["latent"]: r for r in table.iter_rows(named=True)}
+    assert rows[0]["status"] == "ok" and rows[0]["explanation"] == 'The word "cat"'
+    assert rows[0]["attempts"] == 3
+    assert rows[2]["status"] == "ok" and rows[2]["attempts"] == 1
+    assert rows[1]["status"] == "failed" and rows[1]["explanation"] is None
+    assert rows[1]["attempts"] == 3
+    assert rows[1]["reason"] == (
+        "no usable reply after 3 attempts (last: borrows 'python' from a demonstration's "
+        "answer, not in its examples: 'The word \"dog\" in Python for-loops')"
+    )
+    assert backend.calls == [3, 2, 2]  # latents 0 and 1 asked again, twice
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,10 +61,15 @@ recorded with ``status = "failed"`` and the last reply in ``reason``, and the st
 "barked" and other forms of "bark"``, from an earlier set of demonstrations, for latents that
 never see a dog). A reply that quotes a word of the demonstrations or system prompt and no word
 of the latent's own examples counts as unusable (:func:`copied_word`), and so does a reply that
-repeats a demonstration's whole answer (``Four-digit years``, :func:`copied_answer`); the retry
-rotates the demonstrations (another one last, next to the examples) as well as moving the
-seed, so a greedy explainer does not just repeat itself. After the last attempt the latent is
-recorded as failed with the copy in ``reason``.
+repeats a demonstration's whole answer (``Four-digit years``, :func:`copied_answer`), and one
+that keeps a demonstration's template and swaps only the quoted word (``The word "proc" in
+Python loops`` on the demo's Jane Austen prose, after ``The word "range" in Python loops``):
+it has a word of 4 characters or more outside its quotes that a demonstration's answer holds
+and neither the latent's examples nor the system prompt do (:func:`copied_context`; the system
+prompt's words, "word", "numbers", "after", belong to every latent, not to a demonstration's
+topic). The retry rotates the demonstrations (another one last, next to the examples) as well
+as moving the seed, so a greedy explainer does not just repeat itself. After the last attempt
+the latent is recorded as failed with the copy in ``reason``.
 
 **Resume.** Latents are explained in parts of ``part_size`` (one batched ``generate`` call per
 attempt); each part is written atomically to ``explanations.parts/part-NNNNNN.parquet`` and a
@@ -114,6 +119,7 @@ __all__ = [
     "clean_explanation",
     "consistency",
     "copied_answer",
+    "copied_context",
     "copied_word",
     "draw_from_bins",
     "explainer_examples",
@@ -620,6 +626,55 @@ def copied_answer(explanation: str, chat: Sequence[Message]) -> str | None:
     return None
 
 
+_WORD = re.compile(r"[^\W\d_]+(?:[-'’][^\W\d_]+)*")
+"""An alphabetic word: letters, with hyphens and apostrophes allowed inside."""
+
+_MARKERS = re.compile(r"<<|>>")
+
+
+def _word_forms(text: str) -> list[str]:
+    """The case-folded words of ``text`` (:data:`_WORD`) of 4 characters or more, each
+    hyphenated word followed by its parts of 4 or more ("for-loops", "loops"), unique, in
+    order of appearance."""
+    forms: list[str] = []
+    for match in _WORD.finditer(text):
+        word = match.group().casefold()
+        for form in (word, *word.split("-")) if "-" in word else (word,):
+            if len(form) >= 4 and form not in forms:
+                forms.append(form)
+    return forms
+
+
+def copied_context(explanation: str, chat: Sequence[Message]) -> str | None:
+    """The first word ``explanation`` borrows from a demonstration's answer, or None.
+
+    With ``W(s)`` the case-folded alphabetic words of ``s`` (letters; hyphens and apostrophes
+    inside a word), 4 characters or more, each hyphenated word together with its parts of 4
+    or more (``for-loops`` gives ``for-loops`` and ``loops``)::
+
+        own      = W(explanation with its quotes removed, the quotes quoted_words reads)
+        answers  = the union of W(a) over the assistant turns a of chat[:-1]
+        borrowed = { w in own : w in answers,
+                                w not a substring of the examples (chat[-1]),
+                                w not a substring of the system prompt (chat[0]) }
+
+    the substrings case-insensitive; the first borrowed word in ``explanation``'s order.
+
+    ``The word "proc" in Python loops`` on prose borrows ``python`` from ``The word "range"
+    in Python loops``: the template was kept and only the quoted word swapped, which
+    :func:`copied_word` (quoted words) and :func:`copied_answer` (whole answers) miss. The
+    system prompt's words ("word", "numbers", "after", "context") are generic, not a
+    demonstration's topic, so they never count; a word that is in the examples is grounded.
+    The examples are read without the ``<<``/``>>`` highlight markers, so a word split by
+    them is still found.
+    """
+    own = _word_forms(_QUOTED_ANY.sub(" ", explanation))
+    answers = {w for m in chat[:-1] if m["role"] == "assistant" for w in _word_forms(m["content"])}
+    examples = _MARKERS.sub("", chat[-1]["content"]).casefold() if chat else ""
+    system = chat[0]["content"].casefold() if chat and chat[0]["role"] == "system" else ""
+    return next((w for w in own if w in answers and w not in examples and w not in system), None)
+
+
 # --------------------------------------------------------------------------------------------
 # Latent selection
 # --------------------------------------------------------------------------------------------
@@ -688,15 +743,29 @@ NO_NEAR_MISSES = (
 )
 
 
+def _copy_of_a_demonstration(text: str, chat: Sequence[Message]) -> str | None:
+    """Why ``text`` copies a demonstration of ``chat`` (a quoted word, :func:`copied_word`; a
+    whole answer, :func:`copied_answer`; a word of an answer's template,
+    :func:`copied_context`; checked in that order), or None when it does not."""
+    if (word := copied_word(text, chat)) is not None:
+        return f"copies {word!r} from the demonstrations, not in its examples: {text!r}"
+    if (answer := copied_answer(text, chat)) is not None:
+        return f"repeats a demonstration's answer: {answer!r}"
+    if (borrowed := copied_context(text, chat)) is not None:
+        return f"borrows {borrowed!r} from a demonstration's answer, not in its examples: {text!r}"
+    return None
+
+
 def generate_with_retries(
     backend: Backend, chat_for: Callable[[int, int], Any], n: int, cfg: ExplainConfig
 ) -> list[tuple[str | None, Generation, int, int, int, str | None]]:
     """For each of ``n`` chats (``chat_for(i, attempt)``) ``(explanation or None, last reply,
     attempts, prompt tokens, completion tokens, why the last reply was unusable)``: replies
     that are empty, malformed, clean to nothing, copy a quoted word from the demonstrations
-    (:func:`copied_word`) or repeat a demonstration's answer (:func:`copied_answer`) are asked
-    again (seed + r, chat ``chat_for(i, r)``), up to
-    ``cfg.retries`` more times, all still-pending chats of the batch together."""
+    (:func:`copied_word`), repeat a demonstration's answer (:func:`copied_answer`) or borrow
+    a word of a demonstration's answer that the examples lack (its template with another
+    quoted word, :func:`copied_context`) are asked again (seed + r, chat ``chat_for(i, r)``),
+    up to ``cfg.retries`` more times, all still-pending chats of the batch together."""
     result: list[Any] = [None] * n
     used = [[0, 0] for _ in range(n)]
     pending = list(range(n))
@@ -715,14 +784,8 @@ def generate_with_retries(
             used[i][0] += reply.prompt_tokens
             used[i][1] += reply.completion_tokens
             text = clean_explanation(reply.text) if reply.ok else None
-            copied = None if text is None else copied_word(text, chat)
-            answer = None if text is None else copied_answer(text, chat)
-            why = None
-            if copied is not None:
-                why = f"copies {copied!r} from the demonstrations, not in its examples: {text!r}"
-                text = None
-            elif answer is not None:
-                why = f"repeats a demonstration's answer: {answer!r}"
+            why = None if text is None else _copy_of_a_demonstration(text, chat)
+            if why is not None:
                 text = None
             result[i] = (text, reply, attempt + 1, why)
             if text is None:
