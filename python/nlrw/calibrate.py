@@ -122,6 +122,7 @@ from nlrw.lib.io import atomic_path, atomic_write_json, file_digest
 from nlrw.lib.metrics import auroc, pearson
 from nlrw.lib.progress import progress_bar
 from nlrw.lib.provenance import config_hash, stage_record
+from nlrw.lib.rundir import RunDir
 from nlrw.model.quantiles import save_tables
 
 __all__ = [
@@ -747,8 +748,6 @@ def run(
     return metrics
 
 
-POSITIONS_FILE = "simulations_positions.parquet"
-SHUFFLED_POSITIONS_FILE = "simulations_shuffled_positions.parquet"
 POSITIONS_SCHEMA: dict[str, Any] = {
     "latent": pl.Int32,
     "context_id": pl.Int32,
@@ -831,8 +830,9 @@ def calibrate_positions(
     """
     run_dir = Path(run_dir)
     data = _load_inputs(run_dir, SHUFFLED_SIMULATIONS_FILE if shuffled else SIMULATIONS_FILE)
+    paths = RunDir(run_dir)
     score = _position_scores(
-        run_dir / (SHUFFLED_POSITIONS_FILE if shuffled else POSITIONS_FILE), data
+        paths.simulations_shuffled_positions if shuffled else paths.simulations_positions, data
     )
     n_latents, ctx_len = int(data.latents.size), score.shape[1]
     pair_latent = np.repeat(np.arange(n_latents), np.diff(data.bounds))

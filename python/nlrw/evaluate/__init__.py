@@ -118,10 +118,10 @@ from nlrw.config.evaluate import (
     SYNTHETIC_CALIBRATIONS,
     EvaluateConfig,
 )
-from nlrw.evaluate.forward import grid_ce, grid_ce_full
+from nlrw.evaluate.forward import grid_ce, grid_ce_full, grid_ce_positions
 from nlrw.evaluate.grid import CONDITIONS, Grid, GridRow, Synthetic, n_selected, topk_replace_torch
 from nlrw.evaluate.inputs import Inputs, read_inputs
-from nlrw.evaluate.positions import check_layout, grid_ce_positions, position_ids, position_values
+from nlrw.evaluate.positions import check_layout, position_ids, position_values
 from nlrw.evaluate.statistics import (
     RESULTS_SCHEMA,
     SUMMARY_COLUMNS_SINCE_CONTROLS,

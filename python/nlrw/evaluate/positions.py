@@ -35,22 +35,15 @@ are left out (recorded in ``eval.json``).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from nlrw.evaluate.grid import Grid
 from nlrw.evaluate.inputs import Inputs
 from nlrw.lib.rundir import RunDir
-from nlrw.model.sparse import SparseCoder
-from nlrw.model.subject import splice
 
-__all__ = ["check_layout", "grid_ce_positions", "position_ids", "position_values"]
+__all__ = ["check_layout", "position_ids", "position_values"]
 
 _LAYOUT = "all-at-once"
 
@@ -165,67 +158,3 @@ def position_values(
         out[:, columns] = dense[:, columns]
         shuffled[name] = out
     return values, shuffled
-
-
-def _every_position_splice(
-    grid: Grid, coder: SparseCoder, row_index: np.ndarray, ids: np.ndarray
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """A :func:`nlrw.model.subject.splice` function replacing every position of row r (grid
-    row ``row_index[r]``) with the grid's replacement for that position (``ids``: the window's
-    :func:`position_ids`)."""
-    sae = coder.cfg.kind == "sae"
-
-    def fn(x: Tensor, y: Tensor) -> Tensor:
-        rows, length = y.shape[:2]
-        src = (y if sae else x).reshape(rows * length, -1)
-        rep = grid.replacement(
-            coder,
-            src,
-            y.reshape(rows * length, -1),
-            np.repeat(row_index, length),
-            np.tile(ids, rows),
-        )
-        return rep.to(y.dtype).reshape(y.shape)
-
-    return fn
-
-
-def grid_ce_positions(
-    model: torch.nn.Module,
-    coder: SparseCoder,
-    hookpoint: str,
-    grid: Grid,
-    input_ids: Tensor | np.ndarray,
-    targets: Tensor | np.ndarray,
-    context_ids: npt.ArrayLike,
-    *,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """CE ``[n_contexts, n_rows]``: each grid row's mean next-token loss over every position
-    of each window, the hookpoint rewritten at every position (module docstring). The grid's
-    ids must be :func:`position_ids` of ``context_ids``."""
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=device)
-    tgt = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)
-    labels = torch.cat([ids[:, 1:], tgt[:, None]], dim=1)  # t_{p+1} for every position p
-    ctx = np.asarray(context_ids, dtype=np.int64)
-    n, length = ids.shape
-    canonical = grid.canonical_rows()
-    unique = np.unique(canonical)  # rows that differ; the others copy their canonical row
-    step = max(1, batch_size // length)
-    out = np.empty((n, len(grid.rows)), dtype=np.float64)
-    with torch.inference_mode():
-        for i in range(n):
-            window = position_ids(ctx[i : i + 1], length)
-            for r0 in range(0, len(unique), step):
-                ri = unique[r0 : r0 + step]
-                fn = _every_position_splice(grid, coder, ri, window)
-                with splice(model, hookpoint, fn):
-                    logits = model(input_ids=ids[i : i + 1].expand(len(ri), -1), use_cache=False)
-                ce = F.cross_entropy(
-                    logits.logits.float().flatten(0, 1),
-                    labels[i].repeat(len(ri)),
-                    reduction="none",
-                )
-                out[i, ri] = ce.view(len(ri), length).mean(1).double().cpu().numpy()
-    return out[:, canonical]
