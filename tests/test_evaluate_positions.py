@@ -57,19 +57,30 @@ def windows(run_dir: Path, split: str | None = "eval") -> tuple[torch.Tensor, to
     return torch.tensor(table["input_ids"].to_list()), torch.tensor(table["target_id"].to_list())
 
 
-def dense_topk(coder: SparseCoder, x: torch.Tensor) -> torch.Tensor:
+def dense_topk(coder: SparseCoder, src: torch.Tensor) -> torch.Tensor:
     """``[..., num_latents]`` the true latents, written out independently of the coder's
-    encode: relu(W_enc x + b_enc) with all but the k largest of each row set to 0."""
-    pre = torch.relu(x @ coder.encoder.weight.T + coder.encoder.bias)
+    encode: relu(W_enc src' + b_enc) with all but the k largest of each row set to 0 (src' =
+    src - b_dec for an SAE, whose encoder subtracts it)."""
+    if coder.cfg.kind == "sae":
+        src = src - coder.b_dec
+    pre = torch.relu(src @ coder.encoder.weight.T + coder.encoder.bias)
     top = pre.topk(coder.k, dim=-1)
     return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
 
 
-def mlp_inputs(subject: Subject, ids: torch.Tensor) -> torch.Tensor:
-    """``[contexts, ctx_len, d]`` the hookpoint's input at every position (clean model)."""
+def _output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def coder_sources(subject: Subject, coder: SparseCoder, ids: torch.Tensor) -> torch.Tensor:
+    """``[contexts, ctx_len, d]`` what the coder reads at every position of the clean model:
+    the MLP's input for a transcoder, the layer's output for an SAE."""
     seen: list[torch.Tensor] = []
-    module = get_hookpoint(subject.model, HOOK["transcoder"])
-    handle = module.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    sae = coder.cfg.kind == "sae"
+    module = get_hookpoint(subject.model, HOOK[coder.cfg.kind])
+    handle = module.register_forward_hook(
+        lambda _m, args, out: seen.append((_output(out) if sae else args[0]).detach())
+    )
     try:
         with torch.no_grad():
             subject.model(input_ids=ids)
@@ -79,15 +90,20 @@ def mlp_inputs(subject: Subject, ids: torch.Tensor) -> torch.Tensor:
 
 
 def hooked_window_ce(
-    subject: Subject, replace: Any, ids: torch.Tensor, targets: torch.Tensor
+    subject: Subject,
+    replace: Any,
+    ids: torch.Tensor,
+    targets: torch.Tensor,
+    hookpoint: str = HOOK["transcoder"],
 ) -> np.ndarray:
     """Per context, the mean next-token CE over the window with a plain forward hook making
     ``replace(x, y)`` the module's output at every position (``None``: no hook)."""
 
     def hook(_m: Any, args: tuple[Any, ...], output: Any) -> Any:
-        return replace(args[0], output)
+        new = replace(args[0], _output(output))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    module = get_hookpoint(subject.model, HOOK["transcoder"])
+    module = get_hookpoint(subject.model, hookpoint)
     handle = module.register_forward_hook(hook) if replace is not None else None
     try:
         with torch.no_grad():
@@ -104,7 +120,7 @@ def write_all_at_once(run_dir: Path, subject: Subject, coder: SparseCoder) -> No
     """What an all-at-once simulate and the cache would leave (module docstring)."""
     ids, _ = windows(run_dir, None)
     with torch.no_grad():
-        true = dense_topk(coder, mlp_inputs(subject, ids)).numpy()  # [ctx, T, latents]
+        true = dense_topk(coder, coder_sources(subject, coder, ids)).numpy()  # [ctx, T, latents]
     peak = true.max(axis=(0, 1))
     active = true > 0
     count = active.sum(axis=(0, 1))
@@ -340,3 +356,24 @@ def test_shuffled_control_at_every_position(all_run, tmp_path: Path) -> None:
         ce_of(copy, "shuffled", **keys), ce_of(copy, "matched_zero", **keys), rtol=1e-5
     )
     np.testing.assert_allclose(ce_of(copy, "simulated", **keys), ce_of(copy, "transcoder"), 1e-5)
+
+
+def test_an_sae_on_the_residual_stream_at_every_position(tmp_path: Path) -> None:
+    run_dir, subject, coder = make_run(tmp_path, "sae")
+    write_all_at_once(run_dir, subject, coder)
+    cfg = dataclasses.replace(ALL, choices=("top",), controls=())
+    evaluate.run(cfg, run_dir, hookpoint=HOOK["sae"], model="tiny", subject=subject)
+    ids, targets = windows(run_dir)
+
+    def recon(_x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return dense_topk(coder, y) @ coder.W_dec + coder.b_dec
+
+    with torch.no_grad():
+        sae = hooked_window_ce(subject, recon, ids, targets, HOOK["sae"])
+        zero = hooked_window_ce(
+            subject, lambda _x, y: coder.b_dec.expand_as(y), ids, targets, HOOK["sae"]
+        )
+    np.testing.assert_allclose(ce_of(run_dir, "transcoder"), sae, rtol=1e-5)
+    np.testing.assert_allclose(ce_of(run_dir, "zero_ablation"), zero, rtol=1e-5)
+    exact = ce_of(run_dir, "simulated", calibration="uncalibrated", fraction=1.0, choice="top")
+    np.testing.assert_allclose(exact, sae, rtol=1e-5)
