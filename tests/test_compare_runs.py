@@ -60,3 +60,14 @@ def test_runs_on_other_contexts_are_refused(smoke: Path, tmp_path: Path) -> None
     contexts.with_columns(pl.col("input_ids").list.reverse()).write_parquet(b / "contexts.parquet")
     done = _compare(smoke, b)
     assert done.returncode != 0 and "evaluate different contexts" in done.stderr
+
+
+def test_runs_scoring_other_positions_are_refused(smoke: Path, tmp_path: Path) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(smoke, b)
+    record = json.loads((b / "eval.json").read_text())
+    assert record["positions_per_context"] == 1
+    record["positions_per_context"] = 32
+    (b / "eval.json").write_text(json.dumps(record))
+    done = _compare(smoke, b)
+    assert done.returncode != 0 and "different quantities" in done.stderr

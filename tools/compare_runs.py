@@ -5,7 +5,8 @@ sign-flip p, and each run's simulation AUROC against its shuffled-explanation co
     python tools/compare_runs.py runs/demo runs/contrastive [--fraction 1.0] [--choice top]
 
 What differs between the runs should be one thing (the explanation method, say): the script
-refuses two runs whose evaluation contexts differ (ids or tokens) and says so when they
+refuses two runs whose evaluation contexts differ (ids or tokens) or that score different
+positions of the window (``evaluate.positions``), and says so when they
 simulated different latents, since a paired Δ then mixes the two. For every calibration the
 row is ``condition = simulated`` at the given fraction and choice (the mean over trials per
 context where latents are drawn at random).
@@ -120,6 +121,26 @@ def check_same_contexts(a: Path, b: Path) -> None:
         raise SystemExit(f"{a} and {b} evaluate different contexts: a paired Δ is meaningless")
 
 
+def positions_of(run: Path) -> int:
+    """How many positions of each window the run's evaluate stage scored (1: the paper's last
+    position; ``ctx_len`` with ``evaluate.positions = all``; 1 for a run before the option)."""
+    try:
+        record = json.loads((run / "eval.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{run / 'eval.json'}: not readable ({e}): run evaluate first") from None
+    value = record.get("positions_per_context", 1)
+    return value if isinstance(value, int) else 1
+
+
+def check_same_positions(a: Path, b: Path) -> None:
+    pa, pb = positions_of(a), positions_of(b)
+    if pa != pb:
+        raise SystemExit(
+            f"{a} scores {pa} position(s) per window and {b} {pb}: the mean CE over a window "
+            "and the last position's are different quantities, a paired Δ is meaningless"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path, help="run A (the reference)")
@@ -130,6 +151,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     check_same_contexts(args.a, args.b)
+    check_same_positions(args.a, args.b)
     lat_a, lat_b = (
         sorted(set(pl.read_parquet(r / "simulations.parquet", columns=["latent"])["latent"]))
         for r in (args.a, args.b)
