@@ -22,8 +22,7 @@ import torch
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
-from nlrw.pipeline import load_preset, run  # noqa: E402
-from test_architecture import GOLDEN, TABLES  # noqa: E402
+from test_architecture import GOLDEN, TABLES, run_smoke  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +36,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "smoke"
-        run(load_preset("smoke"), run_dir, log=lambda _: None)
+        run_smoke(run_dir)
         for table, name in TABLES.items():
             shutil.copyfile(run_dir / table, out / name)
     print(f"wrote {len(TABLES)} tables to {out} (torch capability {capability})")
