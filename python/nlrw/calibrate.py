@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -498,6 +499,33 @@ class _Calibrated(NamedTuple):
     n_rows: int
 
 
+def _start_methods(
+    methods: Sequence[str], rows_in: Rows
+) -> tuple[dict[str, np.ndarray], dict[str, PerLatent]]:
+    """Each method's output over ``rows_in``: computed here for the methods that map every row
+    at once (uncalibrated, quantile), zeros for those applied latent by latent with the
+    latent's fit (isotonic, gate), returned with their functions. Rows a per-latent method
+    never fills (the calibration split's) stay 0 and are not used."""
+    calibrated: dict[str, np.ndarray] = {}
+    per_latent: dict[str, PerLatent] = {}
+    for m in methods:
+        every_row, apply = CALIBRATIONS[m]
+        if every_row is not None:
+            calibrated[m] = every_row(rows_in)
+        elif apply is not None:
+            calibrated[m] = np.zeros(rows_in.score.size, np.float32)
+            per_latent[m] = apply
+        else:
+            raise TypeError(f"calibration {m!r} is registered without a function")
+    return calibrated, per_latent
+
+
+def _too_few_for_quantile(cfg: CalibrateConfig, fit: LatentFit) -> bool:
+    """Quantile normalization falls back to 0 for a latent whose F_sim would come from a
+    calibration split of fewer than ``min_calibration_contexts`` contexts."""
+    return cfg.quantile_fit == "calibration" and fit.n_calibration < cfg.min_calibration_contexts
+
+
 def _calibrate(
     cfg: CalibrateConfig,
     data: _Inputs,
@@ -525,17 +553,7 @@ def _calibrate(
         frequency=data.frequency,
         offsets=random_offsets(cfg.seed, n_rows) if cfg.quantile_ranks == "random" else None,
     )
-    calibrated: dict[str, np.ndarray] = {}
-    per_latent: dict[str, PerLatent] = {}  # applied latent by latent in the loop below
-    for m in cfg.methods:
-        every_row, apply = CALIBRATIONS[m]
-        if every_row is not None:
-            calibrated[m] = every_row(rows_in)
-        elif apply is not None:
-            calibrated[m] = np.zeros(n_rows, np.float32)  # calibration rows stay 0 (unused)
-            per_latent[m] = apply
-        else:
-            raise TypeError(f"calibration {m!r} is registered without a function")
+    calibrated, per_latent = _start_methods(cfg.methods, rows_in)
     fitted = bool(per_latent)
 
     fits: list[dict[str, Any]] = []
@@ -553,11 +571,7 @@ def _calibrate(
             fallbacks[lat] = fit.fallback
         if fit.gate_fallback is not None:
             gate_fallbacks[lat] = fit.gate_fallback
-        if (
-            "quantile" in calibrated
-            and cfg.quantile_fit == "calibration"
-            and fit.n_calibration < cfg.min_calibration_contexts
-        ):
+        if "quantile" in calibrated and _too_few_for_quantile(cfg, fit):
             calibrated["quantile"][rows] = 0.0
         if fitted:
             e_eval = e_all[ev]
@@ -862,27 +876,14 @@ def calibrate_positions(
         if cfg.gate_specificity is not None
         else gate_specificity(cfg.gate_budget, k, n_latents, cfg.gate_min_specificity)
     )
-    calibrated: dict[str, np.ndarray] = {}
-    per_latent: dict[str, PerLatent] = {}
-    for m in cfg.methods:
-        every_row, apply = CALIBRATIONS[m]
-        if every_row is not None:
-            calibrated[m] = every_row(rows_in)
-        else:
-            assert apply is not None  # the registry gives each method one of the two
-            calibrated[m] = np.zeros(row_score.size, np.float32)
-            per_latent[m] = apply
+    calibrated, per_latent = _start_methods(cfg.methods, rows_in)
     row_bounds = np.searchsorted(row_latent, np.arange(n_latents + 1))
     for i in range(n_latents):
         pairs = slice(int(data.bounds[i]), int(data.bounds[i + 1]))
         cal = ~data.is_eval[pairs]
         fit = fit_latent(score[pairs, -1][cal], data.true[pairs][cal], cfg, specificity)
         rows = slice(int(row_bounds[i]), int(row_bounds[i + 1]))
-        if (
-            "quantile" in calibrated
-            and cfg.quantile_fit == "calibration"
-            and fit.n_calibration < cfg.min_calibration_contexts
-        ):
+        if "quantile" in calibrated and _too_few_for_quantile(cfg, fit):
             calibrated["quantile"][rows] = 0.0
         for m, apply in per_latent.items():
             calibrated[m][rows] = apply(row_score[rows], fit)
