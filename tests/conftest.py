@@ -4,6 +4,9 @@
   float32 on the CPU (slow tests only; module-scoped, so each module loads it once).
 * ``llama_server``: llama-cpp-python's OpenAI-compatible server on a free loopback port,
   serving the simulator's GGUF; skipped where llama-cpp-python[server] is not installed.
+* ``smoke_run``: a finished run of the smoke preset, made once per session for the tools that
+  read runs (compare_runs, run_digest, lexical_simulation); read-only: a test that changes a
+  run copies it first.
 
 Imports stay light (stdlib, pytest, ``support``): pytest imports this module before any test
 module, and the vLLM tests (``.venv-vllm``) set their environment before torch is imported.
@@ -18,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -90,3 +94,12 @@ def llama_server() -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nlrw.pipeline import load_preset, run  # here: conftest's imports stay light
+
+    run_dir = tmp_path_factory.mktemp("smoke_run") / "a"
+    run(load_preset("smoke"), run_dir, log=lambda _: None)
+    return run_dir

@@ -16,16 +16,8 @@ import pytest
 from nlrw.contexts import read_contexts, true_activations
 from nlrw.explain import quoted_words
 from nlrw.model.subject import load_tokenizer
-from nlrw.pipeline import load_preset, run
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "lexical_simulation.py"
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("lexical") / "a"
-    run(load_preset("smoke"), run_dir, log=lambda _: None)
-    return run_dir
 
 
 def _measure(run_dir: Path, split: str = "calibration") -> subprocess.CompletedProcess[str]:
@@ -47,11 +39,13 @@ def _explain_as(run_dir: Path, texts: dict[int, str]) -> None:
     ).write_parquet(path)
 
 
-def test_quoting_the_active_contexts_marked_tokens_finds_them(smoke: Path, tmp_path: Path) -> None:
+def test_quoting_the_active_contexts_marked_tokens_finds_them(
+    smoke_run: Path, tmp_path: Path
+) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke, b)
+    shutil.copytree(smoke_run, b)
     latents = pl.read_parquet(b / "explanations.parquet")["latent"].to_list()
-    # The evaluation split: the smoke run's 12 contexts there against 6 for calibration.
+    # The evaluation split: the smoke_run run's 12 contexts there against 6 for calibration.
     contexts = read_contexts(b, "eval").sort("context_id")
     ids = contexts["context_id"].to_numpy()
     active = true_activations(b, latents, ids) > 0
@@ -85,9 +79,11 @@ def test_quoting_the_active_contexts_marked_tokens_finds_them(smoke: Path, tmp_p
     assert report["latents_quoting"] == len(latents)
 
 
-def test_a_run_with_too_few_quoting_explanations_is_refused(smoke: Path, tmp_path: Path) -> None:
+def test_a_run_with_too_few_quoting_explanations_is_refused(
+    smoke_run: Path, tmp_path: Path
+) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke, b)
+    shutil.copytree(smoke_run, b)
     latents = pl.read_parquet(b / "explanations.parquet")["latent"].to_list()
     _explain_as(b, dict.fromkeys(latents, "Nothing quoted here"))
     done = _measure(b)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-import pytest
 
 from nlrw.lib.io import file_digest
 from nlrw.lib.rundir import RunDir
@@ -20,31 +19,24 @@ from nlrw.pipeline import load_preset, run
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "run_digest.py"
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run_digest") / "a"
-    run(load_preset("smoke"), run_dir, log=lambda _: None)
-    return run_dir
-
-
 def _digest(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, check=False
     )
 
 
-def test_a_second_run_of_the_same_config_is_identical(smoke: Path, tmp_path: Path) -> None:
+def test_a_second_run_of_the_same_config_is_identical(smoke_run: Path, tmp_path: Path) -> None:
     b = tmp_path / "b"
     run(load_preset("smoke"), b, log=lambda _: None)
     written = tmp_path / "digest.json"
-    done = _digest(smoke, "--write", written)
+    done = _digest(smoke_run, "--write", written)
     assert done.returncode == 0, done.stderr
     digest = json.loads(written.read_text())
     assert "eval/results.parquet" in digest["tables"]
     assert "simulations.parquet" in digest["tables"]
     assert not any(name.endswith(".json") for name in digest["tables"])
     assert digest["torch_cpu_capability"] and digest["versions"]["torch"]
-    for against in (written, smoke):
+    for against in (written, smoke_run):
         done = _digest(b, "--against", against)
         assert done.returncode == 0, done.stdout + done.stderr
         n = len(digest["tables"])
@@ -61,23 +53,23 @@ def _rewrite_as_if_the_stage_made_it(run_dir: Path, stage: str, rel: str, df: pl
 
 
 def test_a_run_with_another_result_is_named_by_table_and_column(
-    smoke: Path, tmp_path: Path
+    smoke_run: Path, tmp_path: Path
 ) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke, b)
+    shutil.copytree(smoke_run, b)
     results = pl.read_parquet(b / "eval" / "results.parquet")
     shifted = results.with_columns(pl.col("ce") + 0.001)
     _rewrite_as_if_the_stage_made_it(b, "evaluate", "eval/results.parquet", shifted)
-    done = _digest(smoke, "--against", b)
+    done = _digest(smoke_run, "--against", b)
     assert done.returncode == 1
     line = next(x for x in done.stdout.splitlines() if "eval/results.parquet" in x)
     assert "DIFFERS" in line and "'ce'" in line and "0.001" in line
     assert "same     simulations.parquet" in done.stdout
 
 
-def test_a_damaged_run_is_refused_naming_the_file(smoke: Path, tmp_path: Path) -> None:
+def test_a_damaged_run_is_refused_naming_the_file(smoke_run: Path, tmp_path: Path) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke, b)
+    shutil.copytree(smoke_run, b)
     with open(b / "simulations.parquet", "ab") as f:
         f.write(b"\0")
     done = _digest(b)
@@ -85,14 +77,14 @@ def test_a_damaged_run_is_refused_naming_the_file(smoke: Path, tmp_path: Path) -
     assert "simulations.parquet: changed since stage simulate wrote it" in done.stderr
 
 
-def test_broken_inputs_are_refused_naming_them(smoke: Path, tmp_path: Path) -> None:
+def test_broken_inputs_are_refused_naming_them(smoke_run: Path, tmp_path: Path) -> None:
     broken = tmp_path / "digest.json"
     broken.write_text("{not json")
-    done = _digest(smoke, "--against", broken)
+    done = _digest(smoke_run, "--against", broken)
     assert done.returncode != 0 and str(broken) in done.stderr
     assert "not a run directory nor a digest file" in done.stderr
     broken.write_text('{"run_dir": "elsewhere"}')
-    done = _digest(smoke, "--against", broken)
+    done = _digest(smoke_run, "--against", broken)
     assert done.returncode != 0 and "no 'tables' object" in done.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
