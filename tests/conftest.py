@@ -4,9 +4,10 @@
   float32 on the CPU (slow tests only; module-scoped, so each module loads it once).
 * ``llama_server``: llama-cpp-python's OpenAI-compatible server on a free loopback port,
   serving the simulator's GGUF; skipped where llama-cpp-python[server] is not installed.
-* ``smoke_run``: a finished run of the smoke preset, made once per session for the tools that
-  read runs (compare_runs, run_digest, lexical_simulation); read-only: a test that changes a
-  run copies it first.
+* ``finished_smoke_run``: a finished run of the smoke preset, made once per session for the
+  tools that read runs (compare_runs, run_digest, lexical_simulation); read-only: a test that
+  changes a run copies it first. (test_report and test_architecture keep their own: a run
+  up to ``cache``, and the golden run at one thread.)
 
 Imports stay light (stdlib, pytest, ``support``): pytest imports this module before any test
 module, and the vLLM tests (``.venv-vllm``) set their environment before torch is imported.
@@ -97,9 +98,9 @@ def llama_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nlrw.pipeline import load_preset, run  # here: conftest's imports stay light
 
-    run_dir = tmp_path_factory.mktemp("smoke_run") / "a"
+    run_dir = tmp_path_factory.mktemp("finished_smoke_run") / "a"
     run(load_preset("smoke"), run_dir, log=lambda _: None)
     return run_dir

@@ -21,9 +21,9 @@ def _compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_shifted_rewrite_shows_as_its_shift(smoke_run: Path, tmp_path: Path) -> None:
+def test_a_shifted_rewrite_shows_as_its_shift(finished_smoke_run: Path, tmp_path: Path) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke_run, b)
+    shutil.copytree(finished_smoke_run, b)
     results = pl.read_parquet(b / "eval" / "results.parquet")
     shifted = results.with_columns(
         pl.when((pl.col("condition") == "simulated") & (pl.col("calibration") == "quantile"))
@@ -32,7 +32,7 @@ def test_a_shifted_rewrite_shows_as_its_shift(smoke_run: Path, tmp_path: Path) -
         .alias("ce")
     )
     shifted.write_parquet(b / "eval" / "results.parquet")
-    done = _compare(smoke_run, b)
+    done = _compare(finished_smoke_run, b)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["same_latents"]
@@ -40,25 +40,25 @@ def test_a_shifted_rewrite_shows_as_its_shift(smoke_run: Path, tmp_path: Path) -
     assert quantile["diff"] == pytest.approx(0.25)
     assert quantile["ci_low"] == pytest.approx(0.25) and quantile["p"] < 0.01
     assert report["paired_b_minus_a"]["simulated/uncalibrated"]["diff"] == 0.0
-    real = report["simulation_auroc"][str(smoke_run)]["real"]
+    real = report["simulation_auroc"][str(finished_smoke_run)]["real"]
     assert set(real) == {"calibration", "eval"}
 
 
-def test_runs_on_other_contexts_are_refused(smoke_run: Path, tmp_path: Path) -> None:
+def test_runs_on_other_contexts_are_refused(finished_smoke_run: Path, tmp_path: Path) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke_run, b)
+    shutil.copytree(finished_smoke_run, b)
     contexts = pl.read_parquet(b / "contexts.parquet")
     contexts.with_columns(pl.col("input_ids").list.reverse()).write_parquet(b / "contexts.parquet")
-    done = _compare(smoke_run, b)
+    done = _compare(finished_smoke_run, b)
     assert done.returncode != 0 and "evaluate different contexts" in done.stderr
 
 
-def test_runs_scoring_other_positions_are_refused(smoke_run: Path, tmp_path: Path) -> None:
+def test_runs_scoring_other_positions_are_refused(finished_smoke_run: Path, tmp_path: Path) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke_run, b)
+    shutil.copytree(finished_smoke_run, b)
     record = json.loads((b / "eval.json").read_text())
     assert record["positions_per_context"] == 1
     record["positions_per_context"] = 32
     (b / "eval.json").write_text(json.dumps(record))
-    done = _compare(smoke_run, b)
+    done = _compare(finished_smoke_run, b)
     assert done.returncode != 0 and "different quantities" in done.stderr

@@ -40,12 +40,12 @@ def _explain_as(run_dir: Path, texts: dict[int, str]) -> None:
 
 
 def test_quoting_the_active_contexts_marked_tokens_finds_them(
-    smoke_run: Path, tmp_path: Path
+    finished_smoke_run: Path, tmp_path: Path
 ) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke_run, b)
+    shutil.copytree(finished_smoke_run, b)
     latents = pl.read_parquet(b / "explanations.parquet")["latent"].to_list()
-    # The evaluation split: the smoke_run run's 12 contexts there against 6 for calibration.
+    # The evaluation split: the smoke run's 12 contexts there against 6 for calibration.
     contexts = read_contexts(b, "eval").sort("context_id")
     ids = contexts["context_id"].to_numpy()
     active = true_activations(b, latents, ids) > 0
@@ -80,10 +80,10 @@ def test_quoting_the_active_contexts_marked_tokens_finds_them(
 
 
 def test_a_run_with_too_few_quoting_explanations_is_refused(
-    smoke_run: Path, tmp_path: Path
+    finished_smoke_run: Path, tmp_path: Path
 ) -> None:
     b = tmp_path / "b"
-    shutil.copytree(smoke_run, b)
+    shutil.copytree(finished_smoke_run, b)
     latents = pl.read_parquet(b / "explanations.parquet")["latent"].to_list()
     _explain_as(b, dict.fromkeys(latents, "Nothing quoted here"))
     done = _measure(b)
