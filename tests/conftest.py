@@ -6,7 +6,8 @@
   serving the simulator's GGUF; skipped where llama-cpp-python[server] is not installed.
 * ``finished_smoke_run``: a finished run of the smoke preset, made once per session for the
   tools that read runs (compare_runs, run_digest, lexical_simulation); read-only: a test that
-  changes a run copies it first. (test_report and test_architecture keep their own: a run
+  changes a run copies it first; made at one thread (:func:`support.run_smoke_one_thread`).
+  (test_report and test_architecture keep their own: a run
   up to ``cache``, and the golden run at one thread.)
 
 Imports stay light (stdlib, pytest, ``support``): pytest imports this module before any test
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import free_port
+from support import free_port, run_smoke_one_thread
 
 if TYPE_CHECKING:
     from nlrw.backends.transformers import TransformersBackend
@@ -99,8 +100,4 @@ def llama_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def finished_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nlrw.pipeline import load_preset, run  # here: conftest's imports stay light
-
-    run_dir = tmp_path_factory.mktemp("finished_smoke_run") / "a"
-    run(load_preset("smoke"), run_dir, log=lambda _: None)
-    return run_dir
+    return run_smoke_one_thread(tmp_path_factory.mktemp("finished_smoke_run") / "a")

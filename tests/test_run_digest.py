@@ -14,7 +14,7 @@ import polars as pl
 
 from nlrw.lib.io import file_digest
 from nlrw.lib.rundir import RunDir
-from nlrw.pipeline import load_preset, run
+from support import run_smoke_one_thread
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "run_digest.py"
 
@@ -28,8 +28,7 @@ def _digest(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def test_a_second_run_of_the_same_config_is_identical(
     finished_smoke_run: Path, tmp_path: Path
 ) -> None:
-    b = tmp_path / "b"
-    run(load_preset("smoke"), b, log=lambda _: None)
+    b = run_smoke_one_thread(tmp_path / "b")  # as the shared run was made
     written = tmp_path / "digest.json"
     done = _digest(finished_smoke_run, "--write", written)
     assert done.returncode == 0, done.stderr
