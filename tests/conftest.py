@@ -4,11 +4,11 @@
   float32 on the CPU (slow tests only; module-scoped, so each module loads it once).
 * ``llama_server``: llama-cpp-python's OpenAI-compatible server on a free loopback port,
   serving the simulator's GGUF; skipped where llama-cpp-python[server] is not installed.
-* ``finished_smoke_run``: a finished run of the smoke preset, made once per session for the
-  tools that read runs (compare_runs, run_digest, lexical_simulation); read-only: a test that
-  changes a run copies it first; made at one thread (:func:`support.run_smoke_one_thread`).
-  (test_report and test_architecture keep their own: a run
-  up to ``cache``, and the golden run at one thread.)
+* ``finished_smoke_run``: a finished run of the smoke preset at one torch thread
+  (:func:`support.run_smoke_pinned`), made once per session for the tools that read runs
+  (compare_runs, run_digest, lexical_simulation); read-only: a test that changes a run copies
+  it first. (test_report and test_architecture keep their own: a run up to ``cache``, and the
+  golden run.)
 
 Imports stay light (stdlib, pytest, ``support``): pytest imports this module before any test
 module, and the vLLM tests (``.venv-vllm``) set their environment before torch is imported.
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import free_port, run_smoke_one_thread
+from support import free_port, run_smoke_pinned
 
 if TYPE_CHECKING:
     from nlrw.backends.transformers import TransformersBackend
@@ -100,4 +100,4 @@ def llama_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def finished_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_smoke_one_thread(tmp_path_factory.mktemp("finished_smoke_run") / "a")
+    return run_smoke_pinned(tmp_path_factory.mktemp("finished_smoke_run") / "a")

@@ -12,9 +12,9 @@ on ``sys.path`` (``rootdir``-relative ``prepend`` import mode, no ``__init__.py`
 * Rating prompts (:data:`DIGITS`, :data:`RATING_SYSTEM`, :data:`EXAMPLES`, :func:`rating_chat`,
   :func:`chats`) and :func:`free_port` for loopback servers.
 * A synthetic latent source and a fake explainer backend for the explain and score stages.
-* :func:`run_smoke_one_thread`: the smoke preset's whole run at one torch thread, so that two
-  such runs made anywhere in a session give the same bytes (the eval tables depend on the
-  thread count).
+* :func:`run_smoke_pinned`: the smoke preset's whole run at a pinned number of torch threads,
+  so that two such runs made anywhere in a session give the same bytes (the eval tables
+  depend on the thread count).
 
 torch, transformers and tokenizers are imported inside the helpers that need them: ``conftest``
 imports this module, and the vLLM tests set their environment before torch is imported.
@@ -418,16 +418,16 @@ def smoke_run_with_readable_explanations(path: Path) -> Path:
     return path
 
 
-def run_smoke_one_thread(run_dir: Path) -> Path:
-    """The smoke preset's run into ``run_dir`` at one torch thread (restored after)."""
+def run_smoke_pinned(run_dir: Path, threads: int = 1) -> Path:
+    """The smoke preset's run into ``run_dir`` at ``threads`` torch threads (restored after)."""
     import torch
 
     from nlrw.pipeline import load_preset, run
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         run(load_preset("smoke"), run_dir, log=lambda _: None)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return run_dir

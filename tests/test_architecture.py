@@ -16,7 +16,8 @@ import torch
 from polars.testing import assert_frame_equal
 
 import nlrw
-from nlrw.pipeline import STAGES, load_preset, run
+from nlrw.pipeline import STAGES, load_preset
+from support import run_smoke_pinned
 
 PACKAGE = Path(nlrw.__file__).parent
 GOLDEN = Path(__file__).parent / "golden" / "smoke"
@@ -260,12 +261,7 @@ golden tables are the same in both."""
 
 def run_smoke(run_dir: Path) -> None:
     """The smoke preset's run, as the golden tables were made (:data:`GOLDEN_THREADS`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(GOLDEN_THREADS)
-    try:
-        run(load_preset("smoke"), run_dir, log=lambda _: None)
-    finally:
-        torch.set_num_threads(threads)
+    run_smoke_pinned(run_dir, GOLDEN_THREADS)
 
 
 @pytest.fixture(scope="module")

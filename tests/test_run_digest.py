@@ -14,7 +14,7 @@ import polars as pl
 
 from nlrw.lib.io import file_digest
 from nlrw.lib.rundir import RunDir
-from support import run_smoke_one_thread
+from support import run_smoke_pinned
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "run_digest.py"
 
@@ -28,7 +28,7 @@ def _digest(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def test_a_second_run_of_the_same_config_is_identical(
     finished_smoke_run: Path, tmp_path: Path
 ) -> None:
-    b = run_smoke_one_thread(tmp_path / "b")  # as the shared run was made
+    b = run_smoke_pinned(tmp_path / "b")  # as the shared run was made
     written = tmp_path / "digest.json"
     done = _digest(finished_smoke_run, "--write", written)
     assert done.returncode == 0, done.stderr

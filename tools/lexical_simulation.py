@@ -47,12 +47,21 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def simulator_scores(path: Path, latent: int, context_ids: np.ndarray) -> np.ndarray | None:
-    """The expected values of ``latent`` on ``context_ids`` from a simulations table, in
-    that order; None when the table or the latent's pairs are missing."""
+def read_simulations(path: Path) -> pl.DataFrame | None:
+    """The (latent, context_id, expected_value) columns of a simulations table; None when the
+    run has none."""
     if not path.is_file():
         return None
-    table = pl.read_parquet(path, columns=["latent", "context_id", "expected_value"])
+    return pl.read_parquet(path, columns=["latent", "context_id", "expected_value"])
+
+
+def simulator_scores(
+    table: pl.DataFrame | None, latent: int, context_ids: np.ndarray
+) -> np.ndarray | None:
+    """The expected values of ``latent`` on ``context_ids`` from a simulations table, in
+    that order; None when the table or the latent's pairs are missing."""
+    if table is None:
+        return None
     rows = table.filter(pl.col("latent") == latent)
     by_context = dict(
         zip(rows["context_id"].to_list(), rows["expected_value"].to_list(), strict=True)
@@ -80,6 +89,8 @@ def measure(run_dir: Path, split: str, seed: int) -> dict[str, Any]:
     active = true_activations(run_dir, latents, context_ids) > 0  # [latents, contexts]
     texts = quoting["explanation"].to_list()
     other = derangement(len(texts), seed)
+    simulations = read_simulations(paths.simulations)
+    simulations_shuffled = read_simulations(paths.simulations_shuffled)
 
     def lexical(explanation: str) -> np.ndarray:
         return np.array([consistency(explanation, [t])[0] == 1.0 for t in marked], np.float64)
@@ -87,8 +98,8 @@ def measure(run_dir: Path, split: str, seed: int) -> dict[str, Any]:
     rows = []
     for i, latent in enumerate(latents.tolist()):
         real, shuffled = lexical(texts[i]), lexical(texts[other[i]])
-        sim = simulator_scores(paths.simulations, latent, context_ids)
-        sim_shuffled = simulator_scores(paths.simulations_shuffled, latent, context_ids)
+        sim = simulator_scores(simulations, latent, context_ids)
+        sim_shuffled = simulator_scores(simulations_shuffled, latent, context_ids)
         rows.append(
             {
                 "latent": latent,

@@ -48,11 +48,9 @@ trainer's resume state, whose history holds tokens/s and whose zip names the tem
 was saved to; the coder's weights are the safetensors beside it)."""
 
 
-def content_digest(path: Path) -> str:
-    """A file's digest: its bytes', or for safetensors its header's with sorted keys (the
-    metadata's order is a HashMap's) followed by its data's."""
-    if path.suffix != ".safetensors":
-        return file_digest(path)
+def safetensors_digest(path: Path) -> str:
+    """A safetensors file's content digest: its header's with sorted keys (the metadata's
+    order is a HashMap's) followed by its data's."""
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
@@ -79,9 +77,12 @@ def tables(run_dir: Path) -> dict[str, dict[str, Any]]:
             file = run_dir / rel
             if not file.is_file():
                 raise SystemExit(f"{file}: recorded by stage {stage.name} but missing")
-            if file_digest(file) != digest:
+            now = file_digest(file)
+            if now != digest:
                 raise SystemExit(f"{file}: changed since stage {stage.name} wrote it")
-            out[rel] = {"stage": stage.name, "size": size, "digest": content_digest(file)}
+            if file.suffix == ".safetensors":
+                now = safetensors_digest(file)
+            out[rel] = {"stage": stage.name, "size": size, "digest": now}
     if not out:
         raise SystemExit(f"{run_dir}: no done stage with recorded outputs: is it a run directory?")
     return out
