@@ -99,6 +99,18 @@ def _read_eval_contexts(paths: RunDir, cfg: EvaluateConfig, inputs: Inputs) -> N
     inputs.notes["ctx_len"] = ctx_len
 
 
+def scatter_once(
+    row: np.ndarray, col: np.ndarray, activation: pl.Series, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A calibration's values as a dense float32 matrix of ``shape`` (``activation[i]`` at
+    ``(row[i], col[i])``, zero elsewhere) and how many values each cell received, so that the
+    caller can refuse a missing or duplicated (row, latent) pair, naming it."""
+    filled = np.bincount(row * shape[1] + col, minlength=shape[0] * shape[1]).reshape(shape)
+    dense = np.zeros(shape, dtype=np.float32)
+    dense[row, col] = activation.to_numpy().astype(np.float32)
+    return dense, filled
+
+
 def _read_calibration(paths: RunDir, cfg: EvaluateConfig, inputs: Inputs) -> None:
     """The calibrated simulated values ``[n_contexts, N]`` of each calibration evaluated."""
     path = paths.calibration
@@ -134,8 +146,7 @@ def _read_calibration(paths: RunDir, cfg: EvaluateConfig, inputs: Inputs) -> Non
         ctx = part["context_id"].to_numpy().astype(np.int64)
         col = np.searchsorted(latents, lat)
         row = np.searchsorted(inputs.context_ids, ctx)
-        filled = np.bincount(row * len(latents) + col, minlength=n_ctx * len(latents))
-        filled = filled.reshape(n_ctx, len(latents))
+        dense, filled = scatter_once(row, col, part["activation"], (n_ctx, len(latents)))
         if (filled != 1).any():
             r, c = np.argwhere(filled != 1)[0]
             state = "missing" if filled[r, c] == 0 else "duplicated"
@@ -145,8 +156,6 @@ def _read_calibration(paths: RunDir, cfg: EvaluateConfig, inputs: Inputs) -> Non
                 f"{int((filled > 1).sum())} duplicated pairs); every simulated latent needs one "
                 "value per eval context"
             )
-        dense = np.zeros((n_ctx, len(latents)), dtype=np.float32)
-        dense[row, col] = part["activation"].to_numpy().astype(np.float32)
         values[name] = dense
     inputs.latents = latents
     inputs.values = values

@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from nlrw.evaluate.inputs import Inputs
+from nlrw.evaluate.inputs import Inputs, scatter_once
 from nlrw.lib.rundir import RunDir
 
 __all__ = ["check_layout", "position_ids", "position_values"]
@@ -83,8 +83,8 @@ def _dense(
     col = np.searchsorted(inputs.latents, lat)
     ctx = np.searchsorted(inputs.context_ids, part["context_id"].to_numpy().astype(np.int64))
     row = ctx * ctx_len + part["position"].to_numpy().astype(np.int64)
-    n_rows, n_lat = len(inputs.context_ids) * ctx_len, len(inputs.latents)
-    filled = np.bincount(row * n_lat + col, minlength=n_rows * n_lat).reshape(n_rows, n_lat)
+    shape = (len(inputs.context_ids) * ctx_len, len(inputs.latents))
+    dense, filled = scatter_once(row, col, part["activation"], shape)
     columns = np.unique(col)
     if (filled[:, columns] != 1).any():
         r, c = np.argwhere(filled[:, columns] != 1)[0]
@@ -93,8 +93,6 @@ def _dense(
             f"{inputs.context_ids[r // ctx_len]} at position {r % ctx_len} "
             f"{int(filled[r, columns[c]])} times, not once: re-run simulate"
         )
-    dense = np.zeros((n_rows, n_lat), dtype=np.float32)
-    dense[row, col] = part["activation"].to_numpy().astype(np.float32)
     return dense, columns
 
 
