@@ -1,0 +1,218 @@
+"""Massive activations and a run's sparse coder: how much of its reconstruction error, and of
+the loss its splice costs, comes from the few token positions whose activation norm dwarfs the
+rest.
+
+Some positions of a transformer's residual stream carry activations hundreds of times the
+typical norm (a window's first token, the attention sink, and a few others): in SmolLM2-135M
+after layer 15 they are 0.4% of the rows and one dimension holds 98% of the variance. A coder
+trained on every row (the paper's protocol, sparsify's) minimises an MSE those rows dominate,
+so its FVU over all rows says little about the ordinary ones. For the run's coder on the
+held-out activations collect wrote (``activations/eval``) this prints, as JSON:
+
+* **rows**: the norm of the coder's target ``t`` (the MLP output ``y`` for a transcoder, the
+  activation ``x`` for an SAE); a row is *massive* when ``‖t‖ > ratio · median ‖t‖``. Their
+  count, the share of them at a window's first position (row ``r`` is position
+  ``r mod ctx_len``, :mod:`nlrw.collect`), and the largest share one dimension holds of the
+  target's variance ``Σ_rows (t_d − t̄_d)² / Σ_rows ‖t − t̄‖²``;
+* **fvu** ``= Σ‖t − t̂‖² / Σ‖t − t̄‖²`` (the train stage's, ``t̄`` the mean over the rows in
+  question) over all, ordinary and massive rows, and the **median relative error**
+  ``‖t − t̂‖ / ‖t‖`` of each class;
+* **ce**: next-token cross-entropy (nats per predicted token) on the first ``--windows``
+  held-out windows, clean, with the coder spliced at every position (the recovery stage's
+  condition), and with the coder spliced at ordinary rows only, massive rows keeping the
+  subject's own output (the rule a coder trained without them would need).
+
+    python tools/massive_rows.py runs/demo-sae [--ratio 10] [--windows 16] [--out FILE]
+
+Nothing is fitted; the ratio only names what counts as massive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nlrw.lib.io import atomic_write_json
+from nlrw.lib.rundir import RunDir
+from nlrw.model import sparse
+from nlrw.model.shards import ShardReader
+from nlrw.model.subject import load_subject, next_token_loss, splice
+
+CLASSES = ("all", "ordinary", "massive")
+
+
+class _Sums:
+    """Running float64 sums of one class of rows: count, squared error, Σt and Σt² per
+    dimension (the variance around the class's own mean is ``Σt² − n·t̄²``)."""
+
+    def __init__(self, width: int) -> None:
+        self.n = 0
+        self.sse = 0.0
+        self.sum = np.zeros(width)
+        self.sum2 = np.zeros(width)
+        self.relative: list[np.ndarray] = []
+
+    def add(self, t: np.ndarray, t_hat: np.ndarray) -> None:
+        err = t - t_hat
+        self.n += len(t)
+        self.sse += float((err**2).sum())
+        self.sum += t.sum(0)
+        self.sum2 += (t**2).sum(0)
+        norms = np.linalg.norm(t, axis=1)
+        self.relative.append(np.linalg.norm(err, axis=1) / np.maximum(norms, 1e-30))
+
+    def variance(self) -> np.ndarray:
+        """Per dimension ``Σ (t_d − t̄_d)²`` over the class's rows."""
+        return self.sum2 - self.sum**2 / max(self.n, 1)
+
+    def fvu(self) -> float | None:
+        total = float(self.variance().sum())
+        return self.sse / total if self.n and total > 0 else None
+
+    def median_relative(self) -> float | None:
+        return float(np.median(np.concatenate(self.relative))) if self.n else None
+
+
+def _split(rows: np.ndarray, coder: sparse.SparseCoder) -> tuple[np.ndarray, np.ndarray]:
+    """A shard batch as (coder input, target): ``[x | y]`` for a transcoder, ``x`` for an SAE."""
+    if coder.cfg.kind == "transcoder":
+        return rows[:, : coder.cfg.d_in], rows[:, coder.cfg.d_in :]
+    return rows, rows
+
+
+def row_stats(
+    run_dir: Path, coder: sparse.SparseCoder, ratio: float, ctx_len: int
+) -> dict[str, Any]:
+    """The rows and fvu parts of the report (module docstring), over ``activations/eval``."""
+    eval_dir = RunDir(run_dir).split("eval")
+    if not (eval_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"{eval_dir}/manifest.json is missing: collect held no eval split")
+    norms = np.concatenate(
+        [np.linalg.norm(_split(b, coder)[1].astype(np.float64), axis=1) for b in _reader(eval_dir)]
+    )
+    limit = ratio * float(np.median(norms))
+    sums = {c: _Sums(coder.cfg.d_out) for c in CLASSES}
+    start = 0
+    for batch in _reader(eval_dir):
+        x, t = _split(batch, coder)
+        with torch.inference_mode():
+            t_hat = coder(torch.from_numpy(np.ascontiguousarray(x)).to(coder.device, coder.dtype))
+        t64, t_hat64 = t.astype(np.float64), t_hat.double().cpu().numpy()
+        massive = norms[start : start + len(t)] > limit
+        start += len(t)
+        sums["all"].add(t64, t_hat64)
+        sums["ordinary"].add(t64[~massive], t_hat64[~massive])
+        sums["massive"].add(t64[massive], t_hat64[massive])
+    positions = np.arange(len(norms)) % ctx_len
+    is_massive = norms > limit
+    variance = sums["all"].variance()
+    return {
+        "rows": len(norms),
+        "median_norm": float(np.median(norms)),
+        "limit": limit,
+        "massive_rows": int(is_massive.sum()),
+        "massive_share_at_position_0": (
+            float((positions[is_massive] == 0).mean()) if is_massive.any() else None
+        ),
+        "top_dimension": int(variance.argmax()),
+        "top_dimension_variance_share": float(variance.max() / variance.sum()),
+        "fvu": {c: sums[c].fvu() for c in CLASSES},
+        "median_relative_error": {c: sums[c].median_relative() for c in CLASSES},
+    }
+
+
+def _reader(path: Path) -> ShardReader:
+    return ShardReader(path, batch_rows=4096, verify=False)
+
+
+def splice_ce(
+    run_dir: Path,
+    coder: sparse.SparseCoder,
+    collect: dict[str, Any],
+    limit: float,
+    n_windows: int,
+) -> dict[str, float]:
+    """The ce part of the report: clean, the coder at every position, and the coder at the
+    positions whose target norm is at most ``limit`` (the others keep the subject's output)."""
+    tokens = np.load(RunDir(run_dir).split("eval") / "tokens.npy", mmap_mode="r")
+    ids = torch.from_numpy(np.array(tokens[:n_windows], dtype=np.int64))
+    device = collect.get("device", "auto")
+    subject = load_subject(
+        collect["model"],
+        dtype=collect.get("dtype", "auto"),
+        device=None if device == "auto" else device,
+    )
+    sae = coder.cfg.kind == "sae"
+
+    def reconstruct(x: torch.Tensor, y: torch.Tensor, keep_massive: bool) -> torch.Tensor:
+        source = y if sae else x
+        out = coder(source.reshape(-1, source.shape[-1]).to(coder.dtype)).reshape(y.shape)
+        if keep_massive:
+            out = torch.where(y.norm(dim=-1, keepdim=True) > limit, y, out.to(y.dtype))
+        return out
+
+    conditions = {
+        "coder_every_row": lambda x, y: reconstruct(x, y, False),
+        "coder_ordinary_rows": lambda x, y: reconstruct(x, y, True),
+    }
+    sums = {"clean": 0.0, **dict.fromkeys(conditions, 0.0)}
+    with torch.inference_mode():
+        for start in range(0, len(ids), 4):
+            batch = ids[start : start + 4]
+            clean = next_token_loss(subject.model, batch, reduction="none")
+            sums["clean"] += float(clean.double().sum())
+            for name, fn in conditions.items():
+                with splice(subject.model, collect["hookpoint"], fn):
+                    losses = next_token_loss(subject.model, batch, reduction="none")
+                sums[name] += float(losses.double().sum())
+    n = ids.shape[0] * (ids.shape[1] - 1)
+    return {name: total / n for name, total in sums.items()}
+
+
+def measure(run_dir: Path, ratio: float, n_windows: int) -> dict[str, Any]:
+    if ratio <= 0:
+        raise ValueError(f"--ratio must be > 0, got {ratio}")
+    if n_windows < 0:
+        raise ValueError(f"--windows must be >= 0, got {n_windows}")
+    paths = RunDir(run_dir)
+    collect = paths.read_json(paths.collect_record, stage="collect")["config"]
+    coder = sparse.load(paths.coder(collect["hookpoint"]))
+    out: dict[str, Any] = {
+        "run": str(run_dir),
+        "hookpoint": collect["hookpoint"],
+        "kind": coder.cfg.kind,
+        "ratio": ratio,
+    }
+    out |= row_stats(run_dir, coder, ratio, int(collect["ctx_len"]))
+    if n_windows:
+        out["windows"] = n_windows
+        out["ce"] = splice_ce(run_dir, coder, collect, out["limit"], n_windows)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--ratio", type=float, default=10.0, help="massive: norm > ratio·median")
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows for CE (0: none)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    try:
+        result = measure(args.run_dir, args.ratio, args.windows)
+    except (OSError, ValueError) as e:
+        print(f"massive_rows: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    if args.out is not None:
+        atomic_write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
