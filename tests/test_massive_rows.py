@@ -80,3 +80,38 @@ def test_broken_inputs_are_refused_naming_them(finished_smoke_run: Path, tmp_pat
     shutil.rmtree(no_eval / "activations" / "eval")
     done = _measure(no_eval, "--windows", "0")
     assert done.returncode == 2 and "manifest.json is missing" in done.stderr
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_retrain_leaves_out_the_massive_rows_and_only_reads_the_run(
+    finished_smoke_run: Path, tmp_path: Path
+) -> None:
+    before = _listing(finished_smoke_run)
+    out = tmp_path / "retrained"
+    got = _result(finished_smoke_run, "--ratio", "1", "--windows", "2", "--retrain", out)
+    assert _listing(finished_smoke_run) == before
+    run_cfg = json.loads((finished_smoke_run / "transcoder" / "train.json").read_text())["config"]
+    new_cfg = json.loads((out / "train.json").read_text())["config"]
+    assert new_cfg["num_latents"] == run_cfg["num_latents"] and new_cfg["k"] == run_cfg["k"]
+    # trained on the ordinary rows only: about half of them at a ratio of one, same epochs
+    run_tokens = json.loads((finished_smoke_run / "transcoder" / "train.json").read_text())
+    new_tokens = json.loads((out / "train.json").read_text())["tokens"]
+    assert 0.3 < new_tokens / run_tokens["tokens"] < 0.7
+    retrained = got["retrained"]
+    assert retrained["out"] == str(out)
+    assert retrained["fvu"]["ordinary"] is not None and retrained["fvu"]["ordinary"] > 0
+    assert set(retrained["ce"]) == {"clean", "coder_every_row", "coder_ordinary_rows"}
+    assert retrained["ce"]["clean"] == got["ce"]["clean"]
+
+
+def test_retrain_needs_a_coder_the_run_trained(finished_smoke_run: Path, tmp_path: Path) -> None:
+    adopted = tmp_path / "adopted"
+    shutil.copytree(finished_smoke_run, adopted)
+    (adopted / "transcoder" / "train.json").unlink()
+    done = _measure(adopted, "--windows", "0", "--retrain", tmp_path / "out")
+    assert done.returncode == 2
+    assert str(adopted / "transcoder" / "train.json") in done.stderr and "--retrain" in done.stderr
+    assert not (tmp_path / "out").exists()

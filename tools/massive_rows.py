@@ -22,14 +22,22 @@ held-out activations collect wrote (``activations/eval``) this prints, as JSON:
   condition), and with the coder spliced at ordinary rows only, massive rows keeping the
   subject's own output (the rule a coder trained without them would need).
 
-    python tools/massive_rows.py runs/demo-sae [--ratio 10] [--windows 16] [--out FILE]
+With ``--retrain DIR`` the run's coder is trained again into ``DIR`` with the train stage's
+recorded config (``transcoder/train.json``) on the ordinary rows of the run's training
+activations only (massive by the same limit, shuffled with the config's seed), and the same
+measurements are made for it under ``retrained``: what a coder gains when the massive rows are
+left out of its loss and kept as they are by the splice. The run directory is only read.
 
-Nothing is fitted; the ratio only names what counts as massive.
+    python tools/massive_rows.py runs/demo-sae [--ratio 10] [--windows 16] [--retrain DIR]
+        [--out FILE]
+
+Nothing is fitted on the evaluation contexts; the ratio only names what counts as massive.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,7 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from nlrw.config.train import TrainConfig
 from nlrw.lib.io import atomic_write_json
+from nlrw.lib.provenance import from_dict
 from nlrw.lib.rundir import RunDir
 from nlrw.model import sparse
 from nlrw.model.shards import ShardReader
@@ -86,20 +96,24 @@ def _split(rows: np.ndarray, coder: sparse.SparseCoder) -> tuple[np.ndarray, np.
     return rows, rows
 
 
-def row_stats(
-    run_dir: Path, coder: sparse.SparseCoder, ratio: float, ctx_len: int
-) -> dict[str, Any]:
-    """The rows and fvu parts of the report (module docstring), over ``activations/eval``."""
-    eval_dir = RunDir(run_dir).split("eval")
-    if not (eval_dir / "manifest.json").is_file():
-        raise FileNotFoundError(f"{eval_dir}/manifest.json is missing: collect held no eval split")
-    norms = np.concatenate(
-        [np.linalg.norm(_split(b, coder)[1].astype(np.float64), axis=1) for b in _reader(eval_dir)]
+def target_norms(run_dir: Path, coder: sparse.SparseCoder, split: str) -> np.ndarray:
+    """``‖t‖`` of every row of an activation split, in row order."""
+    path = RunDir(run_dir).split(split)
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(f"{path}/manifest.json is missing: collect wrote no {split} split")
+    return np.concatenate(
+        [np.linalg.norm(_split(b, coder)[1].astype(np.float64), axis=1) for b in _reader(path)]
     )
-    limit = ratio * float(np.median(norms))
+
+
+def row_stats(
+    run_dir: Path, coder: sparse.SparseCoder, norms: np.ndarray, limit: float, ctx_len: int
+) -> dict[str, Any]:
+    """The rows and fvu parts of the report (module docstring) for ``coder`` on
+    ``activations/eval``, whose target norms are ``norms``; massive: ``norms > limit``."""
     sums = {c: _Sums(coder.cfg.d_out) for c in CLASSES}
     start = 0
-    for batch in _reader(eval_dir):
+    for batch in _reader(RunDir(run_dir).split("eval")):
         x, t = _split(batch, coder)
         with torch.inference_mode():
             t_hat = coder(torch.from_numpy(np.ascontiguousarray(x)).to(coder.device, coder.dtype))
@@ -114,8 +128,6 @@ def row_stats(
     variance = sums["all"].variance()
     return {
         "rows": len(norms),
-        "median_norm": float(np.median(norms)),
-        "limit": limit,
         "massive_rows": int(is_massive.sum()),
         "massive_share_at_position_0": (
             float((positions[is_massive] == 0).mean()) if is_massive.any() else None
@@ -127,19 +139,47 @@ def row_stats(
     }
 
 
+def retrain(
+    run_dir: Path, coder: sparse.SparseCoder, hookpoint: str, limit: float, out_dir: Path
+) -> sparse.SparseCoder:
+    """The run's coder trained again into ``out_dir`` (train stage's recorded config) on the
+    training rows whose target norm is at most ``limit``, shuffled with the config's seed;
+    evaluated during training on the ordinary eval rows."""
+    from nlrw.train import train
+
+    paths = RunDir(run_dir)
+    record = paths.transcoder / "train.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{record} is missing: --retrain needs a coder this run trained")
+    cfg = from_dict(TrainConfig, json.loads(record.read_text())["config"], str(record))
+    cfg = dataclasses.replace(cfg, progress=False, checkpoint_every=1 << 30)
+
+    def ordinary(split: str) -> np.ndarray:
+        rows = np.concatenate(list(_reader(paths.split(split))))
+        return rows[np.linalg.norm(_split(rows, coder)[1].astype(np.float64), axis=1) <= limit]
+
+    rows = ordinary("train")
+    rows = rows[np.random.default_rng(cfg.seed).permutation(len(rows))]
+    chunks = [torch.from_numpy(rows[i : i + 16384]) for i in range(0, len(rows), 16384)]
+    evaluation = [torch.from_numpy(ordinary("eval"))]
+    train(cfg, chunks, evaluation, out_dir, hookpoint=hookpoint, overwrite=True)
+    return sparse.load(out_dir / hookpoint)
+
+
 def _reader(path: Path) -> ShardReader:
     return ShardReader(path, batch_rows=4096, verify=False)
 
 
 def splice_ce(
     run_dir: Path,
-    coder: sparse.SparseCoder,
+    coders: dict[str, sparse.SparseCoder],
     collect: dict[str, Any],
     limit: float,
     n_windows: int,
-) -> dict[str, float]:
-    """The ce part of the report: clean, the coder at every position, and the coder at the
-    positions whose target norm is at most ``limit`` (the others keep the subject's output)."""
+) -> dict[str, dict[str, float]]:
+    """The ce part of the report for each coder: clean, the coder at every position, and the
+    coder at the positions whose target norm is at most ``limit`` (the others keep the
+    subject's output)."""
     tokens = np.load(RunDir(run_dir).split("eval") / "tokens.npy", mmap_mode="r")
     ids = torch.from_numpy(np.array(tokens[:n_windows], dtype=np.int64))
     device = collect.get("device", "auto")
@@ -148,51 +188,76 @@ def splice_ce(
         dtype=collect.get("dtype", "auto"),
         device=None if device == "auto" else device,
     )
-    sae = coder.cfg.kind == "sae"
 
-    def reconstruct(x: torch.Tensor, y: torch.Tensor, keep_massive: bool) -> torch.Tensor:
-        source = y if sae else x
-        out = coder(source.reshape(-1, source.shape[-1]).to(coder.dtype)).reshape(y.shape)
-        if keep_massive:
-            out = torch.where(y.norm(dim=-1, keepdim=True) > limit, y, out.to(y.dtype))
-        return out
+    def splice_of(coder: sparse.SparseCoder, keep_massive: bool) -> Any:
+        sae = coder.cfg.kind == "sae"
+
+        def fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            source = y if sae else x
+            out = coder(source.reshape(-1, source.shape[-1]).to(coder.dtype)).reshape(y.shape)
+            if keep_massive:
+                out = torch.where(y.norm(dim=-1, keepdim=True) > limit, y, out.to(y.dtype))
+            return out
+
+        return fn
 
     conditions = {
-        "coder_every_row": lambda x, y: reconstruct(x, y, False),
-        "coder_ordinary_rows": lambda x, y: reconstruct(x, y, True),
+        (name, condition): splice_of(coder, keep)
+        for name, coder in coders.items()
+        for condition, keep in (("coder_every_row", False), ("coder_ordinary_rows", True))
     }
-    sums = {"clean": 0.0, **dict.fromkeys(conditions, 0.0)}
+    clean = 0.0
+    sums = dict.fromkeys(conditions, 0.0)
     with torch.inference_mode():
         for start in range(0, len(ids), 4):
             batch = ids[start : start + 4]
-            clean = next_token_loss(subject.model, batch, reduction="none")
-            sums["clean"] += float(clean.double().sum())
-            for name, fn in conditions.items():
+            clean += float(next_token_loss(subject.model, batch, reduction="none").double().sum())
+            for key, fn in conditions.items():
                 with splice(subject.model, collect["hookpoint"], fn):
                     losses = next_token_loss(subject.model, batch, reduction="none")
-                sums[name] += float(losses.double().sum())
+                sums[key] += float(losses.double().sum())
     n = ids.shape[0] * (ids.shape[1] - 1)
-    return {name: total / n for name, total in sums.items()}
+    out: dict[str, dict[str, float]] = {name: {"clean": clean / n} for name in coders}
+    for (name, condition), total in sums.items():
+        out[name][condition] = total / n
+    return out
 
 
-def measure(run_dir: Path, ratio: float, n_windows: int) -> dict[str, Any]:
+def measure(
+    run_dir: Path, ratio: float, n_windows: int, retrain_dir: Path | None = None
+) -> dict[str, Any]:
     if ratio <= 0:
         raise ValueError(f"--ratio must be > 0, got {ratio}")
     if n_windows < 0:
         raise ValueError(f"--windows must be >= 0, got {n_windows}")
     paths = RunDir(run_dir)
     collect = paths.read_json(paths.collect_record, stage="collect")["config"]
-    coder = sparse.load(paths.coder(collect["hookpoint"]))
+    hookpoint, ctx_len = collect["hookpoint"], int(collect["ctx_len"])
+    coder = sparse.load(paths.coder(hookpoint))
+    norms = target_norms(run_dir, coder, "eval")
+    median = float(np.median(norms))
     out: dict[str, Any] = {
         "run": str(run_dir),
-        "hookpoint": collect["hookpoint"],
+        "hookpoint": hookpoint,
         "kind": coder.cfg.kind,
         "ratio": ratio,
+        "median_norm": median,
+        "limit": ratio * median,
     }
-    out |= row_stats(run_dir, coder, ratio, int(collect["ctx_len"]))
+    out |= row_stats(run_dir, coder, norms, out["limit"], ctx_len)
+    coders = {"run": coder}
+    if retrain_dir is not None:
+        coders["retrained"] = retrain(run_dir, coder, hookpoint, out["limit"], retrain_dir)
+        stats = row_stats(run_dir, coders["retrained"], norms, out["limit"], ctx_len)
+        out["retrained"] = {"out": str(retrain_dir)} | {
+            k: stats[k] for k in ("fvu", "median_relative_error")
+        }
     if n_windows:
         out["windows"] = n_windows
-        out["ce"] = splice_ce(run_dir, coder, collect, out["limit"], n_windows)
+        ce = splice_ce(run_dir, coders, collect, out["limit"], n_windows)
+        out["ce"] = ce["run"]
+        if "retrained" in ce:
+            out["retrained"]["ce"] = ce["retrained"]
     return out
 
 
@@ -201,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--ratio", type=float, default=10.0, help="massive: norm > ratio·median")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows for CE (0: none)")
+    parser.add_argument("--retrain", type=Path, default=None, help="retrain without massive rows")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     try:
-        result = measure(args.run_dir, args.ratio, args.windows)
+        result = measure(args.run_dir, args.ratio, args.windows, args.retrain)
     except (OSError, ValueError) as e:
         print(f"massive_rows: {e}", file=sys.stderr)
         return 2
