@@ -115,3 +115,7 @@ def test_retrain_needs_a_coder_the_run_trained(finished_smoke_run: Path, tmp_pat
     assert done.returncode == 2
     assert str(adopted / "transcoder" / "train.json") in done.stderr and "--retrain" in done.stderr
     assert not (tmp_path / "out").exists()
+
+    done = _measure(finished_smoke_run, "--windows", "0", "--retrain", finished_smoke_run / "x")
+    assert done.returncode == 2 and "inside the run directory" in done.stderr
+    assert not (finished_smoke_run / "x").exists()

@@ -148,6 +148,8 @@ def retrain(
     from nlrw.train import train
 
     paths = RunDir(run_dir)
+    if out_dir.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise ValueError(f"--retrain {out_dir} is inside the run directory, which is only read")
     record = paths.transcoder / "train.json"
     if not record.is_file():
         raise FileNotFoundError(f"{record} is missing: --retrain needs a coder this run trained")
