@@ -16,8 +16,14 @@ import pytest
 
 from nlrw.config.evaluate import SUMMARY_COLUMNS_SINCE_CONTROLS
 from nlrw.pipeline import load_preset, preset_names
-from nlrw.report.content import coverage_card, headline_cards
-from nlrw.report.format import BASELINES
+from nlrw.report.content import (
+    condition_rows,
+    coverage_card,
+    decomposition,
+    headline_cards,
+    synthetic_rows,
+)
+from nlrw.report.format import BASELINES, baseline_labels
 from nlrw.report.load import read_summary
 from nlrw.report.paper import PAPER_HEAD, paper_table
 
@@ -252,6 +258,30 @@ def test_an_sae_run_names_its_coder() -> None:
     assert table.rows[1].cells[0] == "SAE reconstruction"
     assert table.findings[0].claim == "the SAE reconstruction beats zero ablation"
     assert "the paper's SAE variant behaves the same" in table.notes[-1]
+
+
+def test_an_sae_run_names_its_coder_everywhere_the_report_speaks_of_it() -> None:
+    """Cards, the full table, the decomposition and synthetic sentences say "SAE
+    reconstruction" for an SAE run, "transcoder" for a transcoder run."""
+    oracles = [
+        _sim("oracle_support", "uncalibrated", 1.0, 4.0, 0.6),
+        _sim("oracle_magnitude", "uncalibrated", 1.0, 6.0, 2.6),
+    ]
+    summary = _frame([*_paper_like().to_dicts(), *oracles])
+    recovery = {"result": {"ce_clean": 3.0, "ce_transcoder": 3.1, "ce_zero": 4.0}}
+    recovery["result"] |= {"loss_recovered": 0.9, "n_tokens": 8}
+    for kind, label in (("sae", "SAE reconstruction"), ("transcoder", "transcoder")):
+        evaluation = EVAL | {"coder_kind": kind}
+        labels = baseline_labels(evaluation)
+        cards = headline_cards(summary, recovery, evaluation)
+        assert f"CE {label}" in [c[0] for c in cards]
+        assert cards[-1][0] == "loss recovered" and cards[-1][2].startswith(f"{label}, ")
+        assert [r[1][0] for r in condition_rows(summary, labels)][:2] == ["clean model", label]
+        sentences = [*decomposition(summary, labels), *synthetic_rows(summary, labels)[1]]
+        assert sentences and all(f"the {label}" in t or f"over the {label}" in t for t in sentences)
+        if kind == "sae":
+            assert not any("transcoder" in t for t in sentences)
+            assert not any("transcoder" in c[0] + c[2] for c in cards)
 
 
 # --------------------------------------------------------------------------------------------

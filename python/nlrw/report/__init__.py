@@ -69,7 +69,7 @@ from nlrw.lib.provenance import config_hash, stage_record
 from nlrw.report.browser import browser_latents, select_browser_latents
 from nlrw.report.content import config_items, headline_cards
 from nlrw.report.figures import page_figures
-from nlrw.report.format import CALIBRATIONS
+from nlrw.report.format import CALIBRATIONS, baseline_labels
 from nlrw.report.html import png_data_uri, render_html, token_spans_html
 from nlrw.report.load import INPUTS, Run, fingerprint, lookup, read_summary, stage_times
 from nlrw.report.markdown import render_md
@@ -147,10 +147,11 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
         collect_record = r.json("activations/collect.json")
         model = lookup(collect_record, "config", "model")
 
-    headline, diagnosis = page_figures(cfg, r, summary, contexts, scores, metrics)
+    evaluation = r.json("eval.json")
+    labels = baseline_labels(evaluation)
+    headline, diagnosis = page_figures(cfg, r, summary, contexts, scores, metrics, labels)
     browser = browser_latents(cfg, r, scores, explanations, contexts, metrics, model)
     items = config_items(config, contexts)
-    evaluation = r.json("eval.json")
     cards = headline_cards(summary, recovery, evaluation)
     paper = paper_table(summary, evaluation)
     times = stage_times(r)
@@ -177,6 +178,7 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
             browser,
             times,
             notes,
+            labels,
         ),
     )
     atomic_write_text(
@@ -194,6 +196,7 @@ def run(cfg: ReportConfig, run_dir: str | Path, *, overwrite: bool = False) -> P
             browser,
             times,
             notes,
+            labels,
         ),
     )
     atomic_write_json(

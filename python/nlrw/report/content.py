@@ -12,6 +12,7 @@ disagree.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import polars as pl
@@ -21,6 +22,7 @@ from nlrw.report.format import (
     BASELINES,
     CONTROL_LABELS,
     as_float,
+    baseline_labels,
     choice_label,
     finite,
     fmt,
@@ -80,15 +82,16 @@ TABLE_HEAD = (
 )
 
 
-def condition_rows(summary: pl.DataFrame) -> list[tuple[bool, list[str]]]:
-    """(is_baseline, cells) per summary row."""
+def condition_rows(
+    summary: pl.DataFrame, labels: Mapping[str, str] = BASELINE_LABELS
+) -> list[tuple[bool, list[str]]]:
+    """(is_baseline, cells) per summary row; ``labels`` name the baselines
+    (:func:`~nlrw.report.format.baseline_labels`)."""
     out = []
     for r in summary.iter_rows(named=True):
         baseline = r["condition"] in BASELINES
         choice = choice_label(r["choice"])
-        label = BASELINE_LABELS.get(r["condition"]) or CONTROL_LABELS.get(
-            r["condition"], r["condition"]
-        )
+        label = labels.get(r["condition"]) or CONTROL_LABELS.get(r["condition"], r["condition"])
         if r["condition"] == "synthetic" and finite(r.get("quality")):
             label = f"{label}, AUROC {r['quality']:g}"
         out.append(
@@ -121,7 +124,9 @@ def condition_rows(summary: pl.DataFrame) -> list[tuple[bool, list[str]]]:
 SYNTHETIC_HEAD = ("calibration", "AUROC", "mean CE", "95% CI", "Δ vs zero ablation", "claim")
 
 
-def synthetic_rows(summary: pl.DataFrame) -> tuple[list[list[str]], list[str]]:
+def synthetic_rows(
+    summary: pl.DataFrame, labels: Mapping[str, str] = BASELINE_LABELS
+) -> tuple[list[list[str]], list[str]]:
     """The synthetic simulators at their largest fraction (top choice where present): one
     row per (calibration, quality), and per calibration a sentence saying from which quality
     on the rewrite's mean CE reaches zero ablation's and the transcoder's."""
@@ -144,8 +149,8 @@ def synthetic_rows(summary: pl.DataFrame) -> tuple[list[list[str]], list[str]]:
             reached[c] = f"AUROC {min(hits):g}" if len(hits) else "none of the levels"
         sentences.append(
             f"{cal}: the rewrite of {fmt_fraction(largest)} of all latents reaches zero "
-            f"ablation's mean CE from {reached['zero_ablation']}, the transcoder's from "
-            f"{reached['transcoder']}."
+            f"ablation's mean CE from {reached['zero_ablation']}, the {labels['transcoder']}'s "
+            f"from {reached['transcoder']}."
         )
         for r in group.iter_rows(named=True):
             rows.append(
@@ -161,7 +166,7 @@ def synthetic_rows(summary: pl.DataFrame) -> tuple[list[list[str]], list[str]]:
     return rows, sentences
 
 
-def decomposition(summary: pl.DataFrame) -> list[str]:
+def decomposition(summary: pl.DataFrame, labels: Mapping[str, str] = BASELINE_LABELS) -> list[str]:
     """Per calibration, at the largest fraction (top choice where present): the rewrite's
     excess CE over the transcoder, split by the oracles: ``oracle_support`` keeps only the
     magnitude error, ``oracle_magnitude`` only the support error; the larger one is said to
@@ -192,7 +197,8 @@ def decomposition(summary: pl.DataFrame) -> list[str]:
         dominant = "support error dominates" if support > magnitude else "magnitude error dominates"
         out.append(
             f"{cal}, {fmt_fraction(largest)} of the simulated latents: {excess['simulated']:+.3f} "
-            f"nats over the transcoder; with the true support (magnitude error alone) "
+            f"nats over the {labels['transcoder']}; with the true support (magnitude error "
+            f"alone) "
             f"{magnitude:+.3f}, with the true magnitudes (support error alone) {support:+.3f}: "
             f"{dominant}."
         )
@@ -249,6 +255,7 @@ def headline_cards(
     (uncalibrated and best calibration), how many latents were simulated when not all of them,
     and the transcoder's loss recovered."""
     cards: list[tuple[str, str, str]] = [coverage_card(evaluation)]
+    labels = baseline_labels(evaluation)
     n_simulated = (evaluation or {}).get("n_simulated_latents")
     num_latents = (evaluation or {}).get("num_latents")
     partial = (
@@ -266,7 +273,7 @@ def headline_cards(
             r = rows.row(0, named=True)
             cards.append(
                 (
-                    f"CE {BASELINE_LABELS[condition]}",
+                    f"CE {labels[condition]}",
                     fmt(r["mean_ce"]),
                     fmt_ci(r["ci_low"], r["ci_high"]) + scope,
                 )
@@ -324,7 +331,7 @@ def headline_cards(
             (
                 "loss recovered",
                 f"{100 * recovered:.1f}%",
-                f"transcoder, {result.get('n_tokens', '?')} held-out tokens",
+                f"{labels['transcoder']}, {result.get('n_tokens', '?')} held-out tokens",
             )
         )
     return cards

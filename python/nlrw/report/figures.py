@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -85,7 +85,13 @@ def _thinned_labels(fractions: Sequence[float], min_gap: float = 0.15) -> set[fl
     return set(labelled)
 
 
-def headline_figure(summary: pl.DataFrame, dpi: int, *, paired: bool = False) -> bytes:
+def headline_figure(
+    summary: pl.DataFrame,
+    dpi: int,
+    *,
+    paired: bool = False,
+    labels: Mapping[str, str] = BASELINE_LABELS,
+) -> bytes:
     """Mean CE vs fraction simulated: one panel per choice of latents (top-by-score, random),
     one line per calibration with its CI band, baselines as horizontal lines with CI bands.
 
@@ -163,7 +169,7 @@ def headline_figure(summary: pl.DataFrame, dpi: int, *, paired: bool = False) ->
                 linewidth=1.1,
                 zorder=1,
             )
-            handles.setdefault(f"{BASELINE_LABELS[condition]} ({fmt(row[value])})", line)
+            handles.setdefault(f"{labels[condition]} ({fmt(row[value])})", line)
         if fractions:
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(FixedLocator(fractions))
@@ -473,7 +479,12 @@ def real_simulator_auroc(metrics: pl.DataFrame | None) -> float | None:
     return float(values.mean()) if values.size else None
 
 
-def frontier_figure(summary: pl.DataFrame, real_auroc: float | None, dpi: int) -> bytes:
+def frontier_figure(
+    summary: pl.DataFrame,
+    real_auroc: float | None,
+    dpi: int,
+    labels: Mapping[str, str] = BASELINE_LABELS,
+) -> bytes:
     """Mean CE of the synthetic simulators against their AUROC, one line per calibration
     (bootstrap 95% bands), zero ablation and the transcoder as horizontal lines, the real
     simulator's measured AUROC as a vertical one."""
@@ -495,7 +506,7 @@ def frontier_figure(summary: pl.DataFrame, real_auroc: float | None, dpi: int) -
                 float(rows["mean_ce"][0]),
                 color=_BASELINE_COLORS[condition],
                 linestyle="--",
-                label=BASELINE_LABELS[condition],
+                label=labels[condition],
             )
     if real_auroc is not None:
         ax.axvline(real_auroc, color="#555555", linestyle=":", label="this run's simulator")
@@ -519,12 +530,13 @@ def page_figures(
     contexts: pl.DataFrame | None,
     scores: pl.DataFrame | None,
     metrics: pl.DataFrame | None,
+    labels: Mapping[str, str] = BASELINE_LABELS,
 ) -> tuple[ReportFigure, list[ReportFigure]]:
     """The headline figure and the diagnosis figures that the inputs allow, with their
     captions; a missing or unreadable input leaves its figure out with a note."""
     headline = ReportFigure(
         "headline.png",
-        headline_figure(summary, cfg.dpi),
+        headline_figure(summary, cfg.dpi, labels=labels),
         "mean CE vs fraction of latents simulated",
         "Mean next-token CE on the eval contexts when a fraction of the simulated latents is "
         "replaced by simulated values (left: the latents with the best detection scores first; "
@@ -538,7 +550,7 @@ def page_figures(
         diagnosis.append(
             ReportFigure(
                 "headline_paired.png",
-                headline_figure(summary, cfg.dpi, paired=True),
+                headline_figure(summary, cfg.dpi, paired=True, labels=labels),
                 "paired difference to zero ablation vs fraction of latents simulated",
                 "The headline as paired differences: per context, CE of the condition minus CE "
                 "with zero ablation, averaged, with its bootstrap 95% CI. Below 0: better than "
@@ -610,7 +622,7 @@ def page_figures(
         diagnosis.append(
             ReportFigure(
                 "frontier.png",
-                frontier_figure(summary, real, cfg.dpi),
+                frontier_figure(summary, real, cfg.dpi, labels),
                 "mean CE vs synthetic simulator quality",
                 "Synthetic simulators (no LLM): scores from the true activations with seeded "
                 "noise tuned to each AUROC, for every latent of the coder, calibrated and "

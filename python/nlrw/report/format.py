@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 BASELINES = ("clean", "transcoder", "zero_ablation", "random_k")
@@ -19,6 +20,16 @@ BASELINE_LABELS = {
     "random_k": "random active latents",
 }
 CALIBRATIONS = ("uncalibrated", "quantile", "isotonic", "gate")
+
+
+def baseline_labels(evaluation: Mapping[str, Any] | None) -> dict[str, str]:
+    """:data:`BASELINE_LABELS` for the run's coder (``eval.json``'s ``coder_kind``): an SAE's
+    reconstruction is labelled as one, not as a transcoder."""
+    if (evaluation or {}).get("coder_kind") == "sae":
+        return BASELINE_LABELS | {"transcoder": "SAE reconstruction"}
+    return dict(BASELINE_LABELS)
+
+
 CONTROL_LABELS = {
     "simulated": "simulated",
     "shuffled": "shuffled explanations (another latent's explanation)",

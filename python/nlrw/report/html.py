@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,14 @@ from nlrw.report.content import (
     synthetic_rows,
 )
 from nlrw.report.figures import ReportFigure
-from nlrw.report.format import CONTROL_CHAR, finite, fmt, fmt_recovered, printable
+from nlrw.report.format import (
+    BASELINE_LABELS,
+    CONTROL_CHAR,
+    finite,
+    fmt,
+    fmt_recovered,
+    printable,
+)
 from nlrw.report.load import lookup
 from nlrw.report.paper import PaperTable
 
@@ -104,13 +111,13 @@ def _significant(summary_row: dict[str, Any]) -> bool:
     return isinstance(p, float) and p < CLAIM_ALPHA and summary_row["condition"] != "zero_ablation"
 
 
-def _table_html(summary: pl.DataFrame) -> str:
+def _table_html(summary: pl.DataFrame, labels: Mapping[str, str]) -> str:
     head = "".join(
         f'<th class="{"l" if i < 3 else ""}">{_esc(h)}</th>' for i, h in enumerate(TABLE_HEAD)
     )
     body = []
     for (baseline, cells), row in zip(
-        condition_rows(summary), summary.iter_rows(named=True), strict=True
+        condition_rows(summary, labels), summary.iter_rows(named=True), strict=True
     ):
         sig = _significant(row)
         last = len(cells) - 1
@@ -159,8 +166,8 @@ def _paper_html(paper: PaperTable) -> str:
     )
 
 
-def _synthetic_html(summary: pl.DataFrame) -> str:
-    rows, sentences = synthetic_rows(summary)
+def _synthetic_html(summary: pl.DataFrame, labels: Mapping[str, str]) -> str:
+    rows, sentences = synthetic_rows(summary, labels)
     if not rows:
         return ""
     head = "".join(f"<th>{_esc(h)}</th>" for h in SYNTHETIC_HEAD)
@@ -246,20 +253,20 @@ def _latent_html(lat: Latent) -> str:
     )
 
 
-def _recovery_html(recovery: dict[str, Any] | None) -> str:
+def _recovery_html(recovery: dict[str, Any] | None, coder: str) -> str:
     result = (recovery or {}).get("result")
     if not isinstance(result, dict):
         return ""
     rows = [
         ("clean", result.get("ce_clean")),
-        ("transcoder", result.get("ce_transcoder")),
+        (coder, result.get("ce_transcoder")),
         ("zero ablation", result.get("ce_zero")),
     ]
     body = "".join(f'<tr><td class="l">{k}</td><td>{fmt(v, 4)}</td></tr>' for k, v in rows)
     return (
         '<table><thead><tr><th class="l">splice on every position</th><th>mean CE</th></tr>'
         f"</thead><tbody>{body}</tbody></table>"
-        f'<p class="sub">Loss recovered 1 − (CE<sub>transcoder</sub> − CE<sub>clean</sub>) / '
+        f'<p class="sub">Loss recovered 1 − (CE<sub>{_esc(coder)}</sub> − CE<sub>clean</sub>) / '
         f"(CE<sub>zero</sub> − CE<sub>clean</sub>) = <b>{_esc(fmt_recovered(result))}</b> over "
         f"{_esc(result.get('n_tokens', '?'))} held-out tokens "
         "(transcoder/recovery.json).</p>"
@@ -279,6 +286,7 @@ def render_html(
     browser: list[Latent],
     times: list[tuple[str, str, Any]],
     notes: list[str],
+    labels: Mapping[str, str] = BASELINE_LABELS,
 ) -> str:
     """``index.html``: the stylesheet inline, every figure a data URI, no script; it opens
     with the cards and the paper's table in miniature."""
@@ -336,14 +344,14 @@ explanations. Run directory <code>{_esc(run_dir)}</code>.</p>
 {_paper_html(paper)}
 <h2>Run</h2>
 <dl class="kv">{kv}</dl>
-{_recovery_html(recovery)}
+{_recovery_html(recovery, labels["transcoder"])}
 {config_dump}
 <h2>Mean CE by fraction simulated</h2>
 {_figure_html(headline)}
 <h2>Every condition</h2>
-{_table_html(summary.filter(pl.col("condition") != "synthetic"))}
-{"".join(f'<p class="sub">{_esc(t)}</p>' for t in decomposition(summary))}
-{_synthetic_html(summary)}
+{_table_html(summary.filter(pl.col("condition") != "synthetic"), labels)}
+{"".join(f'<p class="sub">{_esc(t)}</p>' for t in decomposition(summary, labels))}
+{_synthetic_html(summary, labels)}
 <h2>Diagnosis</h2>
 {diag_html}
 <h2>Latent browser</h2>

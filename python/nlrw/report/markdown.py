@@ -6,7 +6,7 @@ safe), a browsed latent's active tokens are wrapped ``<<like this>>`` in code sp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from nlrw.report.content import (
     synthetic_rows,
 )
 from nlrw.report.figures import ReportFigure
-from nlrw.report.format import finite, fmt, fmt_recovered, printable
+from nlrw.report.format import BASELINE_LABELS, finite, fmt, fmt_recovered, printable
 from nlrw.report.paper import PaperTable
 
 
@@ -46,18 +46,18 @@ def _markdown_tokens(tokens: Sequence[str], activations: Sequence[float]) -> str
     return printable("".join(out)).replace("`", "'")
 
 
-def _table_md(summary: pl.DataFrame) -> str:
+def _table_md(summary: pl.DataFrame, labels: Mapping[str, str]) -> str:
     lines = [
         "| " + " | ".join(TABLE_HEAD) + " |",
         "|" + "|".join(":--" if i < 3 else "--:" for i in range(len(TABLE_HEAD))) + "|",
     ]
-    for _, cells in condition_rows(summary):
+    for _, cells in condition_rows(summary, labels):
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def _synthetic_md(summary: pl.DataFrame) -> list[str]:
-    rows, sentences = synthetic_rows(summary)
+def _synthetic_md(summary: pl.DataFrame, labels: Mapping[str, str]) -> list[str]:
+    rows, sentences = synthetic_rows(summary, labels)
     if not rows:
         return []
     lines = [
@@ -126,6 +126,7 @@ def render_md(
     browser: list[Latent],
     times: list[tuple[str, str, Any]],
     notes: list[str],
+    labels: Mapping[str, str] = BASELINE_LABELS,
 ) -> str:
     """``report.md``: the page's content, its figures linked as the PNGs beside it; it opens
     with the cards and the paper's table in miniature."""
@@ -141,8 +142,8 @@ def render_md(
     result = (recovery or {}).get("result")
     if isinstance(result, dict):
         lines += [
-            f"Loss recovered by the transcoder: {fmt_recovered(result)} "
-            f"(CE clean {fmt(result.get('ce_clean'), 4)}, transcoder "
+            f"Loss recovered by the {labels['transcoder']}: {fmt_recovered(result)} "
+            f"(CE clean {fmt(result.get('ce_clean'), 4)}, {labels['transcoder']} "
             f"{fmt(result.get('ce_transcoder'), 4)}, zero {fmt(result.get('ce_zero'), 4)}; "
             f"{result.get('n_tokens', '?')} held-out tokens).",
             "",
@@ -158,10 +159,10 @@ def render_md(
     lines += [
         "## Every condition",
         "",
-        _table_md(summary.filter(pl.col("condition") != "synthetic")),
+        _table_md(summary.filter(pl.col("condition") != "synthetic"), labels),
         "",
-        *[f"{t}\n" for t in decomposition(summary)],
-        *_synthetic_md(summary),
+        *[f"{t}\n" for t in decomposition(summary, labels)],
+        *_synthetic_md(summary, labels),
     ]
     lines += ["## Diagnosis", ""]
     for f in diagnosis:

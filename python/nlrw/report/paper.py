@@ -19,9 +19,9 @@ import polars as pl
 
 from nlrw.report.content import CLAIM_ALPHA
 from nlrw.report.format import (
-    BASELINE_LABELS,
     BASELINES,
     as_float,
+    baseline_labels,
     calibration_order,
     finite,
     fmt,
@@ -242,7 +242,7 @@ def paper_table(summary: pl.DataFrame, evaluation: dict[str, Any] | None) -> Pap
     evaluation = evaluation or {}
     sae = evaluation.get("coder_kind") == "sae"
     coder = "the SAE reconstruction" if sae else "the transcoder"
-    labels = BASELINE_LABELS | ({"transcoder": "SAE reconstruction"} if sae else {})
+    labels = baseline_labels(evaluation)
     rows: list[PaperRow] = []
     base: dict[str, dict[str, Any] | None] = {}
     for condition in BASELINES:
