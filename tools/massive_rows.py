@@ -5,7 +5,7 @@ rest.
 Some positions of a transformer's residual stream carry activations hundreds of times the
 typical norm (a window's first token, the attention sink, and a few others): in SmolLM2-135M
 after layer 15 they are 0.4% of the rows and one dimension holds 98% of the variance. A coder
-trained on every row (the paper's protocol, sparsify's) minimises an MSE those rows dominate,
+trained on every row (the train stage, the paper's protocol) minimises an MSE those rows dominate,
 so its FVU over all rows says little about the ordinary ones. For the run's coder on the
 held-out activations collect wrote (``activations/eval``) this prints, as JSON:
 
