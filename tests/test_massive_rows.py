@@ -93,13 +93,12 @@ def test_retrain_leaves_out_the_massive_rows_and_only_reads_the_run(
     out = tmp_path / "retrained"
     got = _result(finished_smoke_run, "--ratio", "1", "--windows", "2", "--retrain", out)
     assert _listing(finished_smoke_run) == before
-    run_cfg = json.loads((finished_smoke_run / "transcoder" / "train.json").read_text())["config"]
-    new_cfg = json.loads((out / "train.json").read_text())["config"]
+    run_record = json.loads((finished_smoke_run / "transcoder" / "train.json").read_text())
+    new_record = json.loads((out / "train.json").read_text())
+    run_cfg, new_cfg = run_record["config"], new_record["config"]
     assert new_cfg["num_latents"] == run_cfg["num_latents"] and new_cfg["k"] == run_cfg["k"]
     # trained on the ordinary rows only: about half of them at a ratio of one, same epochs
-    run_tokens = json.loads((finished_smoke_run / "transcoder" / "train.json").read_text())
-    new_tokens = json.loads((out / "train.json").read_text())["tokens"]
-    assert 0.3 < new_tokens / run_tokens["tokens"] < 0.7
+    assert 0.3 < new_record["tokens"] / run_record["tokens"] < 0.7
     retrained = got["retrained"]
     assert retrained["out"] == str(out)
     assert retrained["fvu"]["ordinary"] is not None and retrained["fvu"]["ordinary"] > 0

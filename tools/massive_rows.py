@@ -96,14 +96,17 @@ def _split(rows: np.ndarray, coder: sparse.SparseCoder) -> tuple[np.ndarray, np.
     return rows, rows
 
 
+def _norms(rows: np.ndarray, coder: sparse.SparseCoder) -> np.ndarray:
+    """``‖t‖`` of each row of a shard batch."""
+    return np.linalg.norm(_split(rows, coder)[1].astype(np.float64), axis=1)
+
+
 def target_norms(run_dir: Path, coder: sparse.SparseCoder, split: str) -> np.ndarray:
     """``‖t‖`` of every row of an activation split, in row order."""
     path = RunDir(run_dir).split(split)
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(f"{path}/manifest.json is missing: collect wrote no {split} split")
-    return np.concatenate(
-        [np.linalg.norm(_split(b, coder)[1].astype(np.float64), axis=1) for b in _reader(path)]
-    )
+    return np.concatenate([_norms(b, coder) for b in _reader(path)])
 
 
 def row_stats(
@@ -158,7 +161,7 @@ def retrain(
 
     def ordinary(split: str) -> np.ndarray:
         rows = np.concatenate(list(_reader(paths.split(split))))
-        return rows[np.linalg.norm(_split(rows, coder)[1].astype(np.float64), axis=1) <= limit]
+        return rows[_norms(rows, coder) <= limit]
 
     rows = ordinary("train")
     rows = rows[np.random.default_rng(cfg.seed).permutation(len(rows))]
