@@ -802,19 +802,53 @@ def test_shuffled_control_rates_each_latent_with_another_ones_explanation(
     source = dict(control.select("latent", "explanation_of").unique().rows())
     assert sorted(source) == sorted(EXPLANATIONS) and all(k != v for k, v in source.items())
     # A prompt depends only on the explanation and the context: latent l's control rating on
-    # a context is the real rating of the latent whose explanation it was shown.
+    # a context is the real rating of the latent whose explanation it was shown, re-used.
     real = {
-        (lat, c): e for lat, c, e in table.select("latent", "context_id", "expected_value").rows()
+        (lat, c): (e, probs)
+        for lat, c, e, probs in table.select(
+            "latent", "context_id", "expected_value", "digit_probs"
+        ).rows()
     }
-    for lat, c, e in control.select("latent", "context_id", "expected_value").rows():
-        assert e == pytest.approx(real[(source[lat], c)], abs=1e-4)
+    for lat, c, e, probs in control.select(
+        "latent", "context_id", "expected_value", "digit_probs"
+    ).rows():
+        assert (e, probs) == real[(source[lat], c)]
     # The truth is the latent's own.
     np.testing.assert_array_equal(
         control["true_activation"].to_numpy(), table["true_activation"].to_numpy()
     )
+    # Rating the deranged prompts with the engine (what the control meant before it was
+    # re-used) gives the same digits, up to the rounding of other batch shapes.
+    contexts = read_contexts(run_dir).sort("context_id")
+    subject = simulate._subject_tokenizer(run_dir)  # pyright: ignore[reportPrivateUsage]
+    texts = {
+        int(c): prompt.context_text(subject, ids)
+        for c, ids in contexts.select("context_id", "input_ids").iter_rows()
+    }
+    digits = prompt.digit_tokens(tiny_backend.tokenizer, "nlrw", "explanation-first")
+    deranged = {lat: EXPLANATIONS[src] for lat, src in source.items()}
+    keys, prompts = simulate.build_prompts(
+        tiny_backend.tokenizer,
+        "explanation-first",
+        deranged,
+        texts,
+        sorted(deranged),
+        sorted(texts),
+        digits.answer_prefix,
+    )
+    fresh = tiny_backend.answer_distribution_ids(prompts, list(digits.ids)).probs
+    stored = {
+        (lat, c): probs
+        for lat, c, probs in control.select("latent", "context_id", "digit_probs").rows()
+    }
+    np.testing.assert_allclose(
+        fresh, np.array([stored[key] for key in keys], dtype=np.float64), atol=1e-5
+    )
     record = json.loads((run_dir / "simulate.json").read_text())
     assert record["n_shuffled_latents"] == 3
-    assert record["n_prompts"] == 2 * table.height
+    # The simulator rated the real prompts only; the control's rows cost nothing.
+    assert record["n_prompts"] == table.height == record["n_shuffled_rows"]
+    assert record["throughput"]["prompts"] == table.height
     # Asked for, with fewer than two latents: an error naming the option, nothing written.
     with pytest.raises(ValueError, match=r"simulate\.shuffled_control needs at least two"):
         simulate.run(_cfg(shuffled_control=True, max_latents=1), run_dir, backend=tiny_backend)

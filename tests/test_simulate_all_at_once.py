@@ -453,14 +453,25 @@ def test_stage_with_the_tiny_simulator_writes_both_tables(run_dir: Path) -> None
     _check_positions(table, positions, ctx_len)
     assert positions["expected_value"].n_unique() > ctx_len  # the positions differ
 
-    # The control: a prompt depends only on the explanation and the window.
+    # The control: a prompt depends only on the explanation and the window, so the control
+    # re-uses its donor's ratings, every position's included.
     control = pl.read_parquet(run_dir / simulate.SHUFFLED_FILE)
     source = dict(control.select("latent", "explanation_of").unique().rows())
     real = {
         (lat, c): e for lat, c, e in table.select("latent", "context_id", "expected_value").rows()
     }
     for lat, c, e in control.select("latent", "context_id", "expected_value").rows():
-        assert e == pytest.approx(real[(source[lat], c)], abs=1e-4)
+        assert e == real[(source[lat], c)]
+    real_positions = positions.rename({"latent": "donor"})
+    control_positions = pl.read_parquet(run_dir / simulate.SHUFFLED_POSITIONS_FILE)
+    donors = control_positions.with_columns(
+        pl.col("latent")
+        .replace_strict(source, return_dtype=real_positions["donor"].dtype)
+        .alias("donor")
+    )
+    joined = donors.join(real_positions, on=["donor", "context_id", "position"], suffix="_real")
+    assert joined.height == control_positions.height
+    assert joined["expected_value"].equals(joined["expected_value_real"])
     _check_positions(
         control.drop("explanation_of"),
         pl.read_parquet(run_dir / simulate.SHUFFLED_POSITIONS_FILE),
@@ -472,7 +483,7 @@ def test_stage_with_the_tiny_simulator_writes_both_tables(run_dir: Path) -> None
     assert record["digit_tokens"]["answer_prefix"] == "\t"
     assert record["positions_per_prompt"] == ctx_len
     assert record["positions_files"] == [simulate.POSITIONS_FILE, simulate.SHUFFLED_POSITIONS_FILE]
-    assert record["throughput"]["prompts"] == 2 * 3 * n_ctx
+    assert record["throughput"]["prompts"] == 3 * n_ctx  # the control's rows are re-used
     # A finished stage is skipped; without its positions table it is not finished.
     again = simulate.run(_cfg(shuffled_control=True), run_dir, backend=FakeSlotSimulator())
     assert again.equals(table)

@@ -231,6 +231,27 @@ def center_by_context(table: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def shuffled_rows(table: pl.DataFrame, shuffled: dict[int, int]) -> pl.DataFrame:
+    """The shuffled control's rows, from the real simulation's: latent ``a``'s rating on a
+    context is the rating its donor ``shuffled[a]`` got there with its own explanation.
+
+    A prompt is a function of the explanation and the context only (system message, few-shot,
+    explanation, marked context, answer cue; nothing names the latent), and every donor is a
+    simulated latent rated on every context, so rating ``a`` with ``shuffled[a]``'s
+    explanation would send the very prompts the real simulation sent for ``shuffled[a]``:
+    the control re-uses those ratings (every column but ``latent``) instead of paying for
+    them twice. Rows sorted by (latent, context_id); the truth is added by the caller."""
+    donors = pl.DataFrame(
+        {"latent": list(shuffled), "donor": [shuffled[a] for a in shuffled]},
+        schema={"latent": table.schema["latent"], "donor": table.schema["latent"]},
+    )
+    return (
+        donors.join(table.rename({"latent": "donor"}), on="donor", how="inner")
+        .select(table.columns)
+        .sort("latent", "context_id")
+    )
+
+
 def shard_chunks(n_chunks: int, shard: str | None) -> list[int]:
     """The chunk indices shard ``"i/n"`` runs: ``j`` with ``j mod n = i`` (all for None)."""
     if shard is None:
@@ -306,16 +327,6 @@ class Plan(NamedTuple):
     chunks: list[Chunk]
     key: str
     shuffled: dict[int, int]  # latent -> the latent whose explanation the control gives it
-    n_real_chunks: int  # chunks[:n_real_chunks] are the real simulation, the rest the control
-
-    def for_chunk(self, index: int) -> Plan:
-        """The plan a chunk is simulated with: the control's chunks read the deranged
-        explanations."""
-        if index < self.n_real_chunks:
-            return self
-        return self._replace(
-            explanations={lat: self.explanations[src] for lat, src in self.shuffled.items()}
-        )
 
 
 def derangement(latents: Sequence[int], seed: int) -> dict[int, int]:
@@ -403,20 +414,15 @@ def read_plan(cfg: SimulateConfig, run_dir: Path) -> Plan:
         identity["shuffled"] = sorted(shuffled.items())
     ctx_ids = [int(c) for c in contexts["context_id"]]
 
-    def parts(lats: Sequence[int]) -> list[Chunk]:
-        return plan_chunks(cfg.layout, lats, ctx_ids, cfg.chunk_latents, cfg.chunk_contexts)
-
-    real_chunks = parts(latents)
     return Plan(
         run_dir=run_dir,
         latents=latents,
         explanations={lat: explanations[lat] for lat in latents},
         contexts=contexts.select("context_id", "split", "input_ids"),
         missing=missing,
-        chunks=real_chunks + parts(sorted(shuffled)),
+        chunks=plan_chunks(cfg.layout, latents, ctx_ids, cfg.chunk_latents, cfg.chunk_contexts),
         key=config_hash(identity),
         shuffled=shuffled,
-        n_real_chunks=len(real_chunks),
     )
 
 
@@ -691,7 +697,7 @@ def run(
                         cfg,
                         backend,
                         digits,
-                        plan.for_chunk(index),
+                        plan,
                         plan.chunks[index],
                         suffixes,
                         bar,
@@ -701,7 +707,7 @@ def run(
                         cfg,
                         backend,
                         digits,
-                        plan.for_chunk(index),
+                        plan,
                         plan.chunks[index],
                         texts,
                         bar,
@@ -954,18 +960,22 @@ def _finish(
     slots = cfg.layout == "all-at-once"
     part_schema = {**PART_SCHEMA, **_SLOT_COLUMNS} if slots else PART_SCHEMA
 
-    def merged(indices: range, latents: np.ndarray, positions_file: str) -> pl.DataFrame:
-        frames = [pl.read_parquet(store.path(i)) for i in indices]
-        table = (pl.concat(frames) if frames else pl.DataFrame(schema=part_schema)).sort(
-            "latent", "context_id"
+    frames = [pl.read_parquet(store.path(i)) for i in range(len(plan.chunks))]
+    raw = (pl.concat(frames) if frames else pl.DataFrame(schema=part_schema)).sort(
+        "latent", "context_id"
+    )
+    expected = len(plan.latents) * len(context_ids)
+    if raw.height != expected:
+        raise RuntimeError(
+            f"{store.folder}: the parts hold {raw.height} rows, expected {expected} "
+            f"({len(plan.latents)} latents x {len(context_ids)} contexts); delete the folder "
+            "and re-run"
         )
-        expected = len(latents) * len(context_ids)
-        if table.height != expected:
-            raise RuntimeError(
-                f"{store.folder}: the parts hold {table.height} rows, expected {expected} "
-                f"({len(latents)} latents x {len(context_ids)} contexts); delete the folder "
-                "and re-run"
-            )
+
+    def finished(table: pl.DataFrame, positions_file: str) -> pl.DataFrame:
+        """Write the per-position table (all-at-once), add each row latent's own true
+        activation and apply the reading."""
+        latents = table["latent"].unique(maintain_order=True).to_numpy().astype(np.int64)
         if len(latents) and len(context_ids):
             true = true_activations(run_dir, latents, context_ids)  # [latents, contexts]
             # the table is sorted by (latent, context_id) and context_ids ascending
@@ -979,16 +989,10 @@ def _finish(
         table = table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
         return center_by_context(table) if cfg.reading == "context-centered" else table
 
-    table = merged(
-        range(plan.n_real_chunks), np.asarray(plan.latents, dtype=np.int64), POSITIONS_FILE
-    )
+    table = finished(raw, POSITIONS_FILE)
     n_control = 0
     if plan.shuffled:
-        control = merged(
-            range(plan.n_real_chunks, len(plan.chunks)),
-            np.asarray(sorted(plan.shuffled), dtype=np.int64),
-            SHUFFLED_POSITIONS_FILE,
-        )
+        control = finished(shuffled_rows(raw, plan.shuffled), SHUFFLED_POSITIONS_FILE)
         source = pl.Series([plan.shuffled[int(lat)] for lat in control["latent"]], dtype=pl.Int32)
         with atomic_path(run_dir / SHUFFLED_FILE) as tmp:
             control.with_columns(source.alias("explanation_of")).write_parquet(tmp)
@@ -1027,8 +1031,9 @@ def _finish(
             n_latents=len(plan.latents),
             n_contexts=len(context_ids),
             contexts_per_split=splits,
-            n_prompts=table.height + n_control,
+            n_prompts=table.height,
             n_shuffled_latents=len(plan.shuffled),
+            n_shuffled_rows=n_control,
             shuffled_explanations={str(k): v for k, v in sorted(plan.shuffled.items())},
             throughput=throughput,
             **_slot_record(cfg, plan, throughput),
