@@ -13,6 +13,12 @@ A step = forward (encoder matmul, top-k, decode, skip), FVU loss, backward, Adam
 Both start from the same weights, run with 2 threads, interleaved, and report medians.
 The two agree on the loss and gradients (checked below; ``tests/test_sparse.py`` checks
 the gradients exactly in float64).
+
+Row ``train_auxk``: the same step with AuxK on, 58% of the latents dead (the demo's
+transcoder when AuxK starts), so that each row also decodes its k_aux = 288 top dead latents.
+ours: the trainer's path, where AuxK's decoder backward multiplies ``g · W_decᵀ`` densely
+(:data:`nlrw.train.losses.AUXK_DENSE_BACKWARD`); baseline: the same step gathering the 288
+decoder rows of every row, as the top-k path does (the path before).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from common import result
 from nlrw.model.sparse import SparseCoder, SparseCoderConfig
 from nlrw.train import compute_losses
+from nlrw.train import losses as train_losses
 
 
 def _dense_loss(
@@ -94,6 +101,46 @@ def _bench(batch: int, d: int, num_latents: int, k: int, repeats: int) -> tuple[
     return statistics.median(times["ours"]), statistics.median(times["dense"])
 
 
+def _bench_auxk(
+    batch: int, d: int, num_latents: int, k: int, repeats: int
+) -> tuple[float, float, float]:
+    """Median seconds per AuxK step: (dense decoder gather, row gather, largest relative
+    gradient difference between the two)."""
+    cfg = SparseCoderConfig.create("transcoder", d, k=k, num_latents=num_latents)
+    gen = torch.Generator().manual_seed(0)
+    coder = SparseCoder(cfg, seed=0)
+    with torch.no_grad():
+        coder.W_dec.normal_(0, 0.05, generator=gen)
+    x = torch.randn(batch, d, generator=gen)
+    y = torch.randn(batch, d, generator=gen)
+    tv = (y - y.mean(0)).pow(2).sum()
+    dead = torch.zeros(num_latents, dtype=torch.bool)
+    dead[torch.randperm(num_latents, generator=gen)[: int(0.58 * num_latents)]] = True
+
+    def step(dense: bool) -> list[torch.Tensor]:
+        train_losses.AUXK_DENSE_BACKWARD = dense
+        coder.zero_grad(set_to_none=True)
+        losses = compute_losses(coder, x, y, total_variance=tv, dead_mask=dead)
+        (losses.fvu + 0.03125 * losses.auxk_loss).backward()
+        return [p.grad.detach().clone() for p in coder.parameters() if p.grad is not None]
+
+    try:
+        grads = [step(True), step(False)]
+        diff = max(
+            float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+            for a, b in zip(*grads, strict=True)
+        )
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):
+            for dense in times:
+                start = time.perf_counter()
+                step(dense)
+                times[dense].append(time.perf_counter() - start)
+    finally:
+        train_losses.AUXK_DENSE_BACKWARD = True
+    return statistics.median(times[True]), statistics.median(times[False]), diff
+
+
 def run(quick: bool) -> list[dict]:
     torch.set_num_threads(2)
     d, k = (128, 32) if quick else (576, 32)
@@ -115,4 +162,21 @@ def run(quick: bool) -> list[dict]:
                 ours_tokens_per_s=round(batch / ours_s),
             )
         )
+    batch, num_latents = sizes[0]
+    ours_s, gather_s, diff = _bench_auxk(batch, d, num_latents, k, repeats=3 if quick else 5)
+    print(
+        f"  AuxK, 58% dead, B={batch} d={d} L={num_latents} k_aux={d // 2}: dense gather "
+        f"{ours_s:.3f} s/step, row gather {gather_s:.3f} s/step, gradients agree to {diff:.1e}"
+    )
+    rows.append(
+        result(
+            "train_auxk",
+            ours_s,
+            "gathered decoder rows (the path before)",
+            gather_s,
+            shape=f"B={batch}, d_in=d_out={d}, L={num_latents}, k={k}, k_aux={d // 2}, 58% dead",
+            ours_tokens_per_s=round(batch / ours_s),
+            max_relative_gradient_difference=diff,
+        )
+    )
     return rows

@@ -21,6 +21,7 @@ from nlrw.model.sparse import (
     load,
 )
 from nlrw.train import auxk_loss, compute_losses
+from nlrw.train import losses as losses_module
 
 torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention
 
@@ -68,9 +69,18 @@ def dense_reference(coder: SparseCoder, x: torch.Tensor, indices: torch.Tensor) 
 # ---------------------------------------------------------------------- gradients
 
 
+# AuxK's decoder backward multiplies densely (AUXK_DENSE_BACKWARD), the others gather rows;
+# the gradient test runs AuxK both ways.
+AUXK_PATHS = pytest.mark.parametrize("dense", [True, False], ids=["auxk-dense", "auxk-rows"])
+
+
+@AUXK_PATHS
 @pytest.mark.parametrize("kind", ["transcoder", "sae"])
-def test_training_forward_gradients_match_dense_autograd(kind: str) -> None:
+def test_training_forward_gradients_match_dense_autograd(
+    kind: str, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Sparse forward/backward (FVU + AuxK + Multi-TopK) == autograd of the dense formula."""
+    monkeypatch.setattr(losses_module, "AUXK_DENSE_BACKWARD", dense)
     coder = random_coder(kind, dtype=torch.float64)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(16, 12, generator=gen, dtype=torch.float64)
@@ -113,7 +123,8 @@ def test_training_forward_gradients_match_dense_autograd(kind: str) -> None:
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_sparse_functions_pass_gradcheck() -> None:
+@pytest.mark.parametrize("dense", [False, True], ids=["rows", "dense"])
+def test_sparse_functions_pass_gradcheck(dense: bool) -> None:
     """The hand-written backward passes agree with finite differences."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -126,12 +137,24 @@ def test_sparse_functions_pass_gradcheck() -> None:
         return sparse._SparseEncoder.apply(x, w, b, idx, vals)  # pyright: ignore
 
     def decoder(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return sparse._SparseDecoder.apply(v, idx, w)  # pyright: ignore
+        return sparse._SparseDecoder.apply(v, idx, w, dense)  # pyright: ignore
 
     # Forward values are recomputed from the inputs, so finite differences see them move.
     assert torch.autograd.gradcheck(encoder, (x, w, b))
     v = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(decoder, (v, w))
+
+
+def test_the_dense_and_gathered_products_agree() -> None:
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(8192, 16, generator=gen, dtype=torch.float64)
+    rows = torch.randn(64, 16, generator=gen, dtype=torch.float64)
+    for k in (32, 288):
+        idx = torch.randint(0, 8192, (64, k), generator=gen)
+        expected = torch.einsum("bkd,bd->bk", table[idx], rows)
+        for dense in (False, True):
+            got = sparse._gather_dot(table, idx, rows, dense=dense)  # pyright: ignore
+            torch.testing.assert_close(got, expected)
 
 
 # ---------------------------------------------------------------------- encode
