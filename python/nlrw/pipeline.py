@@ -405,6 +405,7 @@ def work_sizes(cfg: RunConfig) -> dict[str, str]:
         f"{_count(simulated, 'latents')} x {n_ctx:,} contexts"
         + (f" = {simulated * n_ctx:,} prompts" if simulated is not None else " prompts")
         + f" ({sim.backend}: {sim.model}, {sim.prompt} prompt, {sim.layout})"
+        + ("; the shuffled control re-uses these ratings" if sim.shuffled_control else "")
     )
     sizes["calibrate"] = f"{', '.join(cfg.calibrate.methods)} on {n_ctx:,} contexts per latent"
     ev = cfg.evaluate

@@ -81,6 +81,15 @@ not the simulator's), and ``simulate.json`` (provenance, digit tokenization, lay
 throughput, excluded and low-mass latents). A finished stage with the same config and inputs
 is skipped.
 
+**The shuffled-explanation control** (``shuffled_control``): each latent of a seeded subset
+is rated with the explanation of another latent of the subset (a seeded derangement), to
+``simulations_shuffled.parquet`` with ``explanation_of`` naming the donor. A prompt is a
+function of the explanation and the context only, and every donor is a simulated latent rated
+on every context, so the control's prompts are exactly the donors' real prompts: its ratings
+are the donors' real rows, re-used (:func:`shuffled_rows`), with the latent's own
+``true_activation``, and cost no simulator time (before, the control sent every prompt a
+second time: 4,800 prompts on the demo instead of 2,400, for the same numbers).
+
 **Shards.** ``shard = "i/n"`` (0-based ``i``) runs only the chunks ``j`` with ``j mod n = i``
 of the same chunk list: ``n`` processes (or machines sharing the run directory, or whose parts
 are copied into one ``simulations.parts``) together write exactly the parts of one run, with

@@ -73,7 +73,8 @@ class SimulateConfig:
     with the explanation of another latent of the subset (a seeded derangement: never its
     own), written to simulations_shuffled.parquet; calibrated and evaluated like the real
     simulations (condition shuffled). Its gap to the real rewrite is what the explanations
-    explain."""
+    explain. Free: a prompt depends only on the explanation and the context, so the control
+    re-uses its donors' real ratings."""
 
     shuffled_latents: int | None = None
     """How many simulated latents the shuffled control covers (a seeded subset, at least 2;
