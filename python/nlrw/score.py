@@ -27,8 +27,10 @@ standard error of at most ``target_se`` whatever its rates: ``n = ceil(1 / (8·t
 class (:func:`nlrw.config.score.examples_for_se`; 0.05 → 50 activating and 50 non-activating);
 with it a latent whose bins run short after the exclusions is topped up from its other bins.
 The cost is linear in the examples: the demo's 8 + 8 examples took 96 s for 16 latents (real
-and shuffled, 2 idle cores); its ``target_se = 0.05`` (52 + 50) reads 6.4 times the texts, about
-10 min (estimated). On the demo's cache (8 windows per 256-token sequence, 625 windows), excluding
+and shuffled, 2 idle AVX512 cores); its ``target_se = 0.05`` (52 + 50) reads 6.4 times the
+texts, and took 1,700 s on this project's 2 AVX2 cores (2026-12-04, a fresh ``make run``: 106 s
+per latent, the demo's longest stage; the estimate of ~10 min from the 96 s was 3 times too
+low). On the demo's cache (8 windows per 256-token sequence, 625 windows), excluding
 the explainer's 7-8 sequences leaves 13 of its 15 explained latents 52 activating candidates;
 the two rarest (43 and 56 top windows) get 29 and 43.
 
