@@ -241,8 +241,8 @@ def paper_table(summary: pl.DataFrame, evaluation: dict[str, Any] | None) -> Pap
     worded from the rows' CIs and tests, nothing else."""
     evaluation = evaluation or {}
     sae = evaluation.get("coder_kind") == "sae"
-    coder = "the SAE reconstruction" if sae else "the transcoder"
     labels = baseline_labels(evaluation)
+    coder = f"the {labels['transcoder']}"
     rows: list[PaperRow] = []
     base: dict[str, dict[str, Any] | None] = {}
     for condition in BASELINES:
