@@ -4,6 +4,7 @@ one slow test with the real explainer."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
@@ -686,3 +687,86 @@ def test_real_explainer_and_scorer_on_synthetic_latents(tmp_path: Path) -> None:
     assert scores["balanced_accuracy"].is_between(0, 1).all()
     assert scores["auroc"].is_between(0, 1).all()
     assert (scores["mean_mass"] > 0.5).all()
+
+
+# --------------------------------------------------------------------------------------------
+# The single-word prompt
+# --------------------------------------------------------------------------------------------
+
+
+def test_golden_single_word_prompt() -> None:
+    strings = [["I", " had", " no"], ["there", " was", " no"]]
+    acts = np.array([[0.0, 0.0, 3.0], [0.0, 0.0, 2.0]])
+    chat = prompt.render_chat(
+        render_examples(strings, acts), top_tokens=top_tokens(strings, acts), style="single-word"
+    )
+    assert chat[0]["content"] == prompt.SYSTEM.replace(
+        "Quote a word only when most examples mark it;",
+        'When most examples mark the same word, answer: The word "WORD";',
+    )
+    assert "Quote a word only" not in chat[0]["content"]
+    # Four demonstrations; the one-word one first, the default's three after it in order.
+    assert [m["role"] for m in chat] == ["system"] + ["user", "assistant"] * 4 + ["user"]
+    assert chat[1]["content"] == (
+        "Example 1: def f(x):<< return>> x + 1\n"
+        'Activations: (" return", 9)\n'
+        "\n"
+        "Example 2: if done:<< return>> None\n"
+        'Activations: (" return", 8)\n'
+        "\n"
+        "Example 3: else:<< return>> total\n"
+        'Activations: (" return", 9)\n'
+        "\n"
+        'Top tokens: " return" 3 times\n'
+        "\n"
+        "What does the feature detect? Answer with one short phrase."
+    )
+    assert chat[2] == {"role": "assistant", "content": 'The word "return"'}
+    default = prompt.render_chat(
+        render_examples(strings, acts), top_tokens=top_tokens(strings, acts)
+    )
+    assert chat[3:] == default[1:]
+    assert chat[-1]["content"].endswith(
+        'Top tokens: " no" 2 times\n\nWhat does the feature detect? Answer with one short phrase.'
+    )
+    # A retry rotates the four demonstrations like the default's three.
+    rotated = prompt.render_chat(["Example 1: x"], 1, style="single-word")
+    assert rotated[-2]["content"] == 'The word "return"'
+
+
+def test_single_word_prompt_has_its_own_hash_and_the_default_keeps_its_own() -> None:
+    assert prompt.prompt_hash("nlrw") == prompt.PROMPT_HASH == "a2759137d3f7eb64"
+    assert len(prompt.prompt_hash("single-word")) == 16
+    assert prompt.prompt_hash("single-word") != prompt.PROMPT_HASH
+    with pytest.raises(ValueError, match=r"unknown explain\.prompt 'terse'"):
+        prompt.prompt_hash("terse")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"unknown explain\.prompt 'terse'"):
+        ExplainConfig(prompt="terse")  # type: ignore[arg-type]
+
+
+def test_quoting_the_one_word_demonstration_is_a_copy() -> None:
+    chat = prompt.render_chat(["Example 1: she<< had>> gone"], style="single-word")
+    assert copied_word('The word "return"', chat) == "return"
+    assert copied_word('The word "had"', chat) is None
+
+
+def test_run_with_the_single_word_prompt_records_its_hash(tmp_path: Path) -> None:
+    from nlrw.pipeline import HASH_NEUTRAL_DEFAULTS, RunConfig, chained_hashes
+
+    source = synthetic_source()
+    cfg = ExplainConfig(
+        n_bins=4, examples_per_bin=2, min_count=10, part_size=2, seed=1, prompt="single-word"
+    )
+    backend = FakeExplainer()
+    table = explain.run(cfg, tmp_path, backend=backend, source=source, progress=False)
+    ok = table.filter(pl.col("status") == "ok")
+    assert ok["prompt_hash"].to_list() == [prompt.prompt_hash("single-word")] * 3
+    # The stage hash: the default prompt leaves an older run's hash as it was; the other
+    # prompt changes it.
+    assert HASH_NEUTRAL_DEFAULTS["explain"] == {"prompt": "nlrw"}
+    default = RunConfig()
+    single = dataclasses.replace(
+        default, explain=dataclasses.replace(default.explain, prompt="single-word")
+    )
+    assert chained_hashes(default)["explain"] != chained_hashes(single)["explain"]
+    assert chained_hashes(default)["contexts"] == chained_hashes(single)["contexts"]

@@ -403,16 +403,28 @@ def build_chat(
 ):
     """The default explainer chat for ``latent`` shown ``windows``, the demonstrations rotated
     by ``rotation`` (see :func:`nlrw.prompts.explain.render_chat`)."""
-    return chat_for(examples_for(source, latent, windows, cfg), None, rotation)
+    return chat_for(examples_for(source, latent, windows, cfg), None, rotation, cfg.prompt)
 
 
-def chat_for(examples: Examples, near: NearMisses | None, rotation: int = 0):
-    """The explainer chat: contrastive when ``near`` holds windows, the default otherwise."""
+def chat_for(
+    examples: Examples,
+    near: NearMisses | None,
+    rotation: int = 0,
+    style: prompt.Style = "nlrw",
+):
+    """The explainer chat in prompt ``style``: contrastive when ``near`` holds windows, the
+    default otherwise."""
     if near is not None and len(near.windows):
         return prompt.render_contrastive_chat(
-            examples.rendered, near.rendered, rotation, top_tokens=examples.top_tokens
+            examples.rendered,
+            near.rendered,
+            rotation,
+            top_tokens=examples.top_tokens,
+            style=style,
         )
-    return prompt.render_chat(examples.rendered, rotation, top_tokens=examples.top_tokens)
+    return prompt.render_chat(
+        examples.rendered, rotation, top_tokens=examples.top_tokens, style=style
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -842,7 +854,7 @@ def run(
         "model": cfg.model,
         "temperature": float(cfg.temperature),
         "seed": cfg.seed,
-        "prompt_hash": prompt.PROMPT_HASH,
+        "prompt_hash": prompt.prompt_hash(cfg.prompt),
     }
     try:
         if not store.done(0):  # part 0: skipped latents, no LLM call
@@ -884,7 +896,7 @@ def run(
                 ]
             answers = generate_with_retries(
                 backend,
-                lambda i, attempt, ex=shown, nm=near: chat_for(ex[i], nm[i], attempt),
+                lambda i, attempt, ex=shown, nm=near: chat_for(ex[i], nm[i], attempt, cfg.prompt),
                 len(chunk),
                 cfg,
             )
@@ -937,7 +949,7 @@ def run(
         stage_record(
             "explain",
             cfg,
-            prompt_hash=prompt.PROMPT_HASH,
+            prompt_hash=prompt.prompt_hash(cfg.prompt),
             n_latents=table.height,
             status={str(s): int(c) for s, c in status.iter_rows()},
             methods={

@@ -271,7 +271,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("contexts", _contexts, lambda c: c.contexts),
     # Prompt templates count as config: editing one re-runs its stage and what follows.
     Stage(
-        "explain", _explain, lambda c: {"config": c.explain, "prompt": explain_prompt.PROMPT_HASH}
+        "explain",
+        _explain,
+        lambda c: {"config": c.explain, "prompt": explain_prompt.prompt_hash(c.explain.prompt)},
     ),
     Stage("score", _score, lambda c: {"config": c.score, "prompt": detection_prompt.PROMPT_HASH}),
     # After score: max_latents simulates the best-scored latents first.
@@ -288,6 +290,7 @@ STAGES: tuple[Stage, ...] = (
 
 HASH_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "evaluate": {"positions": "last"},
+    "explain": {"prompt": "nlrw"},
 }
 """Config fields added after run directories existed, with the default that reproduces what
 those runs did: while a field holds it, it is left out of its stage's hash, so a run

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from nlrw.prompts.explain import STYLES, Style
+
 __all__ = ["ExplainConfig", "Method", "Selection"]
 
 
@@ -45,6 +47,12 @@ class ExplainConfig:
     near-miss windows where the latent fires nowhere (windows with the same top tokens, and
     windows the latents with the most similar decoder directions fire on), and is asked what
     sets the two apart. A latent without near misses falls back to "default" (recorded)."""
+
+    prompt: Style = "nlrw"
+    """Explainer prompt: nlrw (three demonstrations; quote a word only when most examples mark
+    it) or single-word (a fourth demonstration in which every example marks one common word,
+    answered ``The word "return"``, and the instruction to answer ``The word "WORD"`` when most
+    examples mark one word: for token-like latents, see nlrw.prompts.explain)."""
 
     max_near_misses: int = 16
     """Contrastive: at most this many near-miss windows per latent (no more than its
@@ -94,6 +102,8 @@ class ExplainConfig:
             raise ValueError("min_count and retries must be non-negative")
         if self.max_latents is not None and self.max_latents < 0:
             raise ValueError(f"max_latents must be non-negative, got {self.max_latents}")
+        if self.prompt not in STYLES:
+            raise ValueError(f"unknown explain.prompt {self.prompt!r}: expected one of {STYLES}")
         if not 0.0 <= self.highlight_threshold < 1.0:
             raise ValueError(
                 f"highlight_threshold must be in [0, 1), got {self.highlight_threshold}"

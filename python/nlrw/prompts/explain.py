@@ -24,6 +24,17 @@ one place (the same per-example top token :func:`nlrw.explain.consistency` check
 against), the instructions quote a word only when most examples mark it, and the
 demonstrations include a category whose marked words all differ.
 
+**Two prompts** (``style``, ``--explain.prompt``): ``"nlrw"`` (above) and ``"single-word"``,
+which adds :data:`WORD_SHOT`, a fourth demonstration whose examples all mark one common word
+(answered ``The word "return"``), and tells the explainer to answer ``The word "WORD"`` when
+most examples mark the same word (:data:`SINGLE_WORD_SYSTEM`). **Why:** on a token-like layer
+(layer 0 of the demo's subject) most latents fire on one function word, and the ``"nlrw"``
+prompt, whose one quoted-word demonstration is a content word in code, got a generic phrase for
+them: ``" no"`` 8 of 8 → "Words that are not numbers", ``" all"`` → "All words in the text",
+``" in"`` → "Numbers in sentences". On 16 latents of that layer outside the demo's sample
+(explained from the training cache, no evaluation context read), mean consistency (generic
+answers counted 0) went from 0.26 to 0.59.
+
 **Contrastive** (:func:`render_contrastive_chat`, ``--explain.method contrastive``): after the
 examples, near-miss texts where the feature fires nowhere (same words, or what similar
 features fire on), written plainly as ``Counter-example N: …``; the question asks what sets
@@ -37,6 +48,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Sequence
+from typing import Literal
 
 from nlrw.backends.base import Message
 from nlrw.prompts.markup import escape
@@ -46,8 +58,12 @@ __all__ = [
     "CONTRASTIVE_SYSTEM",
     "CONTRASTIVE_USER",
     "PROMPT_HASH",
+    "SINGLE_WORD_SYSTEM",
+    "STYLES",
     "SYSTEM",
     "USER",
+    "WORD_SHOT",
+    "prompt_hash",
     "render_chat",
     "render_contrastive_chat",
     "render_counter_example",
@@ -110,6 +126,28 @@ topics (code, years, units) are far from the demo's novels on purpose: a small e
 demonstrations that could plausibly fit ("past participles after 'had'" for every latent).
 Two of them mark a different word in every example, so the answer names a kind of word."""
 
+Style = Literal["nlrw", "single-word"]
+STYLES: tuple[Style, ...] = ("nlrw", "single-word")
+
+SINGLE_WORD_SYSTEM = SYSTEM.replace(
+    "Quote a word only when most examples mark it;",
+    'When most examples mark the same word, answer: The word "WORD";',
+)
+"""The ``"single-word"`` prompt's system message: the quoted-word form spelled out."""
+
+WORD_SHOT: Shot = (
+    (
+        ("def f(x):<< return>> x + 1", ((" return", 9),)),
+        ("if done:<< return>> None", ((" return", 8),)),
+        ("else:<< return>> total", ((" return", 9),)),
+    ),
+    'The word "return"',
+)
+"""The ``"single-word"`` prompt's fourth demonstration, shown first: one common word marked in
+every example, answered with that word alone (code, like the others, so a novel's examples
+cannot be mistaken for it; a reply that quotes "return" without the examples marking it is a
+copy and is retried)."""
+
 CONTRASTIVE_SYSTEM = (
     "You explain what a feature of a language model detects. You see text examples in which "
     "the tokens where the feature fires are marked <<like this>>; after each example, the "
@@ -153,6 +191,19 @@ CONTRASTIVE_FEW_SHOT: tuple[ContrastiveShot, ...] = (
 """The demonstrations of :data:`FEW_SHOT` with counter-examples (the same word where it means
 something else) and an answer that says what the counter-examples lack."""
 
+CONTRASTIVE_SINGLE_WORD_SYSTEM = CONTRASTIVE_SYSTEM.replace(
+    "Quote a word only when most examples mark it.",
+    'When most examples mark the same word, answer: The word "WORD".',
+)
+"""The contrastive ``"single-word"`` system message."""
+
+CONTRASTIVE_WORD_SHOT: ContrastiveShot = (
+    WORD_SHOT[0],
+    ("def f(x): print(x + 1)", "if done: break"),
+    WORD_SHOT[1],
+)
+""":data:`WORD_SHOT` with counter-examples that lack the word."""
+
 PROMPT_HASH = hashlib.sha256(
     # A copied demonstration is retried with FEW_SHOT rotated (nlrw.explain.copied_word,
     # render_chat): part of the prompt, so part of the hash.
@@ -172,6 +223,42 @@ PROMPT_HASH = hashlib.sha256(
         ]
     ).encode()
 ).hexdigest()[:16]
+
+
+SINGLE_WORD_HASH = hashlib.sha256(
+    "\x00".join(
+        [
+            PROMPT_HASH,
+            SINGLE_WORD_SYSTEM,
+            repr(WORD_SHOT),
+            CONTRASTIVE_SINGLE_WORD_SYSTEM,
+            repr(CONTRASTIVE_WORD_SHOT),
+        ]
+    ).encode()
+).hexdigest()[:16]
+
+
+def prompt_hash(style: Style = "nlrw") -> str:
+    """The hash of the ``style`` prompt (:data:`PROMPT_HASH` for ``"nlrw"``)."""
+    if style == "nlrw":
+        return PROMPT_HASH
+    if style == "single-word":
+        return SINGLE_WORD_HASH
+    raise ValueError(f"unknown explain.prompt {style!r}: expected one of {list(STYLES)}")
+
+
+def _shots(style: Style) -> tuple[str, tuple[Shot, ...]]:
+    prompt_hash(style)  # fails on an unknown style
+    if style == "single-word":
+        return SINGLE_WORD_SYSTEM, (WORD_SHOT, *FEW_SHOT)
+    return SYSTEM, FEW_SHOT
+
+
+def _contrastive_shots(style: Style) -> tuple[str, tuple[ContrastiveShot, ...]]:
+    prompt_hash(style)
+    if style == "single-word":
+        return CONTRASTIVE_SINGLE_WORD_SYSTEM, (CONTRASTIVE_WORD_SHOT, *CONTRASTIVE_FEW_SHOT)
+    return CONTRASTIVE_SYSTEM, CONTRASTIVE_FEW_SHOT
 
 
 def render_example(index: int, text: str, activations: Sequence[tuple[str, int]]) -> str:
@@ -237,7 +324,11 @@ def _rotated(shots: Sequence[Shot] | Sequence[ContrastiveShot], rotation: int) -
 
 
 def render_chat(
-    examples: Sequence[str], rotation: int = 0, *, top_tokens: Sequence[str] = ()
+    examples: Sequence[str],
+    rotation: int = 0,
+    *,
+    top_tokens: Sequence[str] = (),
+    style: Style = "nlrw",
 ) -> list[Message]:
     """The explainer chat for rendered examples (see :func:`render_example`): the system
     message, the :data:`FEW_SHOT` demonstrations as user/assistant turns, then the latent's
@@ -246,10 +337,11 @@ def render_chat(
 
     ``rotation`` r shows the demonstrations starting from the r-th (cyclically): a retry after
     a reply that copied a demonstration puts another one last, next to the latent's examples,
-    where a small explainer copies from.
+    where a small explainer copies from. ``style`` picks the prompt (module docstring).
     """
-    chat: list[Message] = [{"role": "system", "content": SYSTEM}]
-    for shots, answer in _rotated(FEW_SHOT, rotation):
+    system, demonstrations = _shots(style)
+    chat: list[Message] = [{"role": "system", "content": system}]
+    for shots, answer in _rotated(demonstrations, rotation):
         shown = [render_example(i + 1, t, a) for i, (t, a) in enumerate(shots)]
         chat += [_user(shown, _shot_top_tokens(shots)), {"role": "assistant", "content": answer}]
     chat.append(_user(examples, top_tokens))
@@ -262,13 +354,15 @@ def render_contrastive_chat(
     rotation: int = 0,
     *,
     top_tokens: Sequence[str] = (),
+    style: Style = "nlrw",
 ) -> list[Message]:
     """The contrastive explainer chat: like :func:`render_chat` (same examples, tally and
     rotation) with :data:`CONTRASTIVE_SYSTEM`, the :data:`CONTRASTIVE_FEW_SHOT`
     demonstrations, and the latent's ``counter_examples`` (plain texts, each rendered by
     :func:`render_counter_example`) after its examples."""
-    chat: list[Message] = [{"role": "system", "content": CONTRASTIVE_SYSTEM}]
-    for shots, counter, answer in _rotated(CONTRASTIVE_FEW_SHOT, rotation):
+    system, demonstrations = _contrastive_shots(style)
+    chat: list[Message] = [{"role": "system", "content": system}]
+    for shots, counter, answer in _rotated(demonstrations, rotation):
         shown = [render_example(i + 1, t, a) for i, (t, a) in enumerate(shots)]
         negatives = [render_counter_example(i + 1, t) for i, t in enumerate(counter)]
         chat += [
