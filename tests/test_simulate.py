@@ -606,6 +606,63 @@ def test_context_centered_reading_removes_the_context_prior(run_dir: Path) -> No
         SimulateConfig(reading="median")  # type: ignore[arg-type]
 
 
+def test_quoted_word_reading_puts_the_quoted_word_above_the_rest(run_dir: Path) -> None:
+    """Latent 41's explanation quotes the marked token of the first context (so it matches
+    there and wherever that token ends a context); 85 and 91 quote nothing and keep E. The
+    shuffled control checks the donor's words."""
+    from nlrw.lib.rundir import RunDir
+    from nlrw.model.subject import load_tokenizer
+
+    tokenizer = load_tokenizer(RunDir(run_dir).subject_model())
+    contexts = read_contexts(run_dir).sort("context_id")
+    last = [str(tokenizer.decode([ids[-1]])) for ids in contexts["input_ids"].to_list()]
+    word = last[0].strip()
+    assert word and '"' not in word
+    table = pl.read_parquet(run_dir / "explanations.parquet")
+    table.with_columns(
+        pl.when(pl.col("latent") == 41)
+        .then(pl.lit(f'The word "{word}"'))
+        .otherwise(pl.col("explanation"))
+        .alias("explanation")
+    ).write_parquet(run_dir / "explanations.parquet")
+    matching = {
+        int(c)
+        for c, t in zip(contexts["context_id"], last, strict=True)
+        if "".join(t.split()).casefold() == "".join(word.split()).casefold()
+    }
+    assert 0 < len(matching) < contexts.height
+
+    raw = simulate.run(_cfg(shuffled_control=True), run_dir, backend=FakeSimulator())
+    raw_control = pl.read_parquet(run_dir / "simulations_shuffled.parquet")
+    read = simulate.run(
+        _cfg(shuffled_control=True, reading="quoted-word"),
+        run_dir,
+        backend=FakeSimulator(),
+        overwrite=True,
+    )
+    assert read["expected_value_raw"].equals(raw["expected_value"].alias("expected_value_raw"))
+    for (lat, c, e), got in zip(
+        raw.select("latent", "context_id", "expected_value").iter_rows(),
+        read["expected_value"],
+        strict=True,
+    ):
+        want = (e + 9.0 * (c in matching)) / 2.0 if lat == 41 else e
+        assert got == pytest.approx(want, abs=1e-5), (lat, c)
+    rows = read.filter(pl.col("latent") == 41)
+    hits = rows.filter(pl.col("context_id").is_in(sorted(matching)))["expected_value"]
+    misses = rows.filter(~pl.col("context_id").is_in(sorted(matching)))["expected_value"]
+    assert hits.min() >= 4.5 > misses.max()  # every match above every non-match
+    control = pl.read_parquet(run_dir / "simulations_shuffled.parquet")
+    for (lat, c, donor, e), got in zip(
+        raw_control.select("latent", "context_id", "explanation_of", "expected_value").iter_rows(),
+        control["expected_value"],
+        strict=True,
+    ):
+        want = (e + 9.0 * (c in matching)) / 2.0 if donor == 41 else e
+        assert got == pytest.approx(want, abs=1e-5), (lat, c, donor)
+    assert json.loads((run_dir / "simulate.json").read_text())["reading"] == "quoted-word"
+
+
 def test_three_shards_merged_equal_one_run_byte_for_byte(
     run_dir: Path, tiny_backend: Any, tmp_path: Path
 ) -> None:

@@ -60,7 +60,16 @@ rating is free::
 
 (means over the latents of the same table: the real simulation and the shuffled control are
 centered separately); ``expected_value_raw`` keeps ``E``. ``"expected"`` (the default) writes
-``E`` itself.
+``E`` itself. ``reading = "quoted-word"`` checks the explanation's quoted words against the
+marked token (the explain stage's consistency rule: whitespace removed, case-folded, equal)::
+
+    E'(l, c) = (E(l, c) + 9 m(l, c)) / 2,   m = 1 if token(c) is a word l's explanation quotes
+
+and ``E' = E`` for an explanation that quotes no word; the shuffled control checks the
+donor's words, the explanation its prompts carried. It keeps the simulator's order within
+matching and within non-matching contexts and puts every match above every non-match: a
+token-like latent explained by its word is then ranked by the word, which the 0.5B simulator
+barely does on its own (README, "Readings").
 
 **Which latents.** Every latent of ``explanations.parquet`` with ``status == "ok"``; with
 ``max_latents``, the best ``max_latents`` of them by detection score (``balanced_accuracy`` of
@@ -150,7 +159,9 @@ __all__ = [
     "merge",
     "parse_shard",
     "plan_chunks",
+    "quoted_word_matches",
     "read_plan",
+    "read_quoted_word",
     "run",
     "select_latents",
     "shard_chunks",
@@ -236,6 +247,41 @@ def center_by_context(table: pl.DataFrame) -> pl.DataFrame:
     ).clip(0.0, 9.0)
     return table.with_columns(
         centered.cast(pl.Float32).alias("expected_value"),
+        pl.col("expected_value").alias("expected_value_raw"),
+    )
+
+
+def quoted_word_matches(
+    explanations: dict[int, str], marked: dict[int, str]
+) -> dict[tuple[int, int], bool]:
+    """``(latent, context_id) -> m``: whether context ``c``'s marked token (``marked[c]``, its
+    text) is a word ``explanations[latent]`` quotes, by :func:`nlrw.explain.consistency`'s
+    rule; only latents whose explanation quotes a word have keys."""
+    from nlrw.explain import consistency, quoted_words
+
+    out: dict[tuple[int, int], bool] = {}
+    for lat, text in explanations.items():
+        if quoted_words(text):
+            for c, token in marked.items():
+                out[(lat, c)] = consistency(text, [token])[0] == 1.0
+    return out
+
+
+def read_quoted_word(
+    table: pl.DataFrame, matches: dict[tuple[int, int], bool], explanation_of: dict[int, int]
+) -> pl.DataFrame:
+    """The quoted-word reading (module docstring): ``expected_value`` becomes
+    ``(E + 9 m) / 2`` for rows whose explanation (that of ``explanation_of[latent]``) quotes a
+    word, ``E`` otherwise; ``expected_value_raw`` keeps ``E``."""
+    m = [
+        matches.get((explanation_of[int(lat)], int(c)))
+        for lat, c in zip(table["latent"], table["context_id"], strict=True)
+    ]
+    flag = pl.Series("m", [None if v is None else float(v) for v in m], dtype=pl.Float64)
+    raw = pl.col("expected_value").cast(pl.Float64)
+    value = pl.when(flag.is_null()).then(raw).otherwise((raw + 9.0 * flag) / 2.0)
+    return table.with_columns(
+        value.cast(pl.Float32).alias("expected_value"),
         pl.col("expected_value").alias("expected_value_raw"),
     )
 
@@ -965,6 +1011,14 @@ def _finish(
 
     run_dir = plan.run_dir
     context_ids = plan.contexts["context_id"].to_numpy()
+    matches: dict[tuple[int, int], bool] = {}
+    if cfg.reading == "quoted-word":
+        tokenizer = _subject_tokenizer(run_dir)
+        marked = {
+            int(c): str(tokenizer.decode([int(ids[-1])]))
+            for c, ids in zip(context_ids, plan.contexts["input_ids"].to_list(), strict=True)
+        }
+        matches = quoted_word_matches(plan.explanations, marked)
 
     slots = cfg.layout == "all-at-once"
     part_schema = {**PART_SCHEMA, **_SLOT_COLUMNS} if slots else PART_SCHEMA
@@ -981,9 +1035,12 @@ def _finish(
             "and re-run"
         )
 
-    def finished(table: pl.DataFrame, positions_file: str) -> pl.DataFrame:
+    def finished(
+        table: pl.DataFrame, positions_file: str, explanation_of: dict[int, int]
+    ) -> pl.DataFrame:
         """Write the per-position table (all-at-once), add each row latent's own true
-        activation and apply the reading."""
+        activation and apply the reading (``explanation_of``: row latent -> the latent whose
+        explanation its prompts carried)."""
         latents = table["latent"].unique(maintain_order=True).to_numpy().astype(np.int64)
         if len(latents) and len(context_ids):
             true = true_activations(run_dir, latents, context_ids)  # [latents, contexts]
@@ -996,12 +1053,18 @@ def _finish(
                 _positions(table).write_parquet(tmp)
             table = table.drop(list(_SLOT_COLUMNS))
         table = table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
-        return center_by_context(table) if cfg.reading == "context-centered" else table
+        if cfg.reading == "context-centered":
+            return center_by_context(table)
+        if cfg.reading == "quoted-word":
+            return read_quoted_word(table, matches, explanation_of)
+        return table
 
-    table = finished(raw, POSITIONS_FILE)
+    table = finished(raw, POSITIONS_FILE, {lat: lat for lat in plan.latents})
     n_control = 0
     if plan.shuffled:
-        control = finished(shuffled_rows(raw, plan.shuffled), SHUFFLED_POSITIONS_FILE)
+        control = finished(
+            shuffled_rows(raw, plan.shuffled), SHUFFLED_POSITIONS_FILE, plan.shuffled
+        )
         source = pl.Series([plan.shuffled[int(lat)] for lat in control["latent"]], dtype=pl.Int32)
         with atomic_path(run_dir / SHUFFLED_FILE) as tmp:
             control.with_columns(source.alias("explanation_of")).write_parquet(tmp)

@@ -13,8 +13,8 @@ __all__ = ["EV", "READINGS", "Reading", "SimulateConfig", "parse_shard"]
 
 
 EV = Literal["renormalized", "paper"]
-Reading = Literal["expected", "context-centered"]
-READINGS: tuple[Reading, ...] = ("expected", "context-centered")
+Reading = Literal["expected", "context-centered", "quoted-word"]
+READINGS: tuple[Reading, ...] = ("expected", "context-centered", "quoted-word")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,10 @@ class SimulateConfig:
     """How a pair's score is read from the ratings: expected (the expected digit E of the
     pair) or context-centered (E minus the mean E of every simulated latent on the same
     context, plus the mean over all pairs, clipped to [0, 9]: what the explanation adds to
-    the simulator's prior on the text; expected_value_raw keeps E)."""
+    the simulator's prior on the text; expected_value_raw keeps E) or quoted-word ((E + 9 m) / 2,
+    m = 1 when the marked token is a word the explanation quotes, else 0; E for an explanation
+    that quotes none: the explanation's quoted tokens checked against the marked token, by the
+    explain stage's consistency rule)."""
 
     shuffled_control: bool = False
     """Also simulate the shuffled-explanation control: each latent of a seeded subset rated
