@@ -431,3 +431,34 @@ def run_smoke_pinned(run_dir: Path, threads: int = 1) -> Path:
     finally:
         torch.set_num_threads(before)
     return run_dir
+
+
+def quote_a_marked_word(run_dir: Path, latent: int) -> tuple[str, set[int]]:
+    """Rewrite ``latent``'s explanation in ``run_dir`` to ``The word "W"``, W the marked (last)
+    token of the run's first context; returns W and the contexts whose marked token is W by
+    the consistency rule (whitespace removed, case-folded)."""
+    import polars as pl
+
+    from nlrw.contexts import read_contexts
+    from nlrw.lib.rundir import RunDir
+    from nlrw.model.subject import load_tokenizer
+
+    tokenizer = load_tokenizer(RunDir(run_dir).subject_model())
+    contexts = read_contexts(run_dir).sort("context_id")
+    last = [str(tokenizer.decode([ids[-1]])) for ids in contexts["input_ids"].to_list()]
+    word = last[0].strip()
+    assert word and '"' not in word
+    path = RunDir(run_dir).explanations
+    pl.read_parquet(path).with_columns(
+        pl.when(pl.col("latent") == latent)
+        .then(pl.lit(f'The word "{word}"'))
+        .otherwise(pl.col("explanation"))
+        .alias("explanation")
+    ).write_parquet(path)
+    norm = "".join(word.split()).casefold()
+    matching = {
+        int(c)
+        for c, t in zip(contexts["context_id"], last, strict=True)
+        if "".join(t.split()).casefold() == norm
+    }
+    return word, matching

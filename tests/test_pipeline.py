@@ -25,7 +25,8 @@ def test_shipped_presets_load_and_differ() -> None:
     assert {"demo", "smoke"} <= set(preset_names())
     demo, smoke = load_preset("demo"), load_preset("smoke")
     assert demo.collect.model == "smollm2-135m"
-    assert demo.collect.hookpoint == "model.layers.15.mlp"
+    assert demo.collect.hookpoint == "model.layers.0.mlp"
+    assert demo.explain.prompt == "single-word"
     assert smoke.collect.n_tokens < demo.collect.n_tokens
 
 

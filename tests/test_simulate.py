@@ -34,7 +34,12 @@ from nlrw.simulate import (
     select_latents,
     shard_chunks,
 )
-from support import READABLE_EXPLANATIONS, smoke_run_with_readable_explanations, tiny_tokenizer
+from support import (
+    READABLE_EXPLANATIONS,
+    quote_a_marked_word,
+    smoke_run_with_readable_explanations,
+    tiny_tokenizer,
+)
 
 torch.set_num_threads(1)
 
@@ -610,27 +615,8 @@ def test_quoted_word_reading_puts_the_quoted_word_above_the_rest(run_dir: Path) 
     """Latent 41's explanation quotes the marked token of the first context (so it matches
     there and wherever that token ends a context); 85 and 91 quote nothing and keep E. The
     shuffled control checks the donor's words."""
-    from nlrw.lib.rundir import RunDir
-    from nlrw.model.subject import load_tokenizer
-
-    tokenizer = load_tokenizer(RunDir(run_dir).subject_model())
-    contexts = read_contexts(run_dir).sort("context_id")
-    last = [str(tokenizer.decode([ids[-1]])) for ids in contexts["input_ids"].to_list()]
-    word = last[0].strip()
-    assert word and '"' not in word
-    table = pl.read_parquet(run_dir / "explanations.parquet")
-    table.with_columns(
-        pl.when(pl.col("latent") == 41)
-        .then(pl.lit(f'The word "{word}"'))
-        .otherwise(pl.col("explanation"))
-        .alias("explanation")
-    ).write_parquet(run_dir / "explanations.parquet")
-    matching = {
-        int(c)
-        for c, t in zip(contexts["context_id"], last, strict=True)
-        if "".join(t.split()).casefold() == "".join(word.split()).casefold()
-    }
-    assert 0 < len(matching) < contexts.height
+    _, matching = quote_a_marked_word(run_dir, 41)
+    assert 0 < len(matching) < read_contexts(run_dir).height
 
     raw = simulate.run(_cfg(shuffled_control=True), run_dir, backend=FakeSimulator())
     raw_control = pl.read_parquet(run_dir / "simulations_shuffled.parquet")
