@@ -462,3 +462,30 @@ def quote_a_marked_word(run_dir: Path, latent: int) -> tuple[str, set[int]]:
         if "".join(t.split()).casefold() == norm
     }
     return word, matching
+
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load_tool(name: str) -> Any:
+    """``tools/<name>.py`` imported as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tool(name: str, *args: str) -> Any:
+    """``python tools/<name>.py ARGS`` in a subprocess: its CompletedProcess (text output)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(TOOLS / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )

@@ -4,12 +4,8 @@ numbers), scores each style with the stage's consistency check, and refuses brok
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import polars as pl
 import pytest
@@ -17,17 +13,7 @@ import pytest
 from nlrw.explain import CacheSource
 from nlrw.lib.rundir import RunDir
 from nlrw.pipeline import load_preset, run
-from support import FakeExplainer
-
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "explain_prompt_selection.py"
-
-
-def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("explain_prompt_selection", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from support import FakeExplainer, load_tool, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +35,7 @@ def _replies(chat, seed) -> str:
 def test_selection_skips_the_runs_own_latents_and_reads_no_context(
     smoke: Path, tmp_path: Path
 ) -> None:
-    tool = _tool()
+    tool = load_tool("explain_prompt_selection")
     cfg = load_preset("smoke").explain
     source = CacheSource(smoke)
     own = set(
@@ -78,25 +64,19 @@ def test_selection_skips_the_runs_own_latents_and_reads_no_context(
     assert again == result
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(TOOL), *args], capture_output=True, text=True, check=False
-    )
-
-
 def test_broken_input_is_refused_in_one_line(smoke: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    done = _cli(str(empty))
+    done = run_tool("explain_prompt_selection", str(empty))
     assert done.returncode == 2
     assert "not a run directory with explanations.parquet" in done.stderr.strip().splitlines()[-1]
-    done = _cli(str(smoke), "--styles", "nlrw,terse")
+    done = run_tool("explain_prompt_selection", str(smoke), "--styles", "nlrw,terse")
     assert done.returncode == 2
     assert "--styles: unknown explain.prompt 'terse'" in done.stderr
-    done = _cli(str(smoke), "--n", "0")
+    done = run_tool("explain_prompt_selection", str(smoke), "--n", "0")
     assert done.returncode == 2 and "--n must be at least 1" in done.stderr
     damaged = tmp_path / "damaged"
     shutil.copytree(smoke, damaged)
     RunDir(damaged).config.write_text("{not json")
-    done = _cli(str(damaged))
+    done = run_tool("explain_prompt_selection", str(damaged))
     assert done.returncode == 2 and "is damaged" in done.stderr

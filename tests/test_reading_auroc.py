@@ -5,12 +5,8 @@ input is refused in one line."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import polars as pl
 import pytest
@@ -18,18 +14,8 @@ import pytest
 from nlrw import simulate
 from nlrw.config.simulate import SimulateConfig
 from nlrw.contexts import read_contexts
-from support import quote_a_marked_word, smoke_run_with_readable_explanations
+from support import load_tool, quote_a_marked_word, run_tool, smoke_run_with_readable_explanations
 from test_simulate import TINY, FakeSimulator
-
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "reading_auroc.py"
-
-
-def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reading_auroc", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cfg(**kw) -> SimulateConfig:
@@ -47,7 +33,7 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_each_reading_equals_the_stage_under_that_reading(simulated: Path, tmp_path: Path) -> None:
-    tool = _tool()
+    tool = load_tool("reading_auroc")
     differ = []
     for split in ("calibration", "eval"):
         got = tool.measure(simulated, split)["readings"]
@@ -67,7 +53,7 @@ def test_each_reading_equals_the_stage_under_that_reading(simulated: Path, tmp_p
 def test_the_calibration_numbers_ignore_the_evaluation_rows(
     simulated: Path, tmp_path: Path
 ) -> None:
-    tool = _tool()
+    tool = load_tool("reading_auroc")
     before = tool.measure(simulated, "calibration")
     corrupted = tmp_path / "corrupted"
     shutil.copytree(simulated, corrupted)
@@ -90,22 +76,16 @@ def test_the_calibration_numbers_ignore_the_evaluation_rows(
     )
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(TOOL), *args], capture_output=True, text=True, check=False
-    )
-
-
 def test_broken_input_is_refused_in_one_line(simulated: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    done = _cli(str(empty))
+    done = run_tool("reading_auroc", str(empty))
     assert done.returncode == 2
     assert "no simulations.parquet (run the simulate stage first)" in done.stderr
     broken = tmp_path / "broken"
     shutil.copytree(simulated, broken)
     (broken / "simulations.parquet").write_bytes(b"not parquet")
-    done = _cli(str(broken))
+    done = run_tool("reading_auroc", str(broken))
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert "unreadable simulate outputs" in last
