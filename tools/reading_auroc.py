@@ -8,7 +8,7 @@ reads only the calibration contexts' rows. A reading is a function of the stored
 (``expected_value_raw`` where the run applied a reading, else ``expected_value``), the
 explanations and the contexts' marked tokens, so every reading is measured without asking the
 simulator again, through the simulate stage's own functions
-(:func:`nlrw.simulate.center_by_context`, :func:`nlrw.simulate.read_quoted_word`). Context-
+(:func:`nlrw.simulate.apply_reading`). Context-
 centering uses the split's contexts only. Latents with one class only on the split are left out
 of the means (their count is printed).
 
@@ -36,27 +36,13 @@ from nlrw.lib.metrics import auroc
 from nlrw.lib.provenance import versions
 from nlrw.lib.rundir import RunDir
 from nlrw.model.subject import load_tokenizer
-from nlrw.simulate import SHUFFLED_FILE, center_by_context, quoted_word_matches, read_quoted_word
+from nlrw.simulate import SHUFFLED_FILE, apply_reading, marked_tokens, quoted_word_matches
 
 
 def _raw(table: pl.DataFrame) -> pl.DataFrame:
     if "expected_value_raw" in table.columns:
         table = table.with_columns(pl.col("expected_value_raw").alias("expected_value"))
         table = table.drop("expected_value_raw")
-    return table
-
-
-def read(
-    table: pl.DataFrame,
-    reading: str,
-    matches: dict[tuple[int, int], bool],
-    explanation_of: dict[int, int],
-) -> pl.DataFrame:
-    """``table`` (raw ratings) under ``reading``."""
-    if reading == "context-centered":
-        return center_by_context(table)
-    if reading == "quoted-word":
-        return read_quoted_word(table, matches, explanation_of)
     return table
 
 
@@ -93,11 +79,7 @@ def measure(run_dir: Path, split: str) -> dict[str, Any]:
     text = dict(
         zip(explanations["latent"].to_list(), explanations["explanation"].to_list(), strict=True)
     )
-    tokenizer = load_tokenizer(paths.subject_model())
-    marked = {
-        int(c): str(tokenizer.decode([int(row[-1])]))
-        for c, row in zip(ids, contexts["input_ids"].to_list(), strict=True)
-    }
+    marked = marked_tokens(load_tokenizer(paths.subject_model()), contexts)
     simulated = sorted(set(real["latent"].to_list()))
     donors = (
         dict(zip(control["latent"].to_list(), control["explanation_of"].to_list(), strict=True))
@@ -108,11 +90,13 @@ def measure(run_dir: Path, split: str) -> dict[str, Any]:
     matches = quoted_word_matches(used, marked)
     out: dict[str, Any] = {}
     for reading in READINGS:
-        got = per_latent_auroc(read(real, reading, matches, {lat: lat for lat in simulated}))
+        got = per_latent_auroc(
+            apply_reading(real, reading, matches, {lat: lat for lat in simulated})
+        )
         mean, n = _mean(got)
         row: dict[str, Any] = {"auroc": mean, "latents_counted": n, "per_latent": _json(got)}
         if control is not None:
-            shuffled = per_latent_auroc(read(control, reading, matches, donors))
+            shuffled = per_latent_auroc(apply_reading(control, reading, matches, donors))
             row["auroc_shuffled"], _ = _mean(shuffled)
             row["per_latent_shuffled"] = _json(shuffled)
         out[reading] = row

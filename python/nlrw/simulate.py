@@ -150,12 +150,14 @@ __all__ = [
     "Plan",
     "SimulateConfig",
     "SlotSuffix",
+    "apply_reading",
     "build_prompts",
     "build_slot_prompts",
     "center_by_context",
     "expected_values",
     "finished_outputs",
     "load_simulator",
+    "marked_tokens",
     "merge",
     "parse_shard",
     "plan_chunks",
@@ -265,6 +267,30 @@ def quoted_word_matches(
             for c, token in marked.items():
                 out[(lat, c)] = consistency(text, [token])[0] == 1.0
     return out
+
+
+def marked_tokens(tokenizer: Any, contexts: pl.DataFrame) -> dict[int, str]:
+    """``context_id -> text`` of each context's marked (last) token, decoded on its own with
+    the subject's ``tokenizer`` (``contexts`` has ``context_id`` and ``input_ids``)."""
+    return {
+        int(c): str(tokenizer.decode([int(ids[-1])]))
+        for c, ids in zip(contexts["context_id"], contexts["input_ids"].to_list(), strict=True)
+    }
+
+
+def apply_reading(
+    table: pl.DataFrame,
+    reading: str,
+    matches: dict[tuple[int, int], bool],
+    explanation_of: dict[int, int],
+) -> pl.DataFrame:
+    """``table``'s raw ratings under ``reading`` (module docstring); ``matches`` and
+    ``explanation_of`` are read by the quoted-word reading only."""
+    if reading == "context-centered":
+        return center_by_context(table)
+    if reading == "quoted-word":
+        return read_quoted_word(table, matches, explanation_of)
+    return table
 
 
 def read_quoted_word(
@@ -1013,11 +1039,7 @@ def _finish(
     context_ids = plan.contexts["context_id"].to_numpy()
     matches: dict[tuple[int, int], bool] = {}
     if cfg.reading == "quoted-word":
-        tokenizer = _subject_tokenizer(run_dir)
-        marked = {
-            int(c): str(tokenizer.decode([int(ids[-1])]))
-            for c, ids in zip(context_ids, plan.contexts["input_ids"].to_list(), strict=True)
-        }
+        marked = marked_tokens(_subject_tokenizer(run_dir), plan.contexts)
         matches = quoted_word_matches(plan.explanations, marked)
 
     slots = cfg.layout == "all-at-once"
@@ -1053,11 +1075,7 @@ def _finish(
                 _positions(table).write_parquet(tmp)
             table = table.drop(list(_SLOT_COLUMNS))
         table = table.with_columns(pl.Series("true_activation", true_column, dtype=pl.Float32))
-        if cfg.reading == "context-centered":
-            return center_by_context(table)
-        if cfg.reading == "quoted-word":
-            return read_quoted_word(table, matches, explanation_of)
-        return table
+        return apply_reading(table, cfg.reading, matches, explanation_of)
 
     table = finished(raw, POSITIONS_FILE, {lat: lat for lat in plan.latents})
     n_control = 0
